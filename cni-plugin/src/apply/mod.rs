@@ -1,0 +1,1 @@
+//! CONTRACT (to be implemented): firewall backends behind one trait; programming one pod netns.

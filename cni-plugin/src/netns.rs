@@ -1,0 +1,1 @@
+//! CONTRACT (to be implemented): entering a netns on a dedicated thread; refusing the host's netns.

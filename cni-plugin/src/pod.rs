@@ -1,0 +1,150 @@
+//! The pod as the plugin sees it, and the injection decision. Pure: no I/O.
+//!
+//! Reproduces Istio's `ExtractPodInfo` and the skip checks of `doAddRun` (cni/pkg/plugin), in Istio's order.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::api::core::v1::{Container, Pod};
+
+/// Name of the sidecar container.
+pub const ISTIO_PROXY: &str = "istio-proxy";
+/// Name of the legacy init container that programs the rules itself.
+pub const ISTIO_INIT: &str = "istio-init";
+/// `sidecar.istio.io/inject`: annotation and label.
+pub const INJECT_KEY: &str = "sidecar.istio.io/inject";
+/// `sidecar.istio.io/status`: written by the injector.
+pub const STATUS_KEY: &str = "sidecar.istio.io/status";
+
+/// What the plugin needs to know of a pod.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PodInfo {
+    /// Names of all containers, init containers included (native sidecars are init containers).
+    pub containers: BTreeSet<String>,
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+    /// `<type>` of the `istio-proxy` args `proxy <type> ...`, if present.
+    pub proxy_type: Option<String>,
+    /// Literal env values of the `istio-proxy` container (valueFrom entries count as "").
+    pub proxy_env: BTreeMap<String, String>,
+    pub proxy_uid: Option<i64>,
+    pub proxy_gid: Option<i64>,
+}
+
+impl PodInfo {
+    /// Extracts what matters from a Pod object, as Istio's `ExtractPodInfo`.
+    pub fn from_pod(pod: &Pod) -> Self {
+        let mut pi = PodInfo {
+            labels: pod.metadata.labels.clone().unwrap_or_default(),
+            annotations: pod.metadata.annotations.clone().unwrap_or_default(),
+            ..Default::default()
+        };
+        let Some(spec) = pod.spec.as_ref() else {
+            return pi;
+        };
+        let init = spec.init_containers.iter().flatten();
+        for c in init.chain(spec.containers.iter()) {
+            pi.add_container(c);
+        }
+        pi
+    }
+
+    fn add_container(&mut self, c: &Container) {
+        self.containers.insert(c.name.clone());
+        if c.name != ISTIO_PROXY {
+            return;
+        }
+        for e in c.env.iter().flatten() {
+            self.proxy_env
+                .insert(e.name.clone(), e.value.clone().unwrap_or_default());
+        }
+        if let Some(args) = c.args.as_ref() {
+            if args.len() >= 2 && args[0] == "proxy" {
+                self.proxy_type = Some(args[1].clone());
+            }
+        }
+        if let Some(sc) = c.security_context.as_ref() {
+            self.proxy_uid = sc.run_as_user;
+            self.proxy_gid = sc.run_as_group;
+        }
+    }
+}
+
+/// Why a pod gets no redirect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SkipReason {
+    /// It has an `istio-init` container, which programs the rules itself.
+    HasIstioInit,
+    /// `DISABLE_ENVOY=true` on the `istio-proxy` container.
+    EnvoyDisabled,
+    /// No `istio-proxy` container at all.
+    NoProxyContainer,
+    /// The proxy is not a sidecar (e.g. `router`).
+    ProxyType(String),
+    /// `sidecar.istio.io/inject` is false (label beats annotation).
+    InjectDisabled(String),
+    /// No `sidecar.istio.io/status` annotation: the injector never ran.
+    NoSidecarStatus,
+}
+
+impl std::fmt::Display for SkipReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SkipReason::HasIstioInit => write!(f, "pod has an {ISTIO_INIT} container"),
+            SkipReason::EnvoyDisabled => write!(f, "DISABLE_ENVOY is true on {ISTIO_PROXY}"),
+            SkipReason::NoProxyContainer => write!(f, "pod has no {ISTIO_PROXY} container"),
+            SkipReason::ProxyType(t) => write!(f, "proxy type is {t:?}, not \"sidecar\""),
+            SkipReason::InjectDisabled(v) => write!(f, "{INJECT_KEY} is {v:?}"),
+            SkipReason::NoSidecarStatus => write!(f, "pod has no {STATUS_KEY} annotation"),
+        }
+    }
+}
+
+/// The injection decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Redirect,
+    Skip(SkipReason),
+}
+
+/// Go's `strconv.ParseBool`: the only spellings Istio accepts.
+pub fn parse_go_bool(s: &str) -> Option<bool> {
+    match s {
+        "1" | "t" | "T" | "TRUE" | "true" | "True" => Some(true),
+        "0" | "f" | "F" | "FALSE" | "false" | "False" => Some(false),
+        _ => None,
+    }
+}
+
+/// Decides, in Istio's order, whether the pod gets redirect rules.
+pub fn decide(pi: &PodInfo) -> Decision {
+    if pi.containers.contains(ISTIO_INIT) {
+        return Decision::Skip(SkipReason::HasIstioInit);
+    }
+    if let Some(v) = pi.proxy_env.get("DISABLE_ENVOY") {
+        if parse_go_bool(v) == Some(true) {
+            return Decision::Skip(SkipReason::EnvoyDisabled);
+        }
+    }
+    if !pi.containers.contains(ISTIO_PROXY) {
+        return Decision::Skip(SkipReason::NoProxyContainer);
+    }
+    if let Some(t) = pi.proxy_type.as_deref() {
+        if !t.is_empty() && t != "sidecar" {
+            return Decision::Skip(SkipReason::ProxyType(t.to_string()));
+        }
+    }
+    let inject = pi
+        .labels
+        .get(INJECT_KEY)
+        .or_else(|| pi.annotations.get(INJECT_KEY));
+    if let Some(v) = inject {
+        // An unparsable value is ignored, as Istio does.
+        if parse_go_bool(v) == Some(false) {
+            return Decision::Skip(SkipReason::InjectDisabled(v.clone()));
+        }
+    }
+    if !pi.annotations.contains_key(STATUS_KEY) {
+        return Decision::Skip(SkipReason::NoSidecarStatus);
+    }
+    Decision::Redirect
+}

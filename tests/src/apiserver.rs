@@ -1,0 +1,1 @@
+//! HTTPS Kubernetes API server stub (to be implemented).

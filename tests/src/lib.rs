@@ -1,0 +1,4 @@
+//! Test fixtures shared by the end-to-end tests: an HTTPS API server stub, netns helpers, a CNI chain runner.
+
+pub mod apiserver;
+pub mod netns;

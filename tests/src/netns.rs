@@ -1,0 +1,1 @@
+//! Netns fixtures for tests (to be implemented).

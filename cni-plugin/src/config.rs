@@ -201,3 +201,89 @@ impl PluginConfig {
         name.starts_with(AGENT_POD_PREFIX) && namespace == self.pod_namespace
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn istio_head_keys() {
+        let c = PluginConfig::from_json(&json!({
+            "cniVersion": "0.3.1", "name": "k8s-pod-network", "type": "istio-cni",
+            "plugin_log_level": "debug", "cni_agent_run_dir": "/tmp/run", "ambient_enabled": false,
+            "exclude_namespaces": ["istio-system", "kube-system"], "pod_namespace": "istio-system",
+            "native_nftables": false, "enablement_selectors": [{"podSelector": {}}],
+            "some_future_key": {"ignored": true}
+        }))
+        .unwrap();
+        assert_eq!(c.log_level, LogLevel::Debug);
+        assert_eq!(c.kubeconfig, PathBuf::from("/tmp/run/istio-cni-kubeconfig"));
+        assert!(c.namespace_excluded("kube-system") && !c.namespace_excluded("default"));
+        assert!(c.is_agent_pod("istio-system", "istio-cni-node-abcde"));
+        assert!(!c.is_agent_pod("default", "istio-cni-node-abcde"));
+        assert!(!c.is_agent_pod("istio-system", "istio-cni-nodes"));
+        assert_eq!(c.pod_lookup_timeout, DEFAULT_POD_LOOKUP_TIMEOUT);
+    }
+
+    #[test]
+    fn defaults() {
+        let c = PluginConfig::from_json(&json!({"type": "istio-cni", "name": "n"})).unwrap();
+        assert_eq!(c.agent_run_dir, PathBuf::from(DEFAULT_AGENT_RUN_DIR));
+        assert_eq!(
+            c.kubeconfig,
+            PathBuf::from("/var/run/istio-cni/istio-cni-kubeconfig")
+        );
+        assert_eq!(c.log_level, LogLevel::Info);
+        assert_eq!(c.backend, BackendChoice::Auto);
+        // The agent pod check needs pod_namespace: empty never matches a real namespace.
+        assert!(!c.is_agent_pod("kube-system", "istio-cni-node-x"));
+    }
+
+    #[test]
+    fn legacy_keys_and_kubeconfig_precedence() {
+        let c = PluginConfig::from_json(&json!({
+            "type": "istio-cni", "log_level": "warn", "cni_agent_run_dir": "/tmp/run",
+            "exclude_namespaces": ["a"],
+            "kubernetes": {"kubeconfig": "/etc/cni/net.d/ZZZ-istio-cni-kubeconfig", "cni_bin_dir": "/opt/cni/bin",
+                           "exclude_namespaces": ["a", "b"]}
+        }))
+        .unwrap();
+        assert_eq!(c.log_level, LogLevel::Warn);
+        assert_eq!(
+            c.kubeconfig,
+            PathBuf::from("/etc/cni/net.d/ZZZ-istio-cni-kubeconfig")
+        );
+        assert_eq!(c.exclude_namespaces, ["a", "b"]);
+        // plugin_log_level beats log_level.
+        let c =
+            PluginConfig::from_json(&json!({"plugin_log_level": "error", "log_level": "debug"}))
+                .unwrap();
+        assert_eq!(c.log_level, LogLevel::Error);
+    }
+
+    #[test]
+    fn invalid_values_are_refused_with_the_value() {
+        for (v, needle) in [
+            (json!({"plugin_log_level": "loud"}), "loud"),
+            (json!({"iptables_backend": "ebpf"}), "ebpf"),
+            (json!({"pod_lookup_timeout_seconds": 0}), "0"),
+            (json!({"exclude_namespaces": "kube-system"}), "sequence"),
+            (json!({"native_nftables": "yes"}), "boolean"),
+        ] {
+            let e = PluginConfig::from_json(&v).unwrap_err().to_string();
+            assert!(e.contains(needle), "{v} -> {e}");
+        }
+    }
+
+    #[test]
+    fn entry_round_trips() {
+        let e: PluginEntry = serde_json::from_value(json!({
+            "type": "istio-cni", "name": "istio-cni", "plugin_log_level": "info", "cni_agent_run_dir": "/var/run/istio-cni",
+            "exclude_namespaces": ["istio-system"], "pod_namespace": "istio-system", "native_nftables": false, "ambient_enabled": false
+        }))
+        .unwrap();
+        let back: PluginEntry = serde_json::from_value(serde_json::to_value(&e).unwrap()).unwrap();
+        assert_eq!(back, e);
+    }
+}

@@ -7,6 +7,7 @@ pub mod config;
 pub mod error;
 pub mod kube;
 pub mod netns;
+pub mod plugin;
 pub mod pod;
 pub mod redirect;
 pub mod rules;

@@ -148,3 +148,144 @@ pub fn decide(pi: &PodInfo) -> Decision {
     }
     Decision::Redirect
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pod(v: serde_json::Value) -> PodInfo {
+        PodInfo::from_pod(&serde_json::from_value(v).unwrap())
+    }
+
+    fn injected() -> PodInfo {
+        pod(json!({
+            "metadata": {"name": "p", "namespace": "n", "annotations": {STATUS_KEY: "{}"}},
+            "spec": {"containers": [
+                {"name": "app"},
+                {"name": ISTIO_PROXY, "args": ["proxy", "sidecar"], "env": [{"name": "A", "value": "1"}, {"name": "B", "valueFrom": {"fieldRef": {"fieldPath": "x"}}}],
+                 "securityContext": {"runAsUser": 1000670000, "runAsGroup": 7}}
+            ]}
+        }))
+    }
+
+    #[test]
+    fn extracts_proxy_details() {
+        let pi = injected();
+        assert_eq!(
+            pi.containers.iter().collect::<Vec<_>>(),
+            ["app", ISTIO_PROXY]
+        );
+        assert_eq!(pi.proxy_type.as_deref(), Some("sidecar"));
+        assert_eq!(pi.proxy_env.get("A").map(String::as_str), Some("1"));
+        assert_eq!(pi.proxy_env.get("B").map(String::as_str), Some(""));
+        assert_eq!((pi.proxy_uid, pi.proxy_gid), (Some(1000670000), Some(7)));
+        assert_eq!(decide(&pi), Decision::Redirect);
+    }
+
+    #[test]
+    fn native_sidecar_in_init_containers_counts() {
+        let pi = pod(json!({
+            "metadata": {"annotations": {STATUS_KEY: "{}"}},
+            "spec": {"initContainers": [{"name": ISTIO_PROXY, "restartPolicy": "Always"}], "containers": [{"name": "app"}]}
+        }));
+        assert_eq!(decide(&pi), Decision::Redirect);
+    }
+
+    #[test]
+    fn decision_table_in_istio_order() {
+        let base = injected();
+        let mut with_init = base.clone();
+        with_init.containers.insert(ISTIO_INIT.into());
+        // istio-init wins even over a missing status annotation.
+        with_init.annotations.clear();
+        assert_eq!(decide(&with_init), Decision::Skip(SkipReason::HasIstioInit));
+
+        for (v, skip) in [
+            ("true", true),
+            ("1", true),
+            ("TRUE", true),
+            ("false", false),
+            ("yes", false),
+        ] {
+            let mut pi = base.clone();
+            pi.proxy_env.insert("DISABLE_ENVOY".into(), v.into());
+            assert_eq!(
+                decide(&pi) == Decision::Skip(SkipReason::EnvoyDisabled),
+                skip,
+                "{v}"
+            );
+        }
+
+        let mut no_proxy = base.clone();
+        no_proxy.containers.remove(ISTIO_PROXY);
+        assert_eq!(
+            decide(&no_proxy),
+            Decision::Skip(SkipReason::NoProxyContainer)
+        );
+
+        let mut router = base.clone();
+        router.proxy_type = Some("router".into());
+        assert_eq!(
+            decide(&router),
+            Decision::Skip(SkipReason::ProxyType("router".into()))
+        );
+        let mut empty_type = base.clone();
+        empty_type.proxy_type = Some(String::new());
+        assert_eq!(decide(&empty_type), Decision::Redirect);
+
+        let mut ann_off = base.clone();
+        ann_off
+            .annotations
+            .insert(INJECT_KEY.into(), "false".into());
+        assert_eq!(
+            decide(&ann_off),
+            Decision::Skip(SkipReason::InjectDisabled("false".into()))
+        );
+        // The label beats the annotation, both ways.
+        let mut label_on = ann_off.clone();
+        label_on.labels.insert(INJECT_KEY.into(), "true".into());
+        assert_eq!(decide(&label_on), Decision::Redirect);
+        let mut label_off = base.clone();
+        label_off
+            .annotations
+            .insert(INJECT_KEY.into(), "true".into());
+        label_off.labels.insert(INJECT_KEY.into(), "f".into());
+        assert_eq!(
+            decide(&label_off),
+            Decision::Skip(SkipReason::InjectDisabled("f".into()))
+        );
+        // An unparsable value is ignored, as in Istio.
+        let mut garbage = base.clone();
+        garbage.annotations.insert(INJECT_KEY.into(), "nope".into());
+        assert_eq!(decide(&garbage), Decision::Redirect);
+
+        let mut no_status = base.clone();
+        no_status.annotations.remove(STATUS_KEY);
+        assert_eq!(
+            decide(&no_status),
+            Decision::Skip(SkipReason::NoSidecarStatus)
+        );
+    }
+
+    #[test]
+    fn pod_without_spec_is_not_injected() {
+        assert_eq!(
+            decide(&pod(json!({"metadata": {}}))),
+            Decision::Skip(SkipReason::NoProxyContainer)
+        );
+    }
+
+    #[test]
+    fn go_bool_spellings() {
+        for t in ["1", "t", "T", "TRUE", "true", "True"] {
+            assert_eq!(parse_go_bool(t), Some(true));
+        }
+        for f in ["0", "f", "F", "FALSE", "false", "False"] {
+            assert_eq!(parse_go_bool(f), Some(false));
+        }
+        for n in ["", "yes", "tRUE", " true"] {
+            assert_eq!(parse_go_bool(n), None);
+        }
+    }
+}

@@ -1,0 +1,132 @@
+//! One invocation of the plugin, from a validated request to the value printed on stdout.
+//! The order of checks is Istio's: no Kubernetes args, excluded namespace and the agent's own pod are passed
+//! through before the kubeconfig is read; then the pod lookup, the decision, the redirect, and the rules.
+
+use serde_json::Value;
+use tracing::{debug, info, warn};
+
+use crate::apply;
+use crate::cni::{convert_result, empty_result, supported_versions_json, Command, Request};
+use crate::config::{BackendChoice, LogLevel, PluginConfig};
+use crate::error::PluginError;
+use crate::kube::{self, LookupPolicy};
+use crate::pod::{decide, Decision, PodInfo};
+use crate::redirect::Redirect;
+
+/// What an ADD decided; returned for tests and logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AddOutcome {
+    /// CNI_ARGS carry no pod name/namespace.
+    NotKubernetes,
+    NamespaceExcluded,
+    AgentPod,
+    /// The pod was looked up and needs no redirect.
+    Skipped(String),
+    /// Rules were programmed with the named backend.
+    Redirected(&'static str),
+}
+
+/// Runs a request. `init_logging` is called once the configuration (and so the log level) is known.
+/// Returns what goes to stdout (nothing for DEL/CHECK/STATUS/GC).
+pub fn execute(
+    req: &Request,
+    init_logging: impl FnOnce(LogLevel),
+) -> Result<Option<Value>, PluginError> {
+    let Some(conf) = req.conf.as_ref() else {
+        init_logging(LogLevel::Info);
+        return Ok(Some(supported_versions_json()));
+    };
+    let cfg = PluginConfig::from_json(&conf.raw)?;
+    init_logging(cfg.log_level);
+    let span = tracing::info_span!(
+        "cni",
+        command = req.command.as_str(),
+        container_id = %req.container_id,
+        namespace = req.args.k8s_pod_namespace.as_deref().unwrap_or(""),
+        pod = req.args.k8s_pod_name.as_deref().unwrap_or(""),
+        netns = %req.netns.as_deref().map(|p| p.display().to_string()).unwrap_or_default(),
+    );
+    let _enter = span.enter();
+    match req.command {
+        Command::Add => {
+            // The answer is computed first: a malformed prevResult fails the ADD before anything happens.
+            let answer = match conf.prev_result.as_ref() {
+                Some(prev) => convert_result(prev, conf.cni_version)?,
+                None => empty_result(conf.cni_version),
+            };
+            let outcome = add(req, &cfg)?;
+            info!(outcome = ?outcome, "ADD done");
+            Ok(Some(answer))
+        }
+        Command::Version => Ok(Some(supported_versions_json())),
+        // Istio's plugin keeps no per-pod state: the rules go away with the netns.
+        Command::Del | Command::Check | Command::Status | Command::Gc => {
+            debug!("nothing to do");
+            Ok(None)
+        }
+    }
+}
+
+/// The ADD decision and programming.
+pub fn add(req: &Request, cfg: &PluginConfig) -> Result<AddOutcome, PluginError> {
+    let Some((namespace, name)) = req.args.pod() else {
+        debug!("no K8S_POD_NAME/K8S_POD_NAMESPACE in CNI_ARGS: not a Kubernetes pod");
+        return Ok(AddOutcome::NotKubernetes);
+    };
+    if cfg.namespace_excluded(namespace) {
+        info!("namespace {namespace} is excluded");
+        return Ok(AddOutcome::NamespaceExcluded);
+    }
+    if cfg.is_agent_pod(namespace, name) {
+        info!("{name} is the istio-cni agent's own pod");
+        return Ok(AddOutcome::AgentPod);
+    }
+    if cfg.ambient_enabled {
+        warn!("ambient_enabled is set but this plugin implements sidecar mode only; ambient pods are not captured");
+    }
+    let policy = LookupPolicy {
+        deadline: cfg.pod_lookup_timeout,
+        initial_backoff: std::time::Duration::from_millis(50),
+        max_backoff: std::time::Duration::from_secs(1),
+    };
+    let pod =
+        kube::get_pod_blocking(&cfg.kubeconfig, namespace, name, &policy).map_err(|source| {
+            PluginError::Kube {
+                namespace: namespace.into(),
+                name: name.into(),
+                source,
+            }
+        })?;
+    let pi = PodInfo::from_pod(&pod);
+    if let Decision::Skip(reason) = decide(&pi) {
+        info!(%reason, "no redirect");
+        return Ok(AddOutcome::Skipped(reason.to_string()));
+    }
+    let redirect = Redirect::from_pod(&pi).map_err(|source| PluginError::Redirect {
+        namespace: namespace.into(),
+        name: name.into(),
+        source,
+    })?;
+    let Some(netns) = req.netns.as_deref() else {
+        // Unreachable through Request::parse (CNI_NETNS is required for ADD), kept as a closed failure.
+        return Err(crate::cni::CniError::new(
+            crate::cni::codes::INVALID_ENVIRONMENT,
+            "required env variables [CNI_NETNS] missing",
+            "",
+        )
+        .into());
+    };
+    let backend = if cfg.native_nftables {
+        warn!("native_nftables is set; the native nftables backend is not available yet, using iptables-nft");
+        BackendChoice::Nft
+    } else {
+        cfg.backend
+    };
+    let programmed =
+        apply::program(netns, backend, &redirect).map_err(|source| PluginError::Apply {
+            namespace: namespace.into(),
+            name: name.into(),
+            source,
+        })?;
+    Ok(AddOutcome::Redirected(programmed.backend))
+}

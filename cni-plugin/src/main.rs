@@ -28,16 +28,6 @@ fn print_json(v: &serde_json::Value) -> bool {
         && out.flush().is_ok()
 }
 
-fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = p.downcast_ref::<&str>() {
-        (*s).to_string()
-    } else if let Some(s) = p.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "unknown panic".to_string()
-    }
-}
-
 fn run() -> (Result<Option<serde_json::Value>, PluginError>, String) {
     let req = match Request::from_process() {
         Ok(r) => r,
@@ -54,12 +44,9 @@ fn run() -> (Result<Option<serde_json::Value>, PluginError>, String) {
 
 fn main() -> ExitCode {
     // The default hook prints to stderr only; keep it so the panic location is in the runtime's logs.
-    let (result, version) = match std::panic::catch_unwind(run) {
+    let (result, version) = match plugin::catch_panic(run) {
         Ok(r) => r,
-        Err(p) => (
-            Err(PluginError::Panic(panic_message(p.as_ref()))),
-            "1.1.0".to_string(),
-        ),
+        Err(e) => (Err(e), "1.1.0".to_string()),
     };
     match result {
         Ok(Some(answer)) => {

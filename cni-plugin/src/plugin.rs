@@ -67,6 +67,20 @@ pub fn execute(
     }
 }
 
+/// Runs `f`, turning a panic into [`PluginError::Panic`] so that it ends as a CNI error, never a crash.
+pub fn catch_panic<T>(f: impl FnOnce() -> T + std::panic::UnwindSafe) -> Result<T, PluginError> {
+    std::panic::catch_unwind(f).map_err(|p| {
+        let msg = if let Some(s) = p.downcast_ref::<&str>() {
+            (*s).to_string()
+        } else if let Some(s) = p.downcast_ref::<String>() {
+            s.clone()
+        } else {
+            "unknown panic payload".to_string()
+        };
+        PluginError::Panic(msg)
+    })
+}
+
 /// The ADD decision and programming.
 pub fn add(req: &Request, cfg: &PluginConfig) -> Result<AddOutcome, PluginError> {
     let Some((namespace, name)) = req.args.pod() else {
@@ -129,4 +143,23 @@ pub fn add(req: &Request, cfg: &PluginConfig) -> Result<AddOutcome, PluginError>
             source,
         })?;
     Ok(AddOutcome::Redirected(programmed.backend))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cni::codes;
+
+    #[test]
+    fn a_panic_becomes_an_internal_cni_error() {
+        let prev = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
+        let r = catch_panic(|| -> u32 { panic!("boom {}", 42) });
+        std::panic::set_hook(prev);
+        let e = r.unwrap_err();
+        assert_eq!(e.code(), codes::INTERNAL);
+        let cni = e.to_cni();
+        assert!(cni.msg.contains("boom 42"), "{cni:?}");
+        assert_eq!(catch_panic(|| 7).unwrap(), 7);
+    }
 }

@@ -47,7 +47,10 @@ impl PluginOutput {
     /// stdout parsed as JSON (panics with the raw output when it is not JSON: stdout is protocol only).
     pub fn json(&self) -> Value {
         serde_json::from_str(&self.stdout).unwrap_or_else(|e| {
-            panic!("plugin stdout is not JSON ({e}): {:?}\nstderr: {}", self.stdout, self.stderr)
+            panic!(
+                "plugin stdout is not JSON ({e}): {:?}\nstderr: {}",
+                self.stdout, self.stderr
+            )
         })
     }
 
@@ -138,7 +141,10 @@ impl Invocation {
             Err(_) => {
                 // SAFETY: plain kill(2) of our own child by PID.
                 unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-                panic!("plugin {} did not finish within {timeout:?}", self.bin.display());
+                panic!(
+                    "plugin {} did not finish within {timeout:?}",
+                    self.bin.display()
+                );
             }
         };
         PluginOutput {
@@ -198,9 +204,9 @@ impl Runtime {
             .ok_or_else(|| ChainError::Conflist("no plugins array".into()))?;
         list.iter()
             .map(|p| {
-                p.as_object()
-                    .cloned()
-                    .ok_or_else(|| ChainError::Conflist(format!("plugin entry is not an object: {p}")))
+                p.as_object().cloned().ok_or_else(|| {
+                    ChainError::Conflist(format!("plugin entry is not an object: {p}"))
+                })
             })
             .collect()
     }
@@ -248,7 +254,10 @@ impl Runtime {
             .env("CNI_IFNAME", att.ifname.clone())
             .env("CNI_ARGS", att.cni_args.clone())
             .env("CNI_PATH", path)
-            .stdin(serde_json::to_vec(&Value::Object(conf)).map_err(|e| ChainError::Conflist(e.to_string()))?);
+            .stdin(
+                serde_json::to_vec(&Value::Object(conf))
+                    .map_err(|e| ChainError::Conflist(e.to_string()))?,
+            );
         if let Some(ns) = self.node_netns.as_ref() {
             inv = inv.in_netns(ns);
         }

@@ -8,7 +8,9 @@
 //!   `080`/`0100`, which iptables reads as octal: an error, or port 64);
 //! - `*` is accepted only in `includeInboundPorts` (Istio's validator accepts it in the other port lists, and then
 //!   writes `--dport *`, which iptables rejects);
-//! - `runAsUser`/`runAsGroup` of the proxy must fit an owner match (`1..=4294967294`; 0 means "default", as in Istio).
+//! - `runAsUser`/`runAsGroup` of the proxy must fit an owner match (`1..=4294967294`; 0 means "default", as in Istio);
+//! - a blank (spaces only) port list is refused, except for `excludeInboundPorts` (Istio trims that one; the others
+//!   it writes into the rule as a blank port, and iptables fails).
 //!
 //! Everything else is Istio's own validation: the interception mode is exactly `REDIRECT` or `TPROXY`, CIDRs are
 //! `addr/bits` with no spaces, interface names follow `^[a-zA-Z0-9_][a-zA-Z0-9_.-]*$` and are at most 15 bytes.
@@ -236,7 +238,7 @@ impl Redirect {
         };
         let exclude_inbound = match ann(EXCLUDE_INBOUND_PORTS) {
             None => vec![PROXY_STATUS_PORT],
-            Some((key, v)) => parse_port_list(v).map_err(|r| invalid(key, v, r))?,
+            Some((key, v)) => parse_exclude_inbound_ports(v).map_err(|r| invalid(key, v, r))?,
         };
         let include_inbound_ports = match ann(INCLUDE_INBOUND_PORTS) {
             None => PortSelector::All,
@@ -347,10 +349,16 @@ pub(crate) fn parse_port(s: &str) -> Result<u16, String> {
     }
 }
 
-/// A comma-separated port list; the empty (or all-blank) string is the empty list. `*` is not a port here.
+/// A comma-separated port list; the empty string is the empty list. `*` is not a port here.
+///
+/// A blank value (spaces only) is refused: Istio validates it as empty but then writes the blank as a port into the
+/// rule, and iptables fails. Only `excludeInboundPorts` is trimmed before use (see [`parse_exclude_inbound_ports`]).
 pub(crate) fn parse_port_list(s: &str) -> Result<Vec<u16>, String> {
-    if s.trim().is_empty() {
+    if s.is_empty() {
         return Ok(Vec::new());
+    }
+    if s.trim().is_empty() {
+        return Err("blank port list (use an empty value for no ports)".to_string());
     }
     if s.trim() == "*" {
         return Err(
@@ -359,6 +367,11 @@ pub(crate) fn parse_port_list(s: &str) -> Result<Vec<u16>, String> {
         );
     }
     s.trim().split(',').map(parse_port).collect()
+}
+
+/// `excludeInboundPorts`: Istio trims the whole value before use, so a blank value is the empty list here.
+fn parse_exclude_inbound_ports(s: &str) -> Result<Vec<u16>, String> {
+    parse_port_list(s.trim())
 }
 
 /// One CIDR as Go's `netip.ParsePrefix`: `addr/bits`, no spaces, no zone, decimal bits without leading zeros.
@@ -671,6 +684,20 @@ mod tests {
         }
         // Istio compares the wildcard untrimmed.
         refused(INCLUDE_INBOUND_PORTS, " *");
+        // A blank list is written as a blank port by Istio (iptables fails), except for excludeInboundPorts,
+        // which Istio trims first.
+        for key in [
+            INCLUDE_INBOUND_PORTS,
+            INCLUDE_OUTBOUND_PORTS,
+            EXCLUDE_OUTBOUND_PORTS,
+        ] {
+            refused(key, " ");
+            refused(key, "\t");
+        }
+        assert_eq!(
+            redirect(&[(EXCLUDE_INBOUND_PORTS, " \t")]).exclude_inbound_ports,
+            vec![15020, 15021, 15090]
+        );
         assert_eq!(parse_port("65535"), Ok(65535));
         assert_eq!(parse_port("1"), Ok(1));
         assert_eq!(parse_port("\t443\n"), Ok(443));

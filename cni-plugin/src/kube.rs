@@ -373,12 +373,20 @@ fn status_message(body: &[u8]) -> String {
 /// Whether a transport error is a TLS verification/protocol failure (permanent) rather than a network one.
 /// rustls reports every handshake failure as an `io::Error` of kind `InvalidData` (certificate errors, alerts,
 /// garbage instead of TLS); a server that closes the connection half-way gives `UnexpectedEof` instead.
+/// hyper-util wraps that `io::Error` in another one (kind `Other`), and `io::Error::source()` skips the wrapped
+/// error, so the walk also descends through `io::Error::get_ref()`.
 fn is_tls_failure(err: &(dyn StdError + 'static)) -> bool {
     let mut cur = Some(err);
     while let Some(e) = cur {
         if let Some(io) = e.downcast_ref::<std::io::Error>() {
             if io.kind() == std::io::ErrorKind::InvalidData {
                 return true;
+            }
+            if let Some(inner) = io.get_ref() {
+                let inner: &(dyn StdError + 'static) = inner;
+                if is_tls_failure(inner) {
+                    return true;
+                }
             }
         }
         cur = e.source();
@@ -447,7 +455,7 @@ pub async fn load_config(
 
 /// Blocking pod lookup: builds a current-thread tokio runtime on the calling thread, creates the kube client
 /// inside it and GETs `namespace/name` per `policy`. Connections are made from the calling thread (and so in its
-/// network namespace).
+/// network namespace). Must not be called from within a tokio runtime (use [`get_pod`] there).
 pub fn get_pod_blocking(
     kubeconfig: &Path,
     namespace: &str,

@@ -13,7 +13,8 @@
 //!   CA, expired or not-yet-valid certificate, wrong name): a CA mismatch does not fix itself within a CNI call's
 //!   deadline, and hiding it behind 30 s of retries only delays the diagnosis. It is reported with the whole error
 //!   chain so the real cause is visible (kube itself shows only "client error (Connect)").
-//! * On the deadline the last error is returned ([`KubeError::DeadlineExceeded`]); we never fail open.
+//! * On the deadline the last error is returned ([`KubeError::DeadlineExceeded`]); we never fail open. (When the
+//!   deadline cut the last attempt short, the error of the attempt before it is reported: it says more.)
 //!
 //! Proxies are never used: a container runtime's `HTTPS_PROXY`/`https_proxy` leaks into the plugin's environment
 //! and would send the service-account token to a proxy (or break the lookup). A `proxy-url` in the kubeconfig is
@@ -497,6 +498,9 @@ pub async fn get_pod(
     };
 
     let mut attempt: u32 = 0;
+    // The error of the attempt before, reported instead of a last attempt that the deadline cut short (that
+    // timeout says nothing about the server).
+    let mut previous: Option<KubeError> = None;
     loop {
         attempt += 1;
         let remaining = policy.deadline.saturating_sub(start.elapsed());
@@ -519,12 +523,18 @@ pub async fn get_pod(
             .max(retry_after.unwrap_or_default())
             .min(remaining);
         if remaining.is_zero() || delay >= remaining {
+            let cut_short =
+                matches!(err, KubeError::Timeout { timeout: t, .. } if t < policy.request_timeout);
+            let last = match previous {
+                Some(p) if cut_short => p,
+                _ => err,
+            };
             let e = KubeError::DeadlineExceeded {
                 pod: format!("{namespace}/{name}"),
                 attempts: attempt,
                 elapsed: start.elapsed(),
                 deadline: policy.deadline,
-                last: Box::new(err),
+                last: Box::new(last),
             };
             warn!(attempt, error = %e, "pod lookup failed");
             return Err(e);
@@ -535,6 +545,7 @@ pub async fn get_pod(
             retry_in_ms = delay.as_millis() as u64,
             "pod lookup failed, retrying"
         );
+        previous = Some(err);
         tokio::time::sleep(delay).await;
     }
 }

@@ -253,10 +253,12 @@ fn persistent_503_gives_up_at_the_deadline_with_the_last_status() {
     let KubeError::DeadlineExceeded { attempts, .. } = &e else {
         panic!("expected DeadlineExceeded, got {e:?}");
     };
-    assert_eq!(
-        *attempts as usize,
-        srv.pod_requests("default", "web-1"),
-        "{e}"
+    assert!(*attempts >= 2, "{e}");
+    // The last attempt may have been cut short by the deadline before it reached the server.
+    let seen = srv.pod_requests("default", "web-1");
+    assert!(
+        seen == *attempts as usize || seen + 1 == *attempts as usize,
+        "{seen} requests: {e}"
     );
     assert!(e.to_string().contains("HTTP 503"), "{e}");
 }
@@ -430,6 +432,15 @@ fn wrong_ca_is_a_permanent_tls_error_showing_the_cause() {
     );
     assert_eq!(srv.total_requests(), 0);
     assert_eq!(other.total_requests(), 0);
+    // The server saw the client abort the handshake (counted on the server's thread: wait, bounded).
+    for _ in 0..500 {
+        if srv.tls_failures() > 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(srv.tls_failures(), 1, "one attempt, one failed handshake");
+    assert_eq!(other.tls_failures(), 0);
 }
 
 #[test]

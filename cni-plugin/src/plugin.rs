@@ -100,8 +100,7 @@ pub fn add(req: &Request, cfg: &PluginConfig) -> Result<AddOutcome, PluginError>
     }
     let policy = LookupPolicy {
         deadline: cfg.pod_lookup_timeout,
-        initial_backoff: std::time::Duration::from_millis(50),
-        max_backoff: std::time::Duration::from_secs(1),
+        ..LookupPolicy::default()
     };
     let pod =
         kube::get_pod_blocking(&cfg.kubeconfig, namespace, name, &policy).map_err(|source| {

@@ -18,8 +18,9 @@ pub enum PluginError {
     Kube {
         namespace: String,
         name: String,
+        /// Boxed: the lookup error carries the whole cause chain and is large.
         #[source]
-        source: KubeError,
+        source: Box<KubeError>,
     },
     #[error("pod {namespace}/{name}: {source}")]
     Redirect {

@@ -107,7 +107,7 @@ pub fn add(req: &Request, cfg: &PluginConfig) -> Result<AddOutcome, PluginError>
             PluginError::Kube {
                 namespace: namespace.into(),
                 name: name.into(),
-                source,
+                source: Box::new(source),
             }
         })?;
     let pi = PodInfo::from_pod(&pod);

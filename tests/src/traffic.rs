@@ -37,7 +37,7 @@ pub struct Report {
     /// The accepted socket's local address (for TPROXY: the original destination itself).
     pub local: Option<SocketAddr>,
     pub peer: Option<SocketAddr>,
-    /// SO_ORIGINAL_DST; `None` when the connection was not NATed (not redirected).
+    /// SO_ORIGINAL_DST; `None` when the connection was not NATed (not redirected, or TPROXY).
     pub orig_dst: Option<SocketAddr>,
     /// The listener's uid.
     pub uid: u32,

@@ -63,6 +63,12 @@ fn rules_land_in_the_pod_netns_and_not_on_the_host() {
         assert_eq!(p.v4, FamilyOutcome::Applied);
         assert_eq!(p.v6, None);
         assert!(p.sandbox.private, "{:?}", p.sandbox);
+        if Path::new("/etc/nsswitch.conf").exists() {
+            assert!(p.sandbox.nsswitch_hidden, "{:?}", p.sandbox);
+        }
+        if Path::new("/run/xtables.lock").is_file() {
+            assert!(p.sandbox.lock_redirected, "{:?}", p.sandbox);
+        }
 
         let save = ns.save(flavour, Family::V4);
         let ours = istio_lines(&save);
@@ -361,6 +367,35 @@ fn a_failed_ipv6_restore_leaves_no_ipv4_rule() {
         apply::apply_ruleset(ns.path(), choice(flavour), &rs).unwrap_err();
         let save = ns.save(flavour, Family::V4);
         assert!(!save.contains("ISTIO_"), "{save}");
+    }
+}
+
+#[test]
+fn failed_routes_leave_no_rule() {
+    for flavour in FLAVOURS {
+        let ns = TestNetns::new("routefail");
+        // IPv6 off on lo: ip6tables works, adding ::6/128 to lo does not.
+        ns.run(|| std::fs::write("/proc/sys/net/ipv6/conf/lo/disable_ipv6", "1"))
+            .unwrap();
+        let basic = plugin_golden("basic");
+        let rs = Ruleset {
+            v4: basic.clone(),
+            v6: Some(v6_of(&basic)),
+            routes: RouteSetup {
+                ipv6_loopback_addr: true,
+                tproxy: None,
+            },
+        };
+        let e = apply::apply_ruleset(ns.path(), choice(flavour), &rs).unwrap_err();
+        assert!(matches!(e, ApplyError::Routes(_)), "{e}");
+        assert!(e.to_string().contains("::6"), "{e}");
+        for family in [Family::V4, Family::V6] {
+            let save = ns.save(flavour, family);
+            assert!(
+                !save.contains("ISTIO_"),
+                "{family:?} rules left after {e}: {save}"
+            );
+        }
     }
 }
 

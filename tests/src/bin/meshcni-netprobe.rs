@@ -4,7 +4,8 @@
 //! `meshcni-netprobe listen --netns PATH --addr IP:PORT --name NAME [--uid N --gid N] [--transparent]`
 //!   binds (IPv6 sockets are v6-only), drops to uid/gid, prints `READY` on stdout, then for every connection
 //!   writes one JSON line to the client: `{"name", "local", "peer", "orig_dst", "uid"}`; `orig_dst` is what
-//!   SO_ORIGINAL_DST (SOL_IP/SOL_IPV6, 80) returns, or null when the connection was not NATed.
+//!   SO_ORIGINAL_DST (SOL_IP/SOL_IPV6, 80) returns, or null when the connection was not NATed (no conntrack
+//!   entry, or one whose original destination is the socket's own address).
 //! `meshcni-netprobe connect --netns PATH --addr IP:PORT [--uid N --gid N] [--timeout-ms N]`
 //!   drops to uid/gid BEFORE creating the socket (iptables' owner match looks at the socket's creator),
 //!   connects, prints the listener's line. Exit 2: refused, 3: timed out, 1: anything else.
@@ -131,15 +132,18 @@ fn listener(a: &Args) -> Result<TcpListener, String> {
     Ok(TcpListener::from(fd))
 }
 
+/// SO_ORIGINAL_DST, when it differs from the socket's own address (conntrack answers for every tracked
+/// connection; only a NATed one has another original destination).
 fn original_dst(stream: &TcpStream) -> Option<SocketAddr> {
     let local = stream.local_addr().ok()?;
-    if local.is_ipv4() {
+    let orig = if local.is_ipv4() {
         let sin = socket::getsockopt(stream, sockopt::OriginalDst).ok()?;
-        Some(SocketAddr::from(SockaddrIn::from(sin)))
+        SocketAddr::from(SockaddrIn::from(sin))
     } else {
         let sin6 = socket::getsockopt(stream, sockopt::Ip6tOriginalDst).ok()?;
-        Some(SocketAddr::from(SockaddrIn6::from(sin6)))
-    }
+        SocketAddr::from(SockaddrIn6::from(sin6))
+    };
+    (orig != local).then_some(orig)
 }
 
 fn serve(a: &Args) -> Result<(), String> {

@@ -3,6 +3,11 @@
 //! this crate (one small process each, so setns and setuid concern only it); get its path in an integration
 //! test with [`netprobe!`](crate::netprobe).
 //!
+//! Sockets are created as the listener's user (iptables' owner match looks at the creator), except transparent
+//! ones (TPROXY), which need root to be created. A UDP listener answering REDIRECTed queries must bind the
+//! address REDIRECT delivers to (127.0.0.1 / ::1, as Istio's DNS proxy does), or conntrack cannot map the answer
+//! back to the server the client asked.
+//!
 //! Every wait is bounded; listeners are killed (by their own pid) when dropped.
 
 use std::io::{BufRead, BufReader, Read};
@@ -57,12 +62,21 @@ pub struct Probe {
     bin: PathBuf,
 }
 
+/// Transport of a probe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proto {
+    Tcp,
+    /// One datagram out, one answer back (the listener reports no `orig_dst` for UDP).
+    Udp,
+}
+
 /// Options of a listener.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ListenOpts {
     pub user: As,
     /// IP_TRANSPARENT / IPV6_TRANSPARENT (TPROXY inbound), set before dropping privileges.
     pub transparent: bool,
+    pub proto: Proto,
 }
 
 impl ListenOpts {
@@ -70,6 +84,7 @@ impl ListenOpts {
         ListenOpts {
             user: As::User(uid),
             transparent: false,
+            proto: Proto::Tcp,
         }
     }
 
@@ -77,12 +92,20 @@ impl ListenOpts {
         ListenOpts {
             user: As::Root,
             transparent: false,
+            proto: Proto::Tcp,
         }
     }
 
     pub fn transparent(self) -> Self {
         ListenOpts {
             transparent: true,
+            ..self
+        }
+    }
+
+    pub fn udp(self) -> Self {
+        ListenOpts {
+            proto: Proto::Udp,
             ..self
         }
     }
@@ -126,6 +149,9 @@ impl Probe {
         if opts.transparent {
             cmd.arg("--transparent");
         }
+        if opts.proto == Proto::Udp {
+            cmd.arg("--udp");
+        }
         let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.bin.display()));
@@ -161,8 +187,19 @@ impl Probe {
         }
     }
 
-    /// Connects from inside `ns` as `user` to `addr` and returns the report of whoever accepted.
+    /// Connects (TCP) from inside `ns` as `user` to `addr` and returns the report of whoever accepted.
     pub fn connect(&self, ns: &TestNetns, addr: SocketAddr, user: As) -> Result<Report, String> {
+        self.connect_with(ns, addr, user, Proto::Tcp)
+    }
+
+    /// Like [`Probe::connect`], over the given transport.
+    pub fn connect_with(
+        &self,
+        ns: &TestNetns,
+        addr: SocketAddr,
+        user: As,
+        proto: Proto,
+    ) -> Result<Report, String> {
         let mut args: Vec<String> = vec![
             "connect".into(),
             "--netns".into(),
@@ -173,6 +210,9 @@ impl Probe {
             CONNECT_TIMEOUT.as_millis().to_string(),
         ];
         args.extend(user_args(user));
+        if proto == Proto::Udp {
+            args.push("--udp".into());
+        }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let out = cni_plugin::apply::exec::run(&self.bin, &args, &[], None, CONNECT_TIMEOUT * 3)
             .map_err(|e| e.to_string())?;

@@ -9,7 +9,7 @@ use cni_plugin::config::BackendChoice;
 use cni_plugin::rules::{RouteSetup, Ruleset, TproxyRoute};
 use meshcni_tests::netns::{plugin_golden, v6_of, PodNet};
 use meshcni_tests::netprobe;
-use meshcni_tests::traffic::{assert_landed, As, ListenOpts, Listener, Probe};
+use meshcni_tests::traffic::{assert_landed, As, ListenOpts, Listener, Probe, Proto};
 
 const PROXY_UID: u32 = 1337;
 const APP_UID: u32 = 1000;
@@ -201,6 +201,58 @@ fn tproxy_golden_keeps_the_original_destination_legacy() {
 #[test]
 fn tproxy_golden_keeps_the_original_destination_nft() {
     tproxy_golden_keeps_the_original_destination(Flavour::Nft);
+}
+
+fn dns_golden_captures_dns(flavour: Flavour) {
+    let probe = netprobe!();
+    let net = PodNet::new("dns", false);
+    let any: IpAddr = "0.0.0.0".parse().unwrap();
+    let peer = IpAddr::from(net.addrs.peer_v4);
+    let proxy = ListenOpts::user(PROXY_UID);
+    // Like Istio's DNS proxy, the UDP listener binds localhost: replies must leave from the address REDIRECT
+    // sent the query to (127.0.0.1), or conntrack cannot map them back to the real server's address.
+    let localhost: IpAddr = "127.0.0.1".parse().unwrap();
+    let _listeners = [
+        probe.listen(&net.pod, "dns-udp", sa(localhost, 15053), proxy.udp()),
+        probe.listen(&net.pod, "dns-tcp", sa(any, 15053), proxy),
+        probe.listen(&net.pod, "outbound", sa(any, 15001), proxy),
+        probe.listen(
+            &net.peer,
+            "peer-dns-udp",
+            sa(peer, 53),
+            ListenOpts::root().udp(),
+        ),
+        probe.listen(&net.peer, "peer-dns-tcp", sa(peer, 53), ListenOpts::root()),
+    ];
+    let rs = Ruleset {
+        v4: plugin_golden("dns"),
+        v6: None,
+        routes: RouteSetup::default(),
+    };
+    apply::apply_ruleset(net.pod.path(), choice(flavour), &rs).unwrap();
+    let udp = |user| {
+        probe
+            .connect_with(&net.pod, sa(peer, 53), user, Proto::Udp)
+            .unwrap_or_else(|e| panic!("{user:?} udp: {e}"))
+    };
+    // The app's DNS goes to the agent's DNS proxy on 15053, over UDP and TCP.
+    assert_landed(&udp(As::User(APP_UID)), "dns-udp", None);
+    let r = probe.must_connect(&net.pod, sa(peer, 53), As::User(APP_UID));
+    assert_landed(&r, "dns-tcp", Some(sa(peer, 53)));
+    // The proxy's own DNS reaches the real server.
+    assert_landed(&udp(As::User(PROXY_UID)), "peer-dns-udp", None);
+    let r = probe.must_connect(&net.pod, sa(peer, 53), As::User(PROXY_UID));
+    assert_landed(&r, "peer-dns-tcp", None);
+}
+
+#[test]
+fn dns_golden_captures_dns_legacy() {
+    dns_golden_captures_dns(Flavour::Legacy);
+}
+
+#[test]
+fn dns_golden_captures_dns_nft() {
+    dns_golden_captures_dns(Flavour::Nft);
 }
 
 #[test]

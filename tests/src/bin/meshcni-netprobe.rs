@@ -2,17 +2,21 @@
 //! a netns and changing uid apply to all of it:
 //!
 //! `meshcni-netprobe listen --netns PATH --addr IP:PORT --name NAME [--uid N --gid N] [--transparent]`
-//!   binds (IPv6 sockets are v6-only), drops to uid/gid, prints `READY` on stdout, then for every connection
+//!   drops to uid/gid and binds (IPv6 sockets are v6-only; with --transparent it binds first, as root), prints
+//!   `READY` on stdout, then for every connection
 //!   writes one JSON line to the client: `{"name", "local", "peer", "orig_dst", "uid"}`; `orig_dst` is what
 //!   SO_ORIGINAL_DST (SOL_IP/SOL_IPV6, 80) returns, or null when the connection was not NATed (no conntrack
 //!   entry, or one whose original destination is the socket's own address).
 //! `meshcni-netprobe connect --netns PATH --addr IP:PORT [--uid N --gid N] [--timeout-ms N]`
 //!   drops to uid/gid BEFORE creating the socket (iptables' owner match looks at the socket's creator),
 //!   connects, prints the listener's line. Exit 2: refused, 3: timed out, 1: anything else.
+//! With `--udp` (both commands): a UDP socket; the listener answers every datagram with its line (`orig_dst` is
+//! always null: SO_ORIGINAL_DST does not apply to unconnected UDP), the client sends one datagram and prints the
+//! answer.
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::{AsFd, AsRawFd};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::time::Duration;
 
 use cni_plugin::netns::Netns;
@@ -29,6 +33,7 @@ struct Args {
     uid: Option<u32>,
     gid: Option<u32>,
     transparent: bool,
+    udp: bool,
     timeout: Duration,
 }
 
@@ -41,6 +46,7 @@ fn parse_args() -> Result<Args, String> {
     let mut uid = None;
     let mut gid = None;
     let mut transparent = false;
+    let mut udp = false;
     let mut timeout = Duration::from_secs(5);
     while let Some(a) = it.next() {
         let mut val = || it.next().ok_or(format!("{a} needs a value"));
@@ -55,6 +61,7 @@ fn parse_args() -> Result<Args, String> {
                     Duration::from_millis(val()?.parse().map_err(|e| format!("--timeout-ms: {e}"))?)
             }
             "--transparent" => transparent = true,
+            "--udp" => udp = true,
             other => return Err(format!("unknown argument {other}")),
         }
     }
@@ -66,6 +73,7 @@ fn parse_args() -> Result<Args, String> {
         uid,
         gid,
         transparent,
+        udp,
         timeout,
     })
 }
@@ -88,13 +96,13 @@ fn drop_to(uid: Option<u32>, gid: Option<u32>) -> Result<(), String> {
     Ok(())
 }
 
-fn listener(a: &Args) -> Result<TcpListener, String> {
+fn bound_socket(a: &Args, ty: SockType) -> Result<OwnedFd, String> {
     let fam = if a.addr.is_ipv4() {
         AddressFamily::Inet
     } else {
         AddressFamily::Inet6
     };
-    let fd = socket::socket(fam, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)
+    let fd = socket::socket(fam, ty, SockFlag::SOCK_CLOEXEC, None)
         .map_err(|e| format!("socket: {e}"))?;
     socket::setsockopt(&fd, sockopt::ReuseAddr, &true).map_err(|e| format!("SO_REUSEADDR: {e}"))?;
     if a.addr.is_ipv6() {
@@ -127,6 +135,11 @@ fn listener(a: &Args) -> Result<TcpListener, String> {
     }
     let sa: SockaddrStorage = a.addr.into();
     socket::bind(fd.as_raw_fd(), &sa).map_err(|e| format!("bind {}: {e}", a.addr))?;
+    Ok(fd)
+}
+
+fn listener(a: &Args) -> Result<TcpListener, String> {
+    let fd = bound_socket(a, SockType::Stream)?;
     socket::listen(&fd, socket::Backlog::new(64).map_err(|e| e.to_string())?)
         .map_err(|e| format!("listen: {e}"))?;
     Ok(TcpListener::from(fd))
@@ -146,13 +159,80 @@ fn original_dst(stream: &TcpStream) -> Option<SocketAddr> {
     (orig != local).then_some(orig)
 }
 
-fn serve(a: &Args) -> Result<(), String> {
-    let l = listener(a)?;
-    drop_to(a.uid, a.gid)?;
+/// Creates the listening socket as the listener's user: iptables' owner match looks at the uid that created a
+/// socket (a UDP socket answers from it). Only a transparent socket needs root (CAP_NET_ADMIN) to be created;
+/// the process drops to the user right after.
+fn as_listener_user<T>(a: &Args, make: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
+    if a.transparent {
+        let sock = make()?;
+        drop_to(a.uid, a.gid)?;
+        Ok(sock)
+    } else {
+        drop_to(a.uid, a.gid)?;
+        make()
+    }
+}
+
+fn ready() -> Result<(), String> {
     let mut out = std::io::stdout();
     writeln!(out, "READY")
         .and_then(|_| out.flush())
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.to_string())
+}
+
+fn serve_udp(a: &Args) -> Result<(), String> {
+    let sock = as_listener_user(a, || bound_socket(a, SockType::Datagram))?;
+    let sock = UdpSocket::from(sock);
+    ready()?;
+    let mut buf = [0u8; 2048];
+    loop {
+        let Ok((_, from)) = sock.recv_from(&mut buf) else {
+            continue;
+        };
+        let report = serde_json::json!({
+            "name": a.name,
+            "local": sock.local_addr().ok().map(|s| s.to_string()),
+            "peer": from.to_string(),
+            "orig_dst": null,
+            "uid": Uid::current().as_raw(),
+        });
+        let _ = sock.send_to(format!("{report}\n").as_bytes(), from);
+    }
+}
+
+fn connect_udp(a: &Args) -> Result<(), (i32, String)> {
+    drop_to(a.uid, a.gid).map_err(|e| (1, e))?;
+    let any = if a.addr.is_ipv4() {
+        SocketAddr::from(([0u8; 4], 0))
+    } else {
+        SocketAddr::from(([0u16; 8], 0))
+    };
+    let sock = UdpSocket::bind(any).map_err(|e| (1, format!("bind: {e}")))?;
+    sock.connect(a.addr)
+        .map_err(|e| (1, format!("connect {}: {e}", a.addr)))?;
+    sock.set_read_timeout(Some(a.timeout))
+        .map_err(|e| (1, e.to_string()))?;
+    sock.send(b"ping")
+        .map_err(|e| (1, format!("send to {}: {e}", a.addr)))?;
+    let mut buf = [0u8; 2048];
+    let n = sock.recv(&mut buf).map_err(|e| {
+        let code = match e.kind() {
+            std::io::ErrorKind::ConnectionRefused => 2,
+            std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => 3,
+            _ => 1,
+        };
+        (code, format!("recv from {}: {e}", a.addr))
+    })?;
+    print!("{}", String::from_utf8_lossy(&buf[..n]));
+    Ok(())
+}
+
+fn serve(a: &Args) -> Result<(), String> {
+    if a.udp {
+        return serve_udp(a);
+    }
+    let l = as_listener_user(a, || listener(a))?;
+    ready()?;
     for conn in l.incoming() {
         let Ok(mut stream) = conn else { continue };
         let report = serde_json::json!({
@@ -168,6 +248,9 @@ fn serve(a: &Args) -> Result<(), String> {
 }
 
 fn connect(a: &Args) -> Result<(), (i32, String)> {
+    if a.udp {
+        return connect_udp(a);
+    }
     drop_to(a.uid, a.gid).map_err(|e| (1, e))?;
     let stream = TcpStream::connect_timeout(&a.addr, a.timeout).map_err(|e| {
         let code = match e.kind() {

@@ -46,6 +46,8 @@ pub enum NetnsError {
     },
     #[error("cannot enter network namespace {path}: setns: {source}")]
     Setns { path: PathBuf, source: nix::Error },
+    #[error("cannot create a scratch network namespace: unshare(CLONE_NEWNET): {source}")]
+    Unshare { source: nix::Error },
     #[error(
         "entered network namespace {path} but the thread is in {found:?} instead of {expected:?}"
     )]
@@ -255,12 +257,8 @@ where
         let handle = std::thread::Builder::new()
             .name("netns-scratch".into())
             .spawn_scoped(scope, || -> Result<T, NetnsError> {
-                nix::sched::unshare(CloneFlags::CLONE_NEWNET).map_err(|source| {
-                    NetnsError::Setns {
-                        path: path.clone(),
-                        source,
-                    }
-                })?;
+                nix::sched::unshare(CloneFlags::CLONE_NEWNET)
+                    .map_err(|source| NetnsError::Unshare { source })?;
                 Ok(f())
             })
             .map_err(|source| NetnsError::Thread {

@@ -6,7 +6,7 @@ use crate::config::ConfigError;
 use crate::kube::KubeError;
 use crate::redirect::RedirectError;
 
-/// Everything that can fail an invocation of the plugin.
+/// Everything that can fail an invocation of the plugin. Module errors are boxed: they are large and rare.
 #[derive(Debug, thiserror::Error)]
 pub enum PluginError {
     /// Protocol-level failure, already carrying its code.
@@ -18,7 +18,6 @@ pub enum PluginError {
     Kube {
         namespace: String,
         name: String,
-        /// Boxed: the lookup error carries the whole cause chain and is large.
         #[source]
         source: Box<KubeError>,
     },
@@ -27,14 +26,14 @@ pub enum PluginError {
         namespace: String,
         name: String,
         #[source]
-        source: RedirectError,
+        source: Box<RedirectError>,
     },
     #[error("pod {namespace}/{name}: {source}")]
     Apply {
         namespace: String,
         name: String,
         #[source]
-        source: ApplyError,
+        source: Box<ApplyError>,
     },
     #[error("istio-cni panicked: {0}")]
     Panic(String),

@@ -118,7 +118,7 @@ pub fn add(req: &Request, cfg: &PluginConfig) -> Result<AddOutcome, PluginError>
     let redirect = Redirect::from_pod(&pi).map_err(|source| PluginError::Redirect {
         namespace: namespace.into(),
         name: name.into(),
-        source,
+        source: Box::new(source),
     })?;
     let Some(netns) = req.netns.as_deref() else {
         // Unreachable through Request::parse (CNI_NETNS is required for ADD), kept as a closed failure.
@@ -139,9 +139,10 @@ pub fn add(req: &Request, cfg: &PluginConfig) -> Result<AddOutcome, PluginError>
         apply::program(netns, backend, &redirect).map_err(|source| PluginError::Apply {
             namespace: namespace.into(),
             name: name.into(),
-            source,
+            source: Box::new(source),
         })?;
-    Ok(AddOutcome::Redirected(programmed.backend))
+    info!(backend = programmed.backend.name(), v4 = ?programmed.v4, v6 = ?programmed.v6, "rules programmed");
+    Ok(AddOutcome::Redirected(programmed.backend.name()))
 }
 
 #[cfg(test)]

@@ -3,3 +3,4 @@
 pub mod apiserver;
 pub mod chain;
 pub mod netns;
+pub mod traffic;

@@ -333,9 +333,7 @@ fn check_plugin(value: &Value) -> Result<(), String> {
 
 /// The primary configuration among the files of the conf dir, as kubelet picks it: names with `.conf` or `.conflist`
 /// sorted bytewise, the first one libcni can load. Also returns why each skipped file was skipped.
-pub fn choose_primary<'a>(
-    files: &'a [(String, Vec<u8>)],
-) -> (Option<&'a str>, Vec<(&'a str, String)>) {
+pub fn choose_primary(files: &[(String, Vec<u8>)]) -> (Option<&str>, Vec<(&str, String)>) {
     let mut candidates: Vec<&(String, Vec<u8>)> =
         files.iter().filter(|(n, _)| is_config_name(n)).collect();
     candidates.sort_by(|a, b| a.0.cmp(&b.0));

@@ -423,9 +423,20 @@ fn file_is(path: &Path, content: &[u8], mode: Option<u32>) -> bool {
     fs::read(path).is_ok_and(|b| b == content) && mode.is_none_or(|m| mode_of(path) == Some(m))
 }
 
-/// Removes our entry from a conflist, preserving its mode and owner. `Ok(false)` when there was none.
+/// Removes our entry from a conflist, preserving its mode and owner. `Ok(false)` when there was none (or no file).
 fn remove_entry_from(path: &Path) -> Result<bool, InstallError> {
-    let bytes = fs::read(path).map_err(read_err("CNI configuration", path))?;
+    let bytes = match fs::read(path) {
+        Ok(b) => b,
+        // Gone (the primary CNI removed it): nothing of ours left in it.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => {
+            return Err(InstallError::Read {
+                what: "CNI configuration",
+                path: path.to_path_buf(),
+                source: e,
+            })
+        }
+    };
     let file = path.display().to_string();
     let existing = conflist::parse(&file, &bytes)?;
     if !conflist::has_entry(&existing) {

@@ -89,7 +89,7 @@ fn binary_deleted_or_changed_is_restored() {
         (fs::read(node.plugin()).ok()? == PLUGIN_BYTES).then_some(())
     });
     fs::set_permissions(node.plugin(), fs::Permissions::from_mode(0o644)).unwrap();
-    wait_for("binary mode restored", WAIT, STEP, || {
+    agent.expect("binary mode restored", WAIT, || {
         (fs::metadata(node.plugin()).ok()?.permissions().mode() & 0o777 == 0o755).then_some(())
     });
     // Another plugin's binary changing is none of our business.

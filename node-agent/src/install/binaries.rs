@@ -1,6 +1,7 @@
 //! The plugin binaries: every file of the source dir (snapshotted at start, as Istio does) copied into the host's
-//! CNI bin dir when missing or different. A verified target is remembered by its stat fingerprint, so an unchanged
-//! file is not read again at every reconcile (any write or replacement changes its ctime or inode).
+//! CNI bin dir when missing or different. A target whose content was compared equal is remembered by the stat
+//! fingerprint taken before the comparison, so an unchanged file is not read again at every reconcile (any write,
+//! chmod or replacement since then changes its ctime or inode).
 
 use std::collections::HashMap;
 use std::fs;
@@ -127,6 +128,7 @@ impl Binaries {
             })?;
             let src_fp = fingerprint(&src_md);
             if let Ok(md) = fs::metadata(&target) {
+                // Taken before the content is compared: any change after it alters the fingerprint.
                 let fp = fingerprint(&md);
                 if self.verified.get(name) == Some(&(src_fp, fp)) {
                     continue;
@@ -142,13 +144,10 @@ impl Binaries {
                     continue;
                 }
             }
+            // Not remembered as verified: a change right after the rename would be recorded as right. The next
+            // reconcile (our own rename wakes it) compares the content and remembers it then.
+            self.verified.remove(name);
             atomic::copy(&source, &target, Attrs::mode(*mode))?;
-            let md = fs::metadata(&target).map_err(|e| BinariesError::Stat {
-                path: target.clone(),
-                source: e,
-            })?;
-            self.verified
-                .insert(name.clone(), (src_fp, fingerprint(&md)));
             written.push(target);
         }
         Ok(written)

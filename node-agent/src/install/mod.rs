@@ -447,3 +447,126 @@ fn remove_entry_from(path: &Path) -> Result<bool, InstallError> {
     atomic::write(path, &conflist::render(&cleaned), attrs)?;
     Ok(true)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Args;
+    use clap::Parser;
+    use std::os::unix::fs::MetadataExt;
+
+    fn node(tag: &str) -> (PathBuf, Config) {
+        let root =
+            std::env::temp_dir().join(format!("meshcni-installer-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        for d in ["conf", "bin", "src", "run", "sa"] {
+            fs::create_dir_all(root.join(d)).unwrap();
+        }
+        fs::write(root.join("src/istio-cni"), b"plugin").unwrap();
+        fs::set_permissions(
+            root.join("src/istio-cni"),
+            fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
+        fs::write(root.join("sa/token"), "tok").unwrap();
+        fs::write(root.join("sa/ca.crt"), "ca").unwrap();
+        let p = |d: &str| root.join(d).display().to_string();
+        let args = Args::try_parse_from([
+            "node-agent".to_string(),
+            format!("--mounted-cni-net-dir={}", p("conf")),
+            format!("--mounted-cni-bin-dir={}", p("bin")),
+            format!("--cni-binaries-source-dir={}", p("src")),
+            format!("--cni-agent-run-dir={}", p("run")),
+            format!("--service-account-dir={}", p("sa")),
+            "--kubernetes-service-host=10.0.0.1".to_string(),
+            "--kubernetes-service-port=443".to_string(),
+        ])
+        .unwrap();
+        (root, args.validate().unwrap())
+    }
+
+    #[test]
+    fn reconcile_is_idempotent() {
+        let (root, cfg) = node("idem");
+        let mut inst = Installer::new(cfg).unwrap();
+        let t0 = Instant::now();
+        let first = inst.reconcile(t0);
+        assert!(
+            matches!(first.status, Status::WaitingForPrimary { .. }),
+            "{first:?}"
+        );
+        assert_eq!(
+            first.changed.len(),
+            2,
+            "binary and kubeconfig first: {first:?}"
+        );
+        fs::write(
+            root.join("conf/10-bridge.conf"),
+            br#"{"cniVersion":"0.4.0","name":"n","type":"bridge"}"#,
+        )
+        .unwrap();
+        let second = inst.reconcile(t0);
+        assert_eq!(second.status, Status::Ready);
+        let list = root.join("conf/10-bridge.conflist");
+        assert_eq!(
+            second.changed,
+            vec![list.clone(), root.join("conf/10-bridge.conf")]
+        );
+        let ino = fs::metadata(&list).unwrap().ino();
+        for _ in 0..3 {
+            let again = inst.reconcile(t0);
+            assert_eq!(
+                again,
+                Report {
+                    status: Status::Ready,
+                    changed: vec![]
+                }
+            );
+        }
+        assert_eq!(
+            fs::metadata(&list).unwrap().ino(),
+            ino,
+            "a right file is never rewritten"
+        );
+        inst.cleanup().unwrap();
+        let v: Value = serde_json::from_slice(&fs::read(&list).unwrap()).unwrap();
+        assert!(!conflist::has_entry(&v) && v["plugins"].as_array().unwrap().len() == 1);
+        assert!(
+            !root.join("bin/istio-cni").exists() && !root.join("run/istio-cni-kubeconfig").exists()
+        );
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn failing_binary_step_writes_no_entry() {
+        let (root, cfg) = node("fail");
+        fs::write(
+            root.join("conf/10-bridge.conflist"),
+            br#"{"name":"n","plugins":[{"type":"bridge"}]}"#,
+        )
+        .unwrap();
+        let mut inst = Installer::new(cfg).unwrap();
+        // The host bin dir turns read-only for us: replace it with a file.
+        fs::remove_dir_all(root.join("bin")).unwrap();
+        fs::write(root.join("bin"), b"").unwrap();
+        let report = inst.reconcile(Instant::now());
+        assert!(
+            matches!(
+                report.status,
+                Status::Failed {
+                    step: Step::CopyBinaries,
+                    ..
+                }
+            ),
+            "{report:?}"
+        );
+        let v: Value =
+            serde_json::from_slice(&fs::read(root.join("conf/10-bridge.conflist")).unwrap())
+                .unwrap();
+        assert!(
+            !conflist::has_entry(&v),
+            "an entry must not point at a missing binary"
+        );
+        fs::remove_dir_all(&root).unwrap();
+    }
+}

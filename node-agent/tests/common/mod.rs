@@ -284,6 +284,23 @@ impl Agent {
         }
     }
 
+    /// `wait_for` that shows the agent's log when it times out.
+    pub fn expect<T>(&self, what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+        let start = Instant::now();
+        loop {
+            if let Some(v) = f() {
+                return v;
+            }
+            if start.elapsed() > limit {
+                panic!(
+                    "timed out after {limit:?} waiting for {what}; agent log:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
     pub fn metrics_text(&self) -> String {
         http_get(self.metrics, "/metrics")
             .expect("metrics server answers")

@@ -4,6 +4,8 @@
 #
 #   scripts/bench-agent.sh                  # ROUNDS=100 rewrites, 250 ms apart (slower than the fight threshold)
 #   AGENT_BIN=path/to/node-agent ROUNDS=300 scripts/bench-agent.sh
+#   BENCH_DIR=/dev/shm scripts/bench-agent.sh   # node dirs on tmpfs: the agent's own latency, without the disk's
+#                                               # fsync (each write is fsynced before its rename)
 #
 # Default binary: the static release build of scripts/build-image.sh, else target/release/node-agent (built when
 # missing). Root is not needed.
@@ -19,13 +21,13 @@ if [ -z "${AGENT_BIN:-}" ]; then
     cargo build --release -p node-agent --bin node-agent
     AGENT_BIN="$TARGET_DIR/release/node-agent"
 fi
-export AGENT_BIN ROUNDS=${ROUNDS:-100} CORPUS="$PWD/../shared/compat/istio"
+export AGENT_BIN ROUNDS=${ROUNDS:-100} CORPUS="$PWD/../shared/compat/istio" BENCH_DIR=${BENCH_DIR:-${TMPDIR:-/tmp}}
 
 exec python3 - <<'PY'
 import json, os, signal, socket, subprocess, sys, tempfile, time
 
 agent_bin, rounds, corpus = os.environ["AGENT_BIN"], int(os.environ["ROUNDS"]), os.environ["CORPUS"]
-root = tempfile.mkdtemp(prefix="meshcni-bench-")
+root = tempfile.mkdtemp(prefix="meshcni-bench-", dir=os.environ["BENCH_DIR"])
 d = {k: os.path.join(root, v) for k, v in dict(conf="etc/cni/net.d", bin="opt/cni/bin", src="image/bin",
                                                 run="var/run/istio-cni", sa="sa").items()}
 for p in d.values():
@@ -85,6 +87,7 @@ try:
         if time.monotonic() > deadline or agent.poll() is not None:
             sys.exit("agent not ready; see " + log.name)
         time.sleep(0.01)
+    print(f"node dirs under {root} ({os.environ['BENCH_DIR']})")
     print(f"agent {agent_bin}: ready; memory at start VmRSS {memory()[0]}, VmHWM {memory()[1]}")
     delays = []
     for i in range(rounds):

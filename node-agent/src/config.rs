@@ -81,7 +81,7 @@ pub struct Args {
 
     /// CA bundle embedded in the kubeconfig. Default: ca.crt of the service-account directory.
     #[arg(long, env = KUBE_CA_FILE, value_name = KUBE_CA_FILE)]
-    pub kube_ca_file: Option<PathBuf>,
+    pub kube_ca_file: Option<String>,
 
     /// Write insecure-skip-tls-verify into the kubeconfig instead of a CA.
     #[arg(long, env = SKIP_TLS_VERIFY, value_name = SKIP_TLS_VERIFY, default_value = "false", value_parser = parse_bool, action = clap::ArgAction::Set)]
@@ -324,7 +324,12 @@ impl Args {
                 reason: "must be an absolute path (the plugin reads it on the host)".into(),
             });
         }
-        if let Some(ca) = &self.kube_ca_file {
+        // Empty means unset (Istio: the service account's ca.crt).
+        let kube_ca_file = self
+            .kube_ca_file
+            .filter(|p| !p.is_empty())
+            .map(PathBuf::from);
+        if let Some(ca) = &kube_ca_file {
             if !self.skip_tls_verify && !ca.is_file() {
                 return Err(ConfigError::Invalid {
                     var: KUBE_CA_FILE,
@@ -353,9 +358,7 @@ impl Args {
             None => hostname(),
         };
         Ok(Config {
-            ca_file: self
-                .kube_ca_file
-                .unwrap_or_else(|| self.service_account_dir.join("ca.crt")),
+            ca_file: kube_ca_file.unwrap_or_else(|| self.service_account_dir.join("ca.crt")),
             conf_dir: self.mounted_cni_net_dir,
             bin_dir: self.mounted_cni_bin_dir,
             source_dir: self.cni_binaries_source_dir,

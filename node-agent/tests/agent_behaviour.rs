@@ -438,6 +438,8 @@ fn bad_configuration_stops_at_start_naming_the_variable() {
             vec![("KUBE_CA_FILE", "/nonexistent/ca.crt".into())],
             "KUBE_CA_FILE",
         ),
+        (vec![("MONITORING_PORT", String::new())], "MONITORING_PORT"),
+        (vec![("KUBECONFIG_MODE", String::new())], "KUBECONFIG_MODE"),
     ];
     for (env, var) in cases {
         let mut cmd = std::process::Command::new(AGENT);
@@ -556,4 +558,29 @@ fn settings_reach_the_entry() {
             & 0o777,
         0o640
     );
+}
+
+/// Kubernetes manifests often set a variable to "" to mean "unset": the optional ones accept it.
+#[test]
+fn empty_optional_variables_mean_unset() {
+    let node = Node::new("empty");
+    let path = calico(&node);
+    let mut agent = Agent::start(
+        &node,
+        &[
+            ("CNI_CONF_NAME", ""),
+            ("KUBE_CA_FILE", ""),
+            ("EXCLUDE_NAMESPACES", ""),
+            ("POD_NAMESPACE", ""),
+            ("KUBERNETES_NODE_NAME", ""),
+        ],
+    );
+    agent.wait_ready();
+    let v = read_json(&path);
+    let entry = v["plugins"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(entry["exclude_namespaces"], serde_json::Value::Null);
+    assert!(fs::read_to_string(node.kubeconfig())
+        .unwrap()
+        .contains("certificate-authority-data: LS0t"));
+    assert!(agent.stop(libc::SIGTERM).success());
 }

@@ -2,7 +2,7 @@
 # Measures the node agent on a temp node layout (no cluster needed): how fast our entry is back after the primary
 # CNI rewrites its conflist (half by rename, half in place), and the agent's memory (VmRSS/VmHWM from /proc).
 #
-#   scripts/bench-agent.sh                  # ROUNDS=100 rewrites, 250 ms apart (slower than the fight threshold)
+#   scripts/bench-agent.sh                  # ROUNDS=100 rewrites, 300 ms apart (slower than the fight threshold)
 #   AGENT_BIN=path/to/node-agent ROUNDS=300 scripts/bench-agent.sh
 #   BENCH_DIR=/dev/shm scripts/bench-agent.sh   # node dirs on tmpfs: the agent's own latency, without the disk's
 #                                               # fsync (each write is fsynced before its rename)
@@ -105,7 +105,7 @@ try:
             if time.perf_counter() - t0 > 10:
                 sys.exit(f"round {i}: entry not back after 10 s")
         delays.append(time.perf_counter() - t0)
-        time.sleep(0.25)
+        time.sleep(0.3)
     delays.sort()
     pct = lambda p: delays[min(len(delays) - 1, round((len(delays) - 1) * p))] * 1000
     print(f"flap: {rounds} rewrites (half rename, half in place): entry back after "

@@ -191,7 +191,7 @@ fn primary_rewrites_its_file_30_times() {
             "mode preserved"
         );
         // Spaced like a primary CNI restarting, not like a fight (the back-off must not engage).
-        std::thread::sleep(Duration::from_millis(250));
+        std::thread::sleep(Duration::from_millis(300));
     }
     delays.sort();
     println!(

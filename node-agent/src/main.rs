@@ -1,1 +1,46 @@
-fn main() {}
+//! `node-agent`: parse and validate the configuration (a bad value stops it here, naming the variable), then run
+//! the agent on a current-thread runtime until SIGTERM/SIGINT.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use node_agent::config::Args;
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let cfg = match args.validate() {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            eprintln!("node-agent: invalid configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let directive = match cfg.log_level.as_str() {
+        "none" => "off",
+        other => other,
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("NODE_AGENT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(directive));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("node-agent: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(node_agent::agent::run(cfg)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "node agent failed");
+            ExitCode::FAILURE
+        }
+    }
+}

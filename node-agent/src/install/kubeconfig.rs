@@ -1,0 +1,220 @@
+//! The kubeconfig the plugin uses: rendered as the YAML Istio writes (client-go's v1 Config through sigs.k8s.io/yaml:
+//! keys sorted, two-space indentation, lists not indented). Pure: inputs are the token and CA bytes.
+
+use base64::Engine;
+
+/// Where the API server is, as the agent's pod sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiServer {
+    pub protocol: String,
+    pub host: String,
+    pub port: u16,
+}
+
+impl ApiServer {
+    /// `protocol://host:port`, with an IPv6 host in brackets (Go's net.JoinHostPort). A host given already in
+    /// brackets is not bracketed twice.
+    pub fn url(&self) -> String {
+        let host = self
+            .host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(&self.host);
+        if host.contains(':') {
+            format!("{}://[{}]:{}", self.protocol, host, self.port)
+        } else {
+            format!("{}://{}:{}", self.protocol, host, self.port)
+        }
+    }
+}
+
+/// How the plugin trusts the API server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Trust<'a> {
+    /// PEM bytes of the CA bundle, embedded as `certificate-authority-data`.
+    Ca(&'a [u8]),
+    /// `insecure-skip-tls-verify: true` (SKIP_TLS_VERIFY; no CA is embedded then, as in Istio).
+    SkipVerify,
+}
+
+/// Renders the kubeconfig file.
+pub fn render(server: &ApiServer, trust: &Trust<'_>, token: &str) -> String {
+    let mut cluster = String::new();
+    match trust {
+        Trust::Ca(pem) => {
+            let b64 = base64::engine::general_purpose::STANDARD.encode(pem);
+            cluster.push_str(&format!("    certificate-authority-data: {b64}\n"));
+        }
+        Trust::SkipVerify => cluster.push_str("    insecure-skip-tls-verify: true\n"),
+    }
+    cluster.push_str(&format!("    server: {}\n", scalar(&server.url())));
+    format!(
+        "apiVersion: v1\n\
+         clusters:\n\
+         - cluster:\n\
+         {cluster}  name: local\n\
+         contexts:\n\
+         - context:\n    cluster: local\n    user: istio-cni\n  name: istio-cni-context\n\
+         current-context: istio-cni-context\n\
+         kind: Config\n\
+         users:\n\
+         - name: istio-cni\n  user:\n    token: {}\n",
+        scalar(token)
+    )
+}
+
+/// A YAML scalar for a string: plain when that reads back as the same string, else double-quoted (JSON escapes are
+/// valid YAML double-quoted escapes).
+fn scalar(s: &str) -> String {
+    if plain_safe(s) {
+        s.to_string()
+    } else {
+        serde_json::Value::String(s.to_string()).to_string()
+    }
+}
+
+fn plain_safe(s: &str) -> bool {
+    let Some(first) = s.chars().next() else {
+        return false;
+    };
+    if "-?:,[]{}#&*!|>'\"%@`~ ".contains(first) || s.ends_with(' ') || s.ends_with(':') {
+        return false;
+    }
+    if s.contains(": ") || s.contains(" #") {
+        return false;
+    }
+    if !s.chars().all(|c| c.is_ascii_graphic() || c == ' ') {
+        return false;
+    }
+    // Strings YAML (1.1, as go-yaml reads them) would resolve to another type.
+    let lower = s.to_ascii_lowercase();
+    if matches!(
+        lower.as_str(),
+        "true"
+            | "false"
+            | "yes"
+            | "no"
+            | "on"
+            | "off"
+            | "y"
+            | "n"
+            | "null"
+            | "~"
+            | ".nan"
+            | ".inf"
+            | "-.inf"
+            | "+.inf"
+    ) {
+        return false;
+    }
+    let numeric = s.trim_start_matches(['+', '-']).chars().all(|c| {
+        c.is_ascii_digit() || matches!(c, '.' | '_' | 'e' | 'E' | '+' | '-' | 'x' | 'o' | 'b')
+    }) && s.chars().any(|c| c.is_ascii_digit());
+    !numeric
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn corpus(rel: &str) -> Vec<u8> {
+        let p = std::path::PathBuf::from(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../shared/compat/istio"
+        ))
+        .join(rel);
+        std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+    }
+
+    fn server(host: &str) -> ApiServer {
+        ApiServer {
+            protocol: "https".into(),
+            host: host.into(),
+            port: 443,
+        }
+    }
+
+    #[test]
+    fn matches_istio_goldens() {
+        let ca = corpus("install/kube-ca.crt");
+        let token = "service_account_token_string";
+        assert_eq!(
+            render(&server("10.96.0.1"), &Trust::Ca(&ca), token),
+            String::from_utf8(corpus("install/kubeconfig-tls")).unwrap()
+        );
+        assert_eq!(
+            render(&server("10.96.0.1"), &Trust::SkipVerify, token),
+            String::from_utf8(corpus("install/kubeconfig-skip-tls")).unwrap()
+        );
+        assert_eq!(
+            render(&server("50.76.2.1"), &Trust::Ca(&ca), token),
+            String::from_utf8(corpus("install/kubeconfig-newhost")).unwrap()
+        );
+    }
+
+    /// install-e2e's expected kubeconfig comes from Istio's older installer (another key order, a comment, the host
+    /// in brackets): the same content, compared field by field.
+    #[test]
+    fn same_content_as_e2e_expected() {
+        let ca = corpus("install/kube-ca.crt");
+        let expected = String::from_utf8(corpus(
+            "install-e2e/expected/ZZZ-istio-cni-kubeconfig.expected",
+        ))
+        .unwrap();
+        let field = |text: &str, key: &str| -> String {
+            text.lines()
+                .find_map(|l| {
+                    l.trim()
+                        .strip_prefix(&format!("{key}: "))
+                        .map(|v| v.trim_matches('"').to_string())
+                })
+                .unwrap_or_else(|| panic!("{key} missing"))
+        };
+        let token = field(&expected, "token");
+        let ours = render(&server("10.110.0.1"), &Trust::Ca(&ca), &token);
+        for key in [
+            "certificate-authority-data",
+            "token",
+            "current-context",
+            "cluster",
+            "user",
+            "kind",
+            "apiVersion",
+        ] {
+            assert_eq!(field(&ours, key), field(&expected, key), "{key}");
+        }
+        assert_eq!(field(&ours, "server"), "https://10.110.0.1:443");
+        assert_eq!(field(&expected, "server"), "https://[10.110.0.1]:443");
+    }
+
+    #[test]
+    fn ipv6_hosts_are_bracketed_once() {
+        assert_eq!(server("fd00::1").url(), "https://[fd00::1]:443");
+        assert_eq!(server("[fd00::1]").url(), "https://[fd00::1]:443");
+        assert_eq!(server("10.0.0.1").url(), "https://10.0.0.1:443");
+        let text = render(&server("fd00::1"), &Trust::SkipVerify, "t");
+        assert!(
+            text.contains("    server: https://[fd00::1]:443\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn odd_tokens_are_quoted() {
+        for (token, want) in [
+            ("abc.def-ghi_j", "abc.def-ghi_j"),
+            ("true", "\"true\""),
+            ("123", "\"123\""),
+            ("tok\n", "\"tok\\n\""),
+            ("", "\"\""),
+            ("a: b", "\"a: b\""),
+            ("-x", "\"-x\""),
+        ] {
+            let text = render(&server("h"), &Trust::SkipVerify, token);
+            assert!(
+                text.ends_with(&format!("    token: {want}\n")),
+                "{token:?}: {text}"
+            );
+        }
+    }
+}

@@ -1,0 +1,572 @@
+//! The installer: desired state (binary present and identical, kubeconfig current, our entry last in the primary
+//! conflist) against the actual files, fixed with atomic writes. `reconcile` is idempotent and never rewrites a file
+//! that is already right, so its own writes (and a second agent writing the same content) cannot make it loop.
+
+pub mod atomic;
+pub mod binaries;
+pub mod conflist;
+pub mod fight;
+pub mod gojson;
+pub mod kubeconfig;
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde_json::Value;
+
+use crate::config::Config;
+use atomic::Attrs;
+use binaries::Binaries;
+use fight::FightDetector;
+
+/// Which step failed: the `result` label of `istio_cni_installs_total`, as Istio names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Step {
+    CopyBinaries,
+    CreateKubeconfig,
+    CreateCniConfig,
+}
+
+impl Step {
+    pub fn result_label(self) -> &'static str {
+        match self {
+            Step::CopyBinaries => "COPY_BINARIES_FAILURE",
+            Step::CreateKubeconfig => "CREATE_KUBECONFIG_FAILURE",
+            Step::CreateCniConfig => "CREATE_CNI_CONFIG_FAILURE",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    #[error(transparent)]
+    Binaries(#[from] binaries::BinariesError),
+    #[error("{what} {path}: {source}")]
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Conflist(#[from] conflist::ConflistError),
+    #[error(transparent)]
+    Write(#[from] atomic::AtomicError),
+}
+
+fn read_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> InstallError + 'a {
+    move |source| InstallError::Read {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// How the last reconcile left the node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Status {
+    /// Binary, kubeconfig and entry all in place.
+    Ready,
+    /// No primary CNI configuration yet (chained mode): waiting for the primary CNI to write one.
+    WaitingForPrimary { dir: PathBuf },
+    /// Another writer keeps reverting the file: the rewrite is deferred until then.
+    BackingOff { file: PathBuf, until: Instant },
+    /// A step failed (retried later).
+    Failed { step: Step, error: String },
+}
+
+/// What one reconcile did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    pub status: Status,
+    /// Files written (or removed, for a converted `.conf`), in order.
+    pub changed: Vec<PathBuf>,
+}
+
+pub struct Installer {
+    cfg: Config,
+    binaries: Binaries,
+    /// The file holding our entry (chained) or our standalone file, once written or found right.
+    installed_conf: Option<PathBuf>,
+    fight: FightDetector,
+}
+
+impl Installer {
+    /// Snapshots the source binaries and removes temp files a crashed run may have left.
+    pub fn new(cfg: Config) -> Result<Self, InstallError> {
+        let binaries = Binaries::snapshot(&cfg.source_dir, &cfg.bin_dir)?;
+        let mut stale = atomic::remove_stale_temps(&cfg.bin_dir, |t| binaries.is_managed(t));
+        stale.extend(atomic::remove_stale_temps(&cfg.run_dir, |t| {
+            t == cni_plugin::config::KUBECONFIG_NAME
+        }));
+        stale.extend(atomic::remove_stale_temps(
+            &cfg.conf_dir,
+            conflist::is_config_name,
+        ));
+        for path in stale {
+            tracing::info!(path = %path.display(), "removed a temp file left by an interrupted write");
+        }
+        Ok(Installer {
+            cfg,
+            binaries,
+            installed_conf: None,
+            fight: FightDetector::default(),
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Names of the binaries we install (to filter bin-dir events).
+    pub fn binary_names(&self) -> Vec<String> {
+        self.binaries.names().map(String::from).collect()
+    }
+
+    /// The file holding our entry, if any.
+    pub fn installed_conf(&self) -> Option<&Path> {
+        self.installed_conf.as_deref()
+    }
+
+    /// One pass: binaries, then kubeconfig, then the CNI configuration. A failing step stops the pass (an entry must
+    /// never point at a missing binary or kubeconfig).
+    pub fn reconcile(&mut self, now: Instant) -> Report {
+        let mut changed = Vec::new();
+        match self.binaries.ensure() {
+            Ok(written) => {
+                for p in &written {
+                    tracing::info!(path = %p.display(), "installed plugin binary");
+                }
+                changed.extend(written);
+            }
+            Err(e) => return failed(Step::CopyBinaries, e, changed),
+        }
+        match self.ensure_kubeconfig() {
+            Ok(Some(p)) => changed.push(p),
+            Ok(None) => {}
+            Err(e) => return failed(Step::CreateKubeconfig, e, changed),
+        }
+        let result = if self.cfg.chained {
+            self.ensure_chained(now, &mut changed)
+        } else {
+            self.ensure_standalone(now, &mut changed)
+        };
+        match result {
+            Ok(status) => Report { status, changed },
+            Err(e) => failed(Step::CreateCniConfig, e, changed),
+        }
+    }
+
+    fn ensure_kubeconfig(&self) -> Result<Option<PathBuf>, InstallError> {
+        let token_path = self.cfg.token_path();
+        let token = fs::read_to_string(&token_path)
+            .map_err(read_err("service-account token", &token_path))?;
+        let ca;
+        let trust = if self.cfg.skip_tls_verify {
+            kubeconfig::Trust::SkipVerify
+        } else {
+            ca = fs::read(&self.cfg.ca_file).map_err(read_err("CA bundle", &self.cfg.ca_file))?;
+            kubeconfig::Trust::Ca(&ca)
+        };
+        let desired = kubeconfig::render(&self.cfg.api_server, &trust, &token);
+        let path = self.cfg.kubeconfig_path();
+        if file_is(&path, desired.as_bytes(), Some(self.cfg.kubeconfig_mode)) {
+            return Ok(None);
+        }
+        atomic::write(
+            &path,
+            desired.as_bytes(),
+            Attrs::mode(self.cfg.kubeconfig_mode),
+        )?;
+        tracing::info!(path = %path.display(), server = %self.cfg.api_server.url(), "wrote kubeconfig");
+        Ok(Some(path))
+    }
+
+    /// Reads the `.conf`/`.conflist` files of the conf dir (a file vanishing meanwhile is skipped).
+    fn read_conf_dir(&self) -> Result<Vec<(String, Vec<u8>)>, InstallError> {
+        let dir = &self.cfg.conf_dir;
+        let mut files = Vec::new();
+        for entry in fs::read_dir(dir).map_err(read_err("CNI configuration dir", dir))? {
+            let entry = entry.map_err(read_err("CNI configuration dir", dir))?;
+            let Some(name) = entry.file_name().to_str().map(String::from) else {
+                continue;
+            };
+            if !conflist::is_config_name(&name) {
+                continue;
+            }
+            match fs::read(entry.path()) {
+                Ok(bytes) => files.push((name, bytes)),
+                // A directory named like a config, or a file removed since listing: kubelet skips it too.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::NotFound | io::ErrorKind::IsADirectory
+                    ) => {}
+                Err(e) => {
+                    return Err(InstallError::Read {
+                        what: "CNI configuration",
+                        path: entry.path(),
+                        source: e,
+                    })
+                }
+            }
+        }
+        Ok(files)
+    }
+
+    fn ensure_chained(
+        &mut self,
+        now: Instant,
+        changed: &mut Vec<PathBuf>,
+    ) -> Result<Status, InstallError> {
+        let files = self.read_conf_dir()?;
+        let primary = match &self.cfg.conf_name {
+            Some(name) => conflist::resolve_named(name, |n| files.iter().any(|(f, _)| f == n)),
+            None => {
+                let (primary, skipped) = conflist::choose_primary(&files);
+                for (name, reason) in skipped {
+                    tracing::debug!(file = name, reason = %reason, "skipped invalid CNI configuration");
+                }
+                primary.map(String::from)
+            }
+        };
+        let Some(primary) = primary else {
+            return Ok(Status::WaitingForPrimary {
+                dir: self.cfg.conf_dir.clone(),
+            });
+        };
+        let source_path = self.cfg.conf_dir.join(&primary);
+        let bytes = files
+            .iter()
+            .find(|(n, _)| *n == primary)
+            .map(|(_, b)| b.as_slice())
+            .unwrap_or_default();
+        let file = source_path.display().to_string();
+        let existing = conflist::parse(&file, bytes)?;
+        let desired = conflist::insert_entry(&file, &existing, &self.cfg.entry.entry())?;
+        let target_name = conflist::target_name(&primary);
+        let target = self.cfg.conf_dir.join(&target_name);
+        if target_name == primary && desired == existing {
+            self.switch_installed(&target);
+            return Ok(Status::Ready);
+        }
+        if let Err(until) = self.fight.allowed(now) {
+            return Ok(Status::BackingOff {
+                file: target,
+                until,
+            });
+        }
+        let attrs = Attrs::of(&source_path).unwrap_or(Attrs::mode(0o644));
+        atomic::write(&target, &conflist::render(&desired), attrs)?;
+        changed.push(target.clone());
+        if target_name != primary {
+            // A single-plugin .conf became a list: the list now lives in .conflist, the .conf goes (written first,
+            // removed second: a crash in between leaves both, which the next start resolves the same way).
+            match fs::remove_file(&source_path) {
+                Ok(()) => changed.push(source_path.clone()),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(InstallError::Read {
+                        what: "remove converted",
+                        path: source_path,
+                        source: e,
+                    })
+                }
+            }
+            tracing::info!(from = %source_path.display(), to = %target.display(), "converted single-plugin configuration to a list");
+        }
+        tracing::info!(path = %target.display(), "inserted istio-cni into the CNI configuration");
+        self.note_rewrite(now, &target);
+        self.switch_installed(&target);
+        Ok(Status::Ready)
+    }
+
+    fn ensure_standalone(
+        &mut self,
+        now: Instant,
+        changed: &mut Vec<PathBuf>,
+    ) -> Result<Status, InstallError> {
+        let name = self
+            .cfg
+            .conf_name
+            .clone()
+            .unwrap_or_else(|| conflist::DEFAULT_STANDALONE_NAME.to_string());
+        let path = self.cfg.conf_dir.join(name);
+        let right = fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+            .is_some_and(|v| v == self.cfg.entry.standalone_value())
+            && mode_of(&path) == Some(self.cfg.standalone_mode);
+        if right {
+            self.installed_conf = Some(path);
+            return Ok(Status::Ready);
+        }
+        if let Err(until) = self.fight.allowed(now) {
+            return Ok(Status::BackingOff { file: path, until });
+        }
+        atomic::write(
+            &path,
+            &self.cfg.entry.standalone_file(),
+            Attrs::mode(self.cfg.standalone_mode),
+        )?;
+        tracing::info!(path = %path.display(), "wrote standalone istio-cni configuration");
+        changed.push(path.clone());
+        self.note_rewrite(now, &path);
+        self.installed_conf = Some(path);
+        Ok(Status::Ready)
+    }
+
+    fn note_rewrite(&mut self, now: Instant, path: &Path) {
+        if let Some(delay) = self.fight.record(now) {
+            let file = path.display().to_string();
+            tracing::warn!(
+                file = %file,
+                rewrites = self.fight.recent(),
+                window_ms = fight::WINDOW.as_millis() as u64,
+                backoff_ms = delay.as_millis() as u64,
+                "{file} has been changed back and reconciled many times in a short period: a conflicting component \
+                 keeps reverting our configuration; backing off.{}",
+                fight::hint(&file)
+            );
+        }
+    }
+
+    /// Records the file holding our entry; when the primary moved to another file, our entry leaves the old one.
+    fn switch_installed(&mut self, target: &Path) {
+        if let Some(old) = self.installed_conf.replace(target.to_path_buf()) {
+            if old != target && old.exists() {
+                match remove_entry_from(&old) {
+                    Ok(true) => {
+                        tracing::info!(path = %old.display(), "removed istio-cni from the previous primary configuration")
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(path = %old.display(), error = %e, "cannot remove istio-cni from the previous primary configuration")
+                    }
+                }
+            }
+        }
+    }
+
+    /// Removes everything of ours: the entry (or the standalone file), the kubeconfig, the binaries. Returns the
+    /// first error, after trying every step.
+    pub fn cleanup(&mut self) -> Result<(), InstallError> {
+        let mut first_err = None;
+        if let Some(path) = self.installed_conf.take() {
+            let result = if self.cfg.chained {
+                remove_entry_from(&path).map(|removed| {
+                    if removed {
+                        tracing::info!(path = %path.display(), "removed istio-cni from the CNI configuration");
+                    }
+                })
+            } else {
+                match fs::remove_file(&path) {
+                    Ok(()) => {
+                        tracing::info!(path = %path.display(), "removed standalone configuration");
+                        Ok(())
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+                    Err(e) => Err(InstallError::Read {
+                        what: "remove",
+                        path: path.clone(),
+                        source: e,
+                    }),
+                }
+            };
+            if let Err(e) = result {
+                first_err.get_or_insert(e);
+            }
+        }
+        let kc = self.cfg.kubeconfig_path();
+        match fs::remove_file(&kc) {
+            Ok(()) => tracing::info!(path = %kc.display(), "removed kubeconfig"),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                first_err.get_or_insert(InstallError::Read {
+                    what: "remove",
+                    path: kc.clone(),
+                    source: e,
+                });
+            }
+        }
+        for p in self.binaries.remove_all() {
+            tracing::info!(path = %p.display(), "removed plugin binary");
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+fn failed(step: Step, error: impl std::fmt::Display, changed: Vec<PathBuf>) -> Report {
+    Report {
+        status: Status::Failed {
+            step,
+            error: error.to_string(),
+        },
+        changed,
+    }
+}
+
+fn mode_of(path: &Path) -> Option<u32> {
+    fs::metadata(path)
+        .ok()
+        .map(|m| m.permissions().mode() & 0o7777)
+}
+
+/// Is the file's content exactly `content` (and its mode `mode`, when given)?
+fn file_is(path: &Path, content: &[u8], mode: Option<u32>) -> bool {
+    fs::read(path).is_ok_and(|b| b == content) && mode.is_none_or(|m| mode_of(path) == Some(m))
+}
+
+/// Removes our entry from a conflist, preserving its mode and owner. `Ok(false)` when there was none (or no file).
+fn remove_entry_from(path: &Path) -> Result<bool, InstallError> {
+    let bytes = match fs::read(path) {
+        Ok(b) => b,
+        // Gone (the primary CNI removed it): nothing of ours left in it.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => {
+            return Err(InstallError::Read {
+                what: "CNI configuration",
+                path: path.to_path_buf(),
+                source: e,
+            })
+        }
+    };
+    let file = path.display().to_string();
+    let existing = conflist::parse(&file, &bytes)?;
+    if !conflist::has_entry(&existing) {
+        return Ok(false);
+    }
+    let cleaned = conflist::remove_entry(&file, &existing)?;
+    let attrs = Attrs::of(path).unwrap_or(Attrs::mode(0o644));
+    atomic::write(path, &conflist::render(&cleaned), attrs)?;
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Args;
+    use clap::Parser;
+    use std::os::unix::fs::MetadataExt;
+
+    fn node(tag: &str) -> (PathBuf, Config) {
+        let root =
+            std::env::temp_dir().join(format!("meshcni-installer-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        for d in ["conf", "bin", "src", "run", "sa"] {
+            fs::create_dir_all(root.join(d)).unwrap();
+        }
+        fs::write(root.join("src/istio-cni"), b"plugin").unwrap();
+        fs::set_permissions(
+            root.join("src/istio-cni"),
+            fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
+        fs::write(root.join("sa/token"), "tok").unwrap();
+        fs::write(root.join("sa/ca.crt"), "ca").unwrap();
+        let p = |d: &str| root.join(d).display().to_string();
+        let args = Args::try_parse_from([
+            "node-agent".to_string(),
+            format!("--mounted-cni-net-dir={}", p("conf")),
+            format!("--mounted-cni-bin-dir={}", p("bin")),
+            format!("--cni-binaries-source-dir={}", p("src")),
+            format!("--cni-agent-run-dir={}", p("run")),
+            format!("--service-account-dir={}", p("sa")),
+            "--kubernetes-service-host=10.0.0.1".to_string(),
+            "--kubernetes-service-port=443".to_string(),
+        ])
+        .unwrap();
+        (root, args.validate().unwrap())
+    }
+
+    #[test]
+    fn reconcile_is_idempotent() {
+        let (root, cfg) = node("idem");
+        let mut inst = Installer::new(cfg).unwrap();
+        let t0 = Instant::now();
+        let first = inst.reconcile(t0);
+        assert!(
+            matches!(first.status, Status::WaitingForPrimary { .. }),
+            "{first:?}"
+        );
+        assert_eq!(
+            first.changed.len(),
+            2,
+            "binary and kubeconfig first: {first:?}"
+        );
+        fs::write(
+            root.join("conf/10-bridge.conf"),
+            br#"{"cniVersion":"0.4.0","name":"n","type":"bridge"}"#,
+        )
+        .unwrap();
+        let second = inst.reconcile(t0);
+        assert_eq!(second.status, Status::Ready);
+        let list = root.join("conf/10-bridge.conflist");
+        assert_eq!(
+            second.changed,
+            vec![list.clone(), root.join("conf/10-bridge.conf")]
+        );
+        let ino = fs::metadata(&list).unwrap().ino();
+        for _ in 0..3 {
+            let again = inst.reconcile(t0);
+            assert_eq!(
+                again,
+                Report {
+                    status: Status::Ready,
+                    changed: vec![]
+                }
+            );
+        }
+        assert_eq!(
+            fs::metadata(&list).unwrap().ino(),
+            ino,
+            "a right file is never rewritten"
+        );
+        inst.cleanup().unwrap();
+        let v: Value = serde_json::from_slice(&fs::read(&list).unwrap()).unwrap();
+        assert!(!conflist::has_entry(&v) && v["plugins"].as_array().unwrap().len() == 1);
+        assert!(
+            !root.join("bin/istio-cni").exists() && !root.join("run/istio-cni-kubeconfig").exists()
+        );
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn failing_binary_step_writes_no_entry() {
+        let (root, cfg) = node("fail");
+        fs::write(
+            root.join("conf/10-bridge.conflist"),
+            br#"{"name":"n","plugins":[{"type":"bridge"}]}"#,
+        )
+        .unwrap();
+        let mut inst = Installer::new(cfg).unwrap();
+        // The host bin dir turns read-only for us: replace it with a file.
+        fs::remove_dir_all(root.join("bin")).unwrap();
+        fs::write(root.join("bin"), b"").unwrap();
+        let report = inst.reconcile(Instant::now());
+        assert!(
+            matches!(
+                report.status,
+                Status::Failed {
+                    step: Step::CopyBinaries,
+                    ..
+                }
+            ),
+            "{report:?}"
+        );
+        let v: Value =
+            serde_json::from_slice(&fs::read(root.join("conf/10-bridge.conflist")).unwrap())
+                .unwrap();
+        assert!(
+            !conflist::has_entry(&v),
+            "an entry must not point at a missing binary"
+        );
+        fs::remove_dir_all(&root).unwrap();
+    }
+}

@@ -12,7 +12,8 @@ cd "$(dirname "$0")/.."
 DIR=daemonset
 K8S_VERSIONS=${K8S_VERSIONS:-"1.33.0 1.37.0"}
 
-if ! command -v kubernetes-validate >/dev/null 2>&1; then
+# Run as a module: a pip install under pyenv has no shim for the new command until `pyenv rehash`.
+if ! python3 -m kubernetes_validate --version >/dev/null 2>&1; then
     echo "installing kubernetes-validate (pip)" >&2
     python3 -m pip install --quiet kubernetes-validate
 fi
@@ -56,7 +57,7 @@ if [ -n "$image_built" ] && [ "$image_built" != "$image_used" ]; then
 fi
 
 for v in $K8S_VERSIONS; do
-    if ! kubernetes-validate --strict --quiet -k "$v" "${files[@]}"; then
+    if ! python3 -m kubernetes_validate --strict --quiet -k "$v" "${files[@]}"; then
         echo "FAIL: manifests do not validate against Kubernetes $v" >&2
         status=1
     else

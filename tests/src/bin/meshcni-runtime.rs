@@ -34,8 +34,12 @@ pub fn primary_conf(dir: &Path) -> Result<(PathBuf, Value), String> {
         .collect();
     files.sort();
     for f in files {
-        let Ok(text) = std::fs::read(&f) else { continue };
-        let Ok(v) = serde_json::from_slice::<Value>(&text) else { continue };
+        let Ok(text) = std::fs::read(&f) else {
+            continue;
+        };
+        let Ok(v) = serde_json::from_slice::<Value>(&text) else {
+            continue;
+        };
         let list = if v.get("plugins").is_some() {
             v
         } else if v.get("type").is_some() {
@@ -44,13 +48,22 @@ pub fn primary_conf(dir: &Path) -> Result<(PathBuf, Value), String> {
         } else {
             continue;
         };
-        let ok = list.get("name").and_then(Value::as_str).is_some_and(|n| !n.is_empty())
-            && list.get("plugins").and_then(Value::as_array).is_some_and(|p| !p.is_empty());
+        let ok = list
+            .get("name")
+            .and_then(Value::as_str)
+            .is_some_and(|n| !n.is_empty())
+            && list
+                .get("plugins")
+                .and_then(Value::as_array)
+                .is_some_and(|p| !p.is_empty());
         if ok {
             return Ok((f, list));
         }
     }
-    Err(format!("no valid network configuration in {}", dir.display()))
+    Err(format!(
+        "no valid network configuration in {}",
+        dir.display()
+    ))
 }
 
 fn run() -> Result<(), String> {
@@ -101,7 +114,8 @@ fn run() -> Result<(), String> {
         "add" => {
             let r = runtime.add(&att).map_err(|e| e.to_string())?;
             if let Some(p) = &result {
-                std::fs::write(p, r.to_string()).map_err(|e| format!("write {}: {e}", p.display()))?;
+                std::fs::write(p, r.to_string())
+                    .map_err(|e| format!("write {}: {e}", p.display()))?;
             }
             println!("{r}");
         }
@@ -109,7 +123,9 @@ fn run() -> Result<(), String> {
             let r = cached().ok_or("check needs --result with the cached ADD result")?;
             runtime.check(&att, &r).map_err(|e| e.to_string())?;
         }
-        "del" => runtime.del(&att, cached().as_ref()).map_err(|e| e.to_string())?,
+        "del" => runtime
+            .del(&att, cached().as_ref())
+            .map_err(|e| e.to_string())?,
         other => return Err(format!("unknown command {other:?} (add|check|del)")),
     }
     Ok(())

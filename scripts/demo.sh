@@ -33,6 +33,11 @@ cleanup() {
   rm -rf "$DEMO"
 }
 trap cleanup EXIT
+on_error() {
+  say "demo.sh: failed at line $1; logs:"
+  for f in "$DEMO"/*.log; do [ -s "$f" ] && { say "--- $f"; tail -20 "$f"; }; done
+}
+trap 'on_error $LINENO' ERR
 
 step "1. A simulated node"
 ip netns add "$NODE"
@@ -117,11 +122,12 @@ runtime() { # cmd namespace/name netns-name
 }
 for p in default/web default/plain kube-system/coredns; do
   ns=meshcni-demo-${p//\//-}-$ID
-  ip netns add "$ns"; PODS+=("$ns")
+  # The runtime creates the sandbox netns and brings its loopback up (containerd does), then runs the chain.
+  ip netns add "$ns"; PODS+=("$ns"); ip -n "$ns" link set lo up
   result=$(runtime add "$p" "$ns")
   ip=$(printf '%s' "$result" | python3 -c 'import json,sys; print(json.load(sys.stdin)["ips"][0]["address"])')
-  rules=$( (ip netns exec "$ns" iptables-nft-save; ip netns exec "$ns" iptables-legacy-save) 2>/dev/null | grep -c '^-A ISTIO' || true)
-  chains=$( (ip netns exec "$ns" iptables-nft-save; ip netns exec "$ns" iptables-legacy-save) 2>/dev/null | grep -o '^:ISTIO_[A-Z_]*' | tr -d : | sort -u | tr '\n' ' ')
+  rules=$( (ip netns exec "$ns" iptables-nft-save; ip netns exec "$ns" iptables-legacy-save) 2>/dev/null | grep -c -- '^-A .*ISTIO' || true)
+  chains=$( (ip netns exec "$ns" iptables-nft-save; ip netns exec "$ns" iptables-legacy-save) 2>/dev/null | { grep -o '^:ISTIO_[A-Z_]*' || true; } | tr -d : | sort -u | tr '\n' ' ')
   if [ "$rules" -gt 0 ]; then
     printf '   %-22s got %s, redirect rules installed: %s rules in chains %s\n' "$p" "$ip" "$rules" "$chains"
   else

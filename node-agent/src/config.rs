@@ -248,6 +248,17 @@ impl Args {
     /// Validates the arguments against each other and against the file system (the directories must exist; the run
     /// dir is created, as kubelet's DirectoryOrCreate would).
     pub fn validate(self) -> Result<Config, ConfigError> {
+        if self.kubernetes_service_protocol != "https" {
+            // The plugin refuses a plain-http API server (the kubeconfig carries a bearer token): writing one would
+            // make every pod start fail, so refuse it here, at start, naming the variable.
+            return Err(ConfigError::Invalid {
+                var: KUBERNETES_SERVICE_PROTOCOL,
+                value: self.kubernetes_service_protocol,
+                reason:
+                    "istio-cni only talks to the API server over https (it sends a bearer token)"
+                        .into(),
+            });
+        }
         if self.ambient_enabled {
             return Err(ConfigError::Invalid {
                 var: AMBIENT_ENABLED,

@@ -431,6 +431,10 @@ fn bad_configuration_stops_at_start_naming_the_variable() {
         (vec![("LOG_LEVEL", "loud".into())], "LOG_LEVEL"),
         (vec![("AMBIENT_ENABLED", "true".into())], "AMBIENT_ENABLED"),
         (
+            vec![("KUBERNETES_SERVICE_PROTOCOL", "http".into())],
+            "KUBERNETES_SERVICE_PROTOCOL",
+        ),
+        (
             vec![("CNI_CONF_NAME", "../evil.conflist".into())],
             "CNI_CONF_NAME",
         ),

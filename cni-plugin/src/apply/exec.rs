@@ -312,6 +312,42 @@ mod tests {
     }
 
     #[test]
+    fn a_started_tool_waits_for_its_input() {
+        let sh = find_binary("sh").unwrap();
+        let r = spawn(&sh, &["-c", "cat"], &[], true).unwrap();
+        assert!(r.pid().is_some());
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(
+            r.finish(Some("late input\n"), Duration::from_secs(10))
+                .unwrap(),
+            "late input\n"
+        );
+        // No input: the pipe is closed, the tool sees an empty stdin.
+        let r = spawn(&sh, &["-c", "wc -c"], &[], true).unwrap();
+        assert_eq!(r.finish(None, Duration::from_secs(10)).unwrap().trim(), "0");
+    }
+
+    fn gone(pid: u32) -> bool {
+        // Reaped: no such process (not even a zombie of ours).
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as libc::pid_t), None)
+            == Err(nix::errno::Errno::ESRCH)
+    }
+
+    #[test]
+    fn a_waiting_tool_is_killed_and_reaped() {
+        let sh = find_binary("sh").unwrap();
+        let r = spawn(&sh, &["-c", "cat >/dev/null; echo fed"], &[], true).unwrap();
+        let pid = r.pid().unwrap();
+        r.kill();
+        assert!(gone(pid), "pid {pid} still exists");
+        // Dropping does the same.
+        let r = spawn(&sh, &["-c", "cat >/dev/null; echo fed"], &[], true).unwrap();
+        let pid = r.pid().unwrap();
+        drop(r);
+        assert!(gone(pid), "pid {pid} still exists");
+    }
+
+    #[test]
     fn large_stdin_does_not_deadlock() {
         let sh = find_binary("sh").unwrap();
         let big = "x".repeat(1 << 20);

@@ -435,9 +435,11 @@ impl Prepared {
         let aborted = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&aborted);
         let path = netns_path.to_path_buf();
+        // The caller's span (pod, container id) goes with the work, so its logs carry the same fields.
+        let span = tracing::Span::current();
         let spawned = std::thread::Builder::new()
             .name("netns-prepare".into())
-            .spawn(move || prepare_and_program(&path, choice, rx, &flag));
+            .spawn(move || prepare_and_program(&path, choice, rx, &flag, span));
         let (tx, worker, failed) = match spawned {
             Ok(worker) => (Some(tx), Some(worker), None),
             Err(source) => (
@@ -524,12 +526,17 @@ fn prepare_and_program(
     choice: BackendChoice,
     rx: mpsc::Receiver<Redirect>,
     aborted: &AtomicBool,
+    span: tracing::Span,
 ) -> Result<Programmed, ApplyError> {
+    let _entered = span.enter();
     let netns = Netns::open(path)?;
     netns.ensure_not_host()?;
     let lock = LockFile::create(netns.id())?;
     let lock_path = lock.path();
-    netns.run(|| on_netns_thread(&netns, choice, lock_path, rx, aborted))?
+    netns.run(|| {
+        let _entered = span.enter();
+        on_netns_thread(&netns, choice, lock_path, rx, aborted)
+    })?
 }
 
 fn on_netns_thread(

@@ -2,9 +2,10 @@
 //!
 //! One `iptables-restore --noflush` transaction per family, first without looking at the netns (the fast path),
 //! with Istio's state check only when needed:
-//! - the payload creates every one of our chains with `-N`, so loading it into a netns that already holds them
-//!   fails (for that table: legacy commits table by table, nft the whole family at once). When the restore
-//!   succeeds there was none of ours: nothing more to do, and no `*-save` was run;
+//! - the payload creates every one of our chains with `-N`, and every ruleset of ours creates the same chains in
+//!   `nat`, so loading it into a netns that already holds ours fails in that table. Both `iptables-legacy-restore`
+//!   and `iptables-nft-restore` (1.8.9) commit table by table: tables before the failing one may have been
+//!   committed. When the restore succeeds there was none of ours: nothing more to do, and no `*-save` was run;
 //! - when it fails, the netns is read (`*-save`): none of ours there means the restore's error is the real one;
 //!   ours present and identical to the ruleset means nothing to do (a repeated ADD); ours present but different
 //!   means: remove ours and apply the ruleset, in the same transaction (per table), so there is no moment without

@@ -21,7 +21,7 @@ pub const THREAD_NETNS_PATH: &str = "/proc/thread-self/ns/net";
 pub const PROCESS_NETNS_PATH: &str = "/proc/self/ns/net";
 
 /// `NS_GET_NSTYPE` from `<linux/nsfs.h>`: `_IO(0xb7, 0x3)`.
-const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
+const NS_GET_NSTYPE: libc::Ioctl = 0xb703;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetnsError {

@@ -98,6 +98,19 @@ pub fn add(req: &Request, cfg: &PluginConfig) -> Result<AddOutcome, PluginError>
     if cfg.ambient_enabled {
         warn!("ambient_enabled is set but this plugin implements sidecar mode only; ambient pods are not captured");
     }
+    let backend = if cfg.native_nftables {
+        warn!("native_nftables is set; the native nftables backend is not available yet, using iptables-nft");
+        BackendChoice::Nft
+    } else {
+        cfg.backend
+    };
+    // The netns is prepared (addresses, sandbox, backend, restore processes started and waiting) while the pod
+    // is looked up. Nothing is applied before the redirect is decided and validated; on a skip or any error the
+    // preparation is aborted (also by its Drop) and its own errors are ignored.
+    let prepared = req
+        .netns
+        .as_deref()
+        .map(|netns| apply::Prepared::start(netns, backend));
     let policy = LookupPolicy {
         deadline: cfg.pod_lookup_timeout,
         ..LookupPolicy::default()
@@ -113,6 +126,9 @@ pub fn add(req: &Request, cfg: &PluginConfig) -> Result<AddOutcome, PluginError>
     let pi = PodInfo::from_pod(&pod);
     if let Decision::Skip(reason) = decide(&pi) {
         info!(%reason, "no redirect");
+        if let Some(p) = prepared {
+            p.abort();
+        }
         return Ok(AddOutcome::Skipped(reason.to_string()));
     }
     let redirect = Redirect::from_pod(&pi).map_err(|source| PluginError::Redirect {
@@ -120,7 +136,7 @@ pub fn add(req: &Request, cfg: &PluginConfig) -> Result<AddOutcome, PluginError>
         name: name.into(),
         source: Box::new(source),
     })?;
-    let Some(netns) = req.netns.as_deref() else {
+    let Some(prepared) = prepared else {
         // Unreachable through Request::parse (CNI_NETNS is required for ADD), kept as a closed failure.
         return Err(crate::cni::CniError::new(
             crate::cni::codes::INVALID_ENVIRONMENT,
@@ -129,14 +145,9 @@ pub fn add(req: &Request, cfg: &PluginConfig) -> Result<AddOutcome, PluginError>
         )
         .into());
     };
-    let backend = if cfg.native_nftables {
-        warn!("native_nftables is set; the native nftables backend is not available yet, using iptables-nft");
-        BackendChoice::Nft
-    } else {
-        cfg.backend
-    };
-    let programmed =
-        apply::program(netns, backend, &redirect).map_err(|source| PluginError::Apply {
+    let programmed = prepared
+        .program(&redirect)
+        .map_err(|source| PluginError::Apply {
             namespace: namespace.into(),
             name: name.into(),
             source: Box::new(source),

@@ -572,3 +572,410 @@ fn the_lock_file_is_removed() {
         .collect();
     assert!(left.is_empty(), "{left:?}");
 }
+
+// ---- The fast path, the prepared programming and auto detection without saves ----
+
+/// The redirect of a pod with no annotations (Istio's defaults).
+fn default_redirect() -> cni_plugin::redirect::Redirect {
+    cni_plugin::redirect::Redirect::from_pod(&Default::default()).unwrap()
+}
+
+/// The same with `ISTIO_DUAL_STACK=true` on the proxy: IPv6 rules whenever the netns has an IPv6 address.
+fn dual_stack_redirect() -> cni_plugin::redirect::Redirect {
+    let mut pi = cni_plugin::pod::PodInfo::default();
+    pi.proxy_env
+        .insert("ISTIO_DUAL_STACK".to_string(), "true".to_string());
+    let r = cni_plugin::redirect::Redirect::from_pod(&pi).unwrap();
+    assert!(r.dual_stack());
+    r
+}
+
+/// The command lines of the processes whose network namespace is the one at `path` (by nsfs identity).
+fn processes_in(path: &Path) -> Vec<(u32, String)> {
+    use std::os::unix::fs::MetadataExt;
+    let target = std::fs::metadata(path).unwrap();
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().filter_map(Result::ok) {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(ns) = std::fs::metadata(entry.path().join("ns/net")) else {
+            continue;
+        };
+        if ns.ino() == target.ino() && ns.dev() == target.dev() {
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            out.push((pid, String::from_utf8_lossy(&cmdline).replace('\0', " ")));
+        }
+    }
+    out
+}
+
+/// Polls `f` every 10 ms until it returns `Some`, for at most 10 s.
+fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+fn lock_files_of(netns: &Path) -> Vec<std::path::PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let ino = std::fs::metadata(netns).unwrap().ino();
+    let prefix = format!("meshcni-xtables-{ino}-");
+    std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .map(|e| e.path())
+        .collect()
+}
+
+fn no_istio_anywhere(ns: &TestNetns) {
+    for flavour in FLAVOURS {
+        for family in [Family::V4, Family::V6] {
+            let save = ns.save(flavour, family);
+            assert!(
+                !save.contains("ISTIO_"),
+                "{flavour:?} {family:?} holds rules: {save}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_second_program_into_the_same_netns_is_unchanged_with_one_copy() {
+    for flavour in FLAVOURS {
+        let host_before = host_snapshot();
+        let net = PodNet::new("again", true);
+        let redirect = dual_stack_redirect();
+        let first = apply::program(net.pod.path(), choice(flavour), &redirect).unwrap();
+        assert_eq!(first.backend, flavour.kind());
+        assert_eq!(
+            (first.v4, first.v6),
+            (FamilyOutcome::Applied, Some(FamilyOutcome::Applied))
+        );
+        let v4 = net.pod.save(flavour, Family::V4);
+        let v6 = net.pod.save(flavour, Family::V6);
+        assert!(!istio_lines(&v4).is_empty() && !istio_lines(&v6).is_empty());
+
+        // Legacy: the tables now exist, the state is read in advance; nft: the restore fails on `-N` and the
+        // state is read then. Either way: nothing changes, no second copy.
+        let second = apply::program(net.pod.path(), choice(flavour), &redirect).unwrap();
+        assert_eq!(
+            (second.v4, second.v6),
+            (FamilyOutcome::Unchanged, Some(FamilyOutcome::Unchanged)),
+            "{flavour:?}"
+        );
+        let third = apply::program(net.pod.path(), BackendChoice::Auto, &redirect).unwrap();
+        assert_eq!(
+            third.backend,
+            flavour.kind(),
+            "auto follows the rules in place"
+        );
+        assert_eq!(third.v4, FamilyOutcome::Unchanged);
+        assert_eq!(net.pod.save(flavour, Family::V4), v4, "{flavour:?}");
+        assert_eq!(net.pod.save(flavour, Family::V6), v6, "{flavour:?}");
+        assert!(istio_lines(&net.pod.save(other(flavour), Family::V4)).is_empty());
+        assert!(lock_files_of(net.pod.path()).is_empty());
+        assert!(processes_in(net.pod.path()).is_empty());
+        assert_eq!(host_snapshot(), host_before);
+    }
+}
+
+/// The tproxy golden whose nat table cannot load (TPROXY is a mangle-only target): iptables-legacy commits the
+/// mangle table (chains and rules in built-in chains) before the nat table fails; iptables-nft fails as a whole.
+fn tproxy_failing_in_nat() -> Ruleset {
+    let tproxy = plugin_golden("tproxy");
+    let (mangle, nat) = tproxy.split_at(tproxy.find("* nat").unwrap());
+    let nat = nat.replacen(
+        "COMMIT",
+        "-A ISTIO_OUTPUT -p tcp -j TPROXY --on-port 15006 --tproxy-mark 0x539/0xffffffff\nCOMMIT",
+        1,
+    );
+    Ruleset {
+        v4: format!("{mangle}{nat}"),
+        v6: None,
+        routes: RouteSetup::default(),
+    }
+}
+
+#[test]
+fn a_failure_in_a_later_table_rolls_back_the_earlier_ones() {
+    let bad = tproxy_failing_in_nat();
+    for flavour in FLAVOURS {
+        // Into a fresh netns.
+        let ns = TestNetns::new("laterfail");
+        let e = apply::apply_ruleset(ns.path(), choice(flavour), &bad).unwrap_err();
+        assert!(
+            e.to_string().contains("iptables") && !matches!(e, ApplyError::RollbackFailed { .. }),
+            "{flavour:?}: {e}"
+        );
+        no_istio_anywhere(&ns);
+        // Nor the ruleset's rules in built-in chains (CONNMARK/MARK in mangle), which jump to no ISTIO_ chain.
+        let mangle = by_table(&ns.save(flavour, Family::V4))
+            .remove("mangle")
+            .unwrap_or_default();
+        assert!(
+            mangle.iter().all(|l| !l.starts_with("-A ")),
+            "{flavour:?}: {mangle:?}"
+        );
+
+        // Over rules of ours already there: the failed ADD leaves none either.
+        let ns = TestNetns::new("laterfail");
+        apply::apply_ruleset(ns.path(), choice(flavour), &v4("basic")).unwrap();
+        let e = apply::apply_ruleset(ns.path(), choice(flavour), &bad).unwrap_err();
+        assert!(!matches!(e, ApplyError::RollbackFailed { .. }), "{e}");
+        no_istio_anywhere(&ns);
+        assert!(processes_in(ns.path()).is_empty());
+    }
+}
+
+#[test]
+fn auto_detection_without_legacy_tables_picks_nft_and_leaves_legacy_untouched() {
+    let net = PodNet::new("autoprep", true);
+    let legacy_tables = |ns: &TestNetns| {
+        ns.run(|| {
+            [Family::V4, Family::V6].map(|f| {
+                std::fs::read_to_string(apply::iptables::legacy_tables_file(f)).unwrap_or_default()
+            })
+        })
+    };
+    assert_eq!(legacy_tables(&net.pod), [String::new(), String::new()]);
+    let p = apply::program(net.pod.path(), BackendChoice::Auto, &dual_stack_redirect()).unwrap();
+    assert_eq!(p.backend, BackendKind::IptablesNft);
+    assert_eq!(p.v6, Some(FamilyOutcome::Applied));
+    // No legacy table was created on the way (a save or restore of legacy would have).
+    assert_eq!(legacy_tables(&net.pod), [String::new(), String::new()]);
+
+    // Legacy rules (in IPv6 only, with an IPv6 address in the netns): legacy, through the prepared path too.
+    let net = PodNet::new("autoprep", true);
+    net.pod.iptables(
+        Flavour::Legacy,
+        Family::V6,
+        &[
+            "-t", "filter", "-A", "INPUT", "-p", "udp", "--dport", "9", "-j", "ACCEPT",
+        ],
+    );
+    let p = apply::program(net.pod.path(), BackendChoice::Auto, &default_redirect()).unwrap();
+    assert_eq!(p.backend, BackendKind::IptablesLegacy);
+    assert!(!istio_lines(&net.pod.save(Flavour::Legacy, Family::V4)).is_empty());
+    assert!(istio_lines(&net.pod.save(Flavour::Nft, Family::V4)).is_empty());
+
+    // Legacy tables that exist but hold no rule: nft, as before.
+    let net = PodNet::new("autoprep", false);
+    net.pod
+        .iptables(Flavour::Legacy, Family::V4, &["-t", "nat", "-L", "-n"]);
+    assert!(legacy_tables(&net.pod)[0].contains("nat"));
+    let p = apply::program(net.pod.path(), BackendChoice::Auto, &default_redirect()).unwrap();
+    assert_eq!(p.backend, BackendKind::IptablesNft);
+}
+
+#[test]
+fn abort_kills_the_waiting_restores_and_leaves_nothing() {
+    for (choice, expect) in [
+        (BackendChoice::Legacy, "iptables-legacy-restore"),
+        (BackendChoice::Nft, "iptables-nft-restore"),
+        (BackendChoice::Auto, "iptables-nft-restore"),
+    ] {
+        let host_before = host_snapshot();
+        let net = PodNet::new("abort", true);
+        let path = net.pod.path();
+        let prepared = apply::Prepared::start(path, choice);
+        // Both restores (IPv4 and IPv6: the netns has an IPv6 address) start and wait for their input.
+        let procs = wait_for("the restores to start", || {
+            let p = processes_in(path);
+            (p.len() >= 2).then_some(p)
+        });
+        assert!(
+            procs.iter().any(|(_, c)| c.contains(expect))
+                && procs
+                    .iter()
+                    .any(|(_, c)| c.contains(&expect.replace("iptables", "ip6tables"))),
+            "{choice:?}: {procs:?}"
+        );
+        assert_eq!(lock_files_of(path).len(), 1);
+        prepared.abort();
+        assert_eq!(processes_in(path), vec![], "{choice:?}");
+        for (pid, _) in &procs {
+            assert!(
+                !Path::new(&format!("/proc/{pid}")).exists(),
+                "{choice:?}: pid {pid} is still there (not reaped)"
+            );
+        }
+        assert!(lock_files_of(path).is_empty());
+        no_istio_anywhere(&net.pod);
+        assert_eq!(host_snapshot(), host_before);
+    }
+}
+
+#[test]
+fn dropping_a_preparation_at_any_moment_leaves_nothing() {
+    let net = PodNet::new("dropearly", true);
+    let path = net.pod.path();
+    for i in 0..20u64 {
+        let prepared = apply::Prepared::start(path, BackendChoice::Auto);
+        // From "at once" to "well after the restores started".
+        std::thread::sleep(std::time::Duration::from_micros(i * i * 100));
+        drop(prepared);
+        assert_eq!(processes_in(path), vec![], "after {i}");
+        assert!(lock_files_of(path).is_empty(), "after {i}");
+    }
+    no_istio_anywhere(&net.pod);
+    // And the netns can still be programmed afterwards.
+    let p = apply::program(path, BackendChoice::Auto, &default_redirect()).unwrap();
+    assert_eq!(p.v4, FamilyOutcome::Applied);
+}
+
+#[test]
+fn preparation_errors_are_reported_by_program_and_ignored_by_abort() {
+    let ns = TestNetns::new("vanish");
+    let path = ns.path().to_path_buf();
+    drop(ns);
+    // A pod that is not redirected: its vanished netns does not matter.
+    apply::Prepared::start(&path, BackendChoice::Auto).abort();
+    drop(apply::Prepared::start(&path, BackendChoice::Auto));
+    // A redirected one: the netns error, naming the path.
+    let e = apply::Prepared::start(&path, BackendChoice::Auto)
+        .program(&default_redirect())
+        .unwrap_err();
+    assert!(e.is_netns(), "{e}");
+    assert!(e.to_string().contains(&path.display().to_string()), "{e}");
+    // The host's netns is refused on the prepared path too, before anything runs in it.
+    let e = apply::Prepared::start(Path::new("/proc/self/ns/net"), BackendChoice::Nft)
+        .program(&default_redirect())
+        .unwrap_err();
+    assert!(
+        matches!(e, ApplyError::Netns(NetnsError::HostNetns { .. })),
+        "{e}"
+    );
+}
+
+// ---- The real binary: a pod that is not redirected never needs its netns; nft falling back to legacy ----
+
+mod binary {
+    use super::*;
+    use meshcni_tests::apiserver::{sample_pod, ApiServer};
+    use meshcni_tests::chain::{plugin_bin, Invocation, PluginOutput};
+    use serde_json::json;
+
+    struct Fixture {
+        srv: ApiServer,
+        run_dir: std::path::PathBuf,
+    }
+
+    impl Drop for Fixture {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.run_dir);
+        }
+    }
+
+    fn fixture(tag: &str) -> Fixture {
+        let srv = ApiServer::start().expect("start API stub");
+        let run_dir = std::env::temp_dir().join(format!(
+            "meshcni-applyns-{tag}-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        std::fs::create_dir_all(&run_dir).unwrap();
+        srv.write_kubeconfig(&run_dir.join("istio-cni-kubeconfig"))
+            .unwrap();
+        Fixture { srv, run_dir }
+    }
+
+    fn add(fx: &Fixture, pod: &str, netns: &Path, path_var: Option<String>) -> PluginOutput {
+        let conf = json!({
+            "cniVersion": "1.0.0", "name": "k8s-pod-network", "type": "istio-cni",
+            "cni_agent_run_dir": fx.run_dir, "plugin_log_level": "debug",
+            "prevResult": {"cniVersion": "1.0.0", "ips": [{"address": "10.200.0.2/24"}], "dns": {}}
+        });
+        let mut inv = Invocation::new(plugin_bin())
+            .env("CNI_COMMAND", "ADD")
+            .env("CNI_CONTAINERID", "c0ffee")
+            .env("CNI_NETNS", netns.display().to_string())
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", "/opt/cni/bin")
+            .env(
+                "CNI_ARGS",
+                format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod}"),
+            )
+            .stdin(serde_json::to_vec(&conf).unwrap());
+        if let Some(p) = path_var {
+            inv = inv.env("PATH", p);
+        }
+        inv.run()
+    }
+
+    #[test]
+    fn a_non_injected_pod_with_a_vanished_netns_succeeds() {
+        let fx = fixture("vanished");
+        fx.srv
+            .add_pod(json!({"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": "plain", "namespace": "default"},
+                "spec": {"containers": [{"name": "app", "image": "app:1"}]}}))
+            .unwrap();
+        fx.srv.add_pod(sample_pod("default", "injected")).unwrap();
+        let ns = TestNetns::new("vanished");
+        let path = ns.path().to_path_buf();
+        drop(ns);
+        let out = add(&fx, "plain", &path, None);
+        assert!(out.success, "{out:?}");
+        assert_eq!(out.json()["ips"][0]["address"], "10.200.0.2/24");
+        // An injected pod needs it: the netns error (code 102), naming the path.
+        let out = add(&fx, "injected", &path, None);
+        assert!(!out.success, "{out:?}");
+        assert_eq!(out.error_code(), Some(102), "{out:?}");
+        assert!(
+            out.json()["msg"]
+                .as_str()
+                .unwrap_or_default()
+                .contains(&path.display().to_string()),
+            "{out:?}"
+        );
+    }
+
+    /// `iptables-nft-restore`/`-save` that fail as on a kernel without nf_tables.
+    fn broken_nft_dir(fx: &Fixture) -> std::path::PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = fx.run_dir.join("broken-nft");
+        std::fs::create_dir_all(&dir).unwrap();
+        for name in ["iptables-nft-restore", "iptables-nft-save"] {
+            let p = dir.join(name);
+            std::fs::write(
+                &p,
+                "#!/bin/sh\necho 'iptables v1.8.9 (nf_tables): Failed to initialize nft: Protocol not supported' >&2\nexit 1\n",
+            )
+            .unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        dir
+    }
+
+    #[test]
+    fn auto_falls_back_to_legacy_when_nft_does_not_work() {
+        let fx = fixture("nftbroken");
+        fx.srv.add_pod(sample_pod("default", "injected")).unwrap();
+        let net = PodNet::new("nftbroken", false);
+        let path_var = format!(
+            "{}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            broken_nft_dir(&fx).display()
+        );
+        let out = add(&fx, "injected", net.pod.path(), Some(path_var));
+        assert!(out.success, "{out:?}");
+        assert!(
+            out.stderr
+                .contains("iptables-nft does not work in this netns"),
+            "{}",
+            out.stderr
+        );
+        assert!(!istio_lines(&net.pod.save(Flavour::Legacy, Family::V4)).is_empty());
+        assert!(istio_lines(&net.pod.save(Flavour::Nft, Family::V4)).is_empty());
+        assert!(processes_in(net.pod.path()).is_empty());
+    }
+}

@@ -7,7 +7,7 @@ use std::ffi::OsStr;
 use std::io::Write;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -77,9 +77,20 @@ pub fn run(
     stdin: Option<&str>,
     timeout: Duration,
 ) -> Result<String, ExecError> {
+    spawn(binary, args, env, stdin.is_some())?.finish(stdin, timeout)
+}
+
+/// Starts `binary args` without waiting: with a stdin pipe when `piped_stdin` (the process then waits for its
+/// input, see [`Running::finish`]), else with /dev/null. Its stdout and stderr are collected by `finish`.
+pub fn spawn(
+    binary: &Path,
+    args: &[&str],
+    env: &[(&str, &OsStr)],
+    piped_stdin: bool,
+) -> Result<Running, ExecError> {
     let mut cmd = Command::new(binary);
     cmd.args(args)
-        .stdin(if stdin.is_some() {
+        .stdin(if piped_stdin {
             Stdio::piped()
         } else {
             Stdio::null()
@@ -89,59 +100,124 @@ pub fn run(
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let args_str = args.join(" ");
-    let mut child = cmd.spawn().map_err(|source| ExecError::Spawn {
+    let child = cmd.spawn().map_err(|source| ExecError::Spawn {
         binary: binary.to_path_buf(),
         source,
     })?;
-    // A pidfd names this very process even after it exits, so a kill on timeout can never hit a recycled pid.
+    // A pidfd names this very process even after it exits, so a kill can never hit a recycled pid.
     let pidfd = pidfd_open(child.id());
-    let pid = child.id();
-    let input = child.stdin.take();
-    let (tx, rx) = mpsc::sync_channel(1);
-    let waited = std::thread::scope(|s| {
-        if let (Some(mut w), Some(data)) = (input, stdin) {
+    Ok(Running {
+        child: Some(child),
+        pidfd,
+        binary: binary.to_path_buf(),
+        args: args.join(" "),
+    })
+}
+
+/// A started tool. Dropping it without [`Running::finish`] kills and reaps it (see [`Running::kill`]).
+#[derive(Debug)]
+pub struct Running {
+    /// `None` once finished or killed.
+    child: Option<Child>,
+    pidfd: Option<OwnedFd>,
+    binary: PathBuf,
+    args: String,
+}
+
+impl Running {
+    /// The process id (for logs and tests).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    pub fn binary(&self) -> &Path {
+        &self.binary
+    }
+
+    /// Feeds `stdin` (when the process was started with a pipe; `None` closes it with no input), waits at most
+    /// `timeout` from now, and returns stdout. A non-zero exit is an error carrying stderr; on timeout the
+    /// process is killed and reaped.
+    pub fn finish(mut self, stdin: Option<&str>, timeout: Duration) -> Result<String, ExecError> {
+        let Some(mut child) = self.child.take() else {
+            return Err(ExecError::Wait {
+                binary: self.binary.clone(),
+                source: std::io::Error::other("the process was already reaped"),
+            });
+        };
+        let pid = child.id();
+        let input = child.stdin.take();
+        let (tx, rx) = mpsc::sync_channel(1);
+        let waited = std::thread::scope(|s| {
+            if let Some(mut w) = input {
+                if let Some(data) = stdin.filter(|d| !d.is_empty()) {
+                    s.spawn(move || {
+                        // A write error (EPIPE) means the child exited early; its exit status tells why.
+                        let _ = w.write_all(data.as_bytes());
+                    });
+                }
+                // else: `w` is dropped here, which closes the pipe: the tool sees an empty input.
+            }
             s.spawn(move || {
-                // A write error (EPIPE) means the child exited early; its exit status tells why.
-                let _ = w.write_all(data.as_bytes());
+                let _ = tx.send(child.wait_with_output());
+            });
+            match rx.recv_timeout(timeout) {
+                Ok(out) => Some(out),
+                Err(_) => {
+                    kill(self.pidfd.as_ref(), pid);
+                    // The waiter thread returns once the killed child is reaped.
+                    let _ = rx.recv();
+                    None
+                }
+            }
+        });
+        let binary = self.binary.clone();
+        let Some(out) = waited else {
+            return Err(ExecError::Timeout {
+                binary,
+                args: std::mem::take(&mut self.args),
+                after: timeout,
+            });
+        };
+        let out = out.map_err(|source| ExecError::Wait {
+            binary: binary.clone(),
+            source,
+        })?;
+        if !out.status.success() {
+            return Err(ExecError::Failed {
+                binary,
+                args: std::mem::take(&mut self.args),
+                status: out.status.to_string(),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
             });
         }
-        s.spawn(move || {
-            let _ = tx.send(child.wait_with_output());
-        });
-        match rx.recv_timeout(timeout) {
-            Ok(out) => Some(out),
-            Err(_) => {
-                kill(pidfd.as_ref(), pid);
-                // The waiter thread returns once the killed child is reaped.
-                let _ = rx.recv();
-                None
+        if !out.stderr.is_empty() {
+            tracing::debug!(binary = %binary.display(), stderr = %String::from_utf8_lossy(&out.stderr).trim(), "tool stderr");
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Kills the process (SIGKILL) and reaps it. For a tool that was given no input yet, such as an
+    /// `iptables-restore` waiting on its stdin, this changes nothing: it never read a line.
+    pub fn kill(mut self) {
+        self.kill_and_reap();
+    }
+
+    fn kill_and_reap(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            kill(self.pidfd.as_ref(), child.id());
+            // Closing our pipe ends first lets nothing block on them; wait() then reaps the killed child.
+            drop(child.stdin.take());
+            if let Err(e) = child.wait() {
+                tracing::warn!(binary = %self.binary.display(), pid = child.id(), error = %e, "cannot reap a killed tool");
             }
         }
-    });
-    let Some(out) = waited else {
-        return Err(ExecError::Timeout {
-            binary: binary.to_path_buf(),
-            args: args_str,
-            after: timeout,
-        });
-    };
-    let out = out.map_err(|source| ExecError::Wait {
-        binary: binary.to_path_buf(),
-        source,
-    })?;
-    if !out.status.success() {
-        return Err(ExecError::Failed {
-            binary: binary.to_path_buf(),
-            args: args_str,
-            status: out.status.to_string(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
     }
-    if !out.stderr.is_empty() {
-        tracing::debug!(binary = %binary.display(), stderr = %String::from_utf8_lossy(&out.stderr).trim(), "tool stderr");
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.kill_and_reap();
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn pidfd_open(pid: u32) -> Option<OwnedFd> {
@@ -233,6 +309,42 @@ mod tests {
         )
         .unwrap_err();
         assert!(matches!(e, ExecError::Timeout { .. }), "{e}");
+    }
+
+    #[test]
+    fn a_started_tool_waits_for_its_input() {
+        let sh = find_binary("sh").unwrap();
+        let r = spawn(&sh, &["-c", "cat"], &[], true).unwrap();
+        assert!(r.pid().is_some());
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(
+            r.finish(Some("late input\n"), Duration::from_secs(10))
+                .unwrap(),
+            "late input\n"
+        );
+        // No input: the pipe is closed, the tool sees an empty stdin.
+        let r = spawn(&sh, &["-c", "wc -c"], &[], true).unwrap();
+        assert_eq!(r.finish(None, Duration::from_secs(10)).unwrap().trim(), "0");
+    }
+
+    fn gone(pid: u32) -> bool {
+        // Reaped: no such process (not even a zombie of ours).
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as libc::pid_t), None)
+            == Err(nix::errno::Errno::ESRCH)
+    }
+
+    #[test]
+    fn a_waiting_tool_is_killed_and_reaped() {
+        let sh = find_binary("sh").unwrap();
+        let r = spawn(&sh, &["-c", "cat >/dev/null; echo fed"], &[], true).unwrap();
+        let pid = r.pid().unwrap();
+        r.kill();
+        assert!(gone(pid), "pid {pid} still exists");
+        // Dropping does the same.
+        let r = spawn(&sh, &["-c", "cat >/dev/null; echo fed"], &[], true).unwrap();
+        let pid = r.pid().unwrap();
+        drop(r);
+        assert!(gone(pid), "pid {pid} still exists");
     }
 
     #[test]

@@ -1,10 +1,25 @@
 //! The iptables backends: `iptables-legacy` and `iptables-nft`, both through their `*-save`/`*-restore` binaries.
 //!
-//! One `iptables-restore --noflush` transaction per family, with Istio's state check first:
-//! - none of our chains or jumps in the netns: apply the ruleset as is;
-//! - ours present and identical to the ruleset: nothing to do (a repeated ADD);
-//! - ours present but different: remove ours and apply the ruleset, in the same transaction (per table), so
-//!   there is no moment without rules and never two copies.
+//! One `iptables-restore --noflush` transaction per family, first without looking at the netns (the fast path),
+//! with Istio's state check only when needed:
+//! - the payload creates every one of our chains with `-N`, and every ruleset of ours creates the same chains in
+//!   `nat`, so loading it into a netns that already holds ours fails in that table. Both `iptables-legacy-restore`
+//!   and `iptables-nft-restore` (1.8.9) commit table by table: tables before the failing one may have been
+//!   committed. When the restore succeeds there was none of ours: nothing more to do, and no `*-save` was run;
+//! - when it fails, the netns is read (`*-save`): none of ours there means the restore's error is the real one;
+//!   ours present and identical to the ruleset means nothing to do (a repeated ADD); ours present but different
+//!   means: remove ours and apply the ruleset, in the same transaction (per table), so there is no moment without
+//!   rules and never two copies;
+//! - any failure removes ours again from every family of the ruleset: a failed ADD leaves no rule behind (also
+//!   what a legacy restore had committed in an earlier table before a later table failed).
+//!
+//! Where the state is known without asking the binaries, it is used: a netns in which no legacy table exists
+//! (`/proc/thread-self/net/ip_tables_names`, read on the netns thread) holds no legacy rule at all; a save that
+//! auto-detection read anyway is reused instead of trying a restore bound to fail.
+//!
+//! The restore processes can be started before the ruleset is known ([`FirewallBackend::prepare`]): they wait
+//! for their input on a pipe, so the fork/exec and dynamic loading overlap the pod lookup. A restore that is
+//! given no input (closed pipe, or killed) changes nothing.
 //!
 //! "Identical" is decided on iptables-save's canonical text: the ruleset is loaded into a scratch netns with the
 //! same binary and saved back, which gives exactly the text the pod netns shows for the same rules.
@@ -14,14 +29,14 @@ use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::exec::{self, ExecError};
+use super::exec::{self, ExecError, Running};
 use super::text::{compose, Owned, Tables};
 use super::{
     sandbox, Applied, ApplyError, BackendKind, FamilyOutcome, FirewallBackend, Payload,
     ValidRuleset,
 };
 
-/// Upper bound for one iptables process.
+/// Upper bound for one iptables process (from the moment it is given its input).
 pub const TOOL_TIMEOUT: Duration = Duration::from_secs(30);
 /// The environment variable iptables ≥ 1.8.6 reads for its lock file.
 pub const XTABLES_LOCKFILE_ENV: &str = "XTABLES_LOCKFILE";
@@ -81,6 +96,25 @@ fn base(family: Family) -> &'static str {
     }
 }
 
+/// `/proc/thread-self/net/ip_tables_names` (or `ip6_tables_names`): the legacy tables that exist in the calling
+/// thread's netns. A table exists there only once something used it; no file means the kernel module is not
+/// even loaded. `/proc/self` would show the netns of the thread-group leader, not of the netns thread.
+pub fn legacy_tables_file(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "/proc/thread-self/net/ip_tables_names",
+        Family::V6 => "/proc/thread-self/net/ip6_tables_names",
+    }
+}
+
+/// The legacy tables of `family` that exist in the calling thread's netns (see [`legacy_tables_file`]).
+pub fn legacy_tables(family: Family) -> std::io::Result<Vec<String>> {
+    match std::fs::read_to_string(legacy_tables_file(family)) {
+        Ok(text) => Ok(text.split_whitespace().map(str::to_string).collect()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(e),
+    }
+}
+
 /// Runs one flavour's tools. Plain data, so it can be handed to another thread (the scratch netns).
 #[derive(Debug, Clone)]
 struct Tools {
@@ -89,15 +123,17 @@ struct Tools {
 }
 
 impl Tools {
-    fn run(&self, binary: &str, args: &[&str], stdin: Option<&str>) -> Result<String, ExecError> {
-        let path = exec::find_binary(binary)?;
-        let env: Vec<(&str, &OsStr)> = self
-            .lockfile
+    fn env(&self) -> Vec<(&'static str, &OsStr)> {
+        self.lockfile
             .as_deref()
             .map(|l| (XTABLES_LOCKFILE_ENV, l.as_os_str()))
             .into_iter()
-            .collect();
-        exec::run(&path, args, &env, stdin, TOOL_TIMEOUT)
+            .collect()
+    }
+
+    fn run(&self, binary: &str, args: &[&str], stdin: Option<&str>) -> Result<String, ExecError> {
+        let path = exec::find_binary(binary)?;
+        exec::run(&path, args, &self.env(), stdin, TOOL_TIMEOUT)
     }
 
     fn save_text(&self, family: Family) -> Result<String, ExecError> {
@@ -116,11 +152,27 @@ impl Tools {
         })
     }
 
-    fn restore(&self, family: Family, input: &str) -> Result<(), ApplyError> {
-        let binary = self.flavour.restore_binary(family);
-        tracing::debug!(%binary, %input, "iptables-restore --noflush");
-        self.run(&binary, &["--noflush"], Some(input))?;
+    /// Starts `iptables-restore --noflush` of this family; it waits for its input.
+    fn spawn_restore(&self, family: Family) -> Result<Running, ExecError> {
+        let path = exec::find_binary(&self.flavour.restore_binary(family))?;
+        exec::spawn(&path, &["--noflush"], &self.env(), true)
+    }
+
+    /// Feeds `input` to a started restore and waits for it.
+    fn finish_restore(
+        &self,
+        family: Family,
+        running: Running,
+        input: &str,
+    ) -> Result<(), ApplyError> {
+        tracing::debug!(binary = %running.binary().display(), %family, %input, "iptables-restore --noflush");
+        running.finish(Some(input), TOOL_TIMEOUT)?;
         Ok(())
+    }
+
+    fn restore(&self, family: Family, input: &str) -> Result<(), ApplyError> {
+        let running = self.spawn_restore(family)?;
+        self.finish_restore(family, running, input)
     }
 
     /// The ruleset as iptables-save prints it once loaded: loaded into a fresh empty netns that vanishes after.
@@ -133,14 +185,42 @@ impl Tools {
             tools.save(family)
         })?
     }
+
+    /// [`Tools::canonical`] of what of the payload loads at all, for removing it: a legacy restore commits table
+    /// by table, so a payload refused in a later table may have left its first tables in the pod netns, and
+    /// those are exactly the tables that load into the scratch netns too.
+    fn canonical_loadable(&self, family: Family, payload: &Payload) -> Result<Tables, ApplyError> {
+        let tools = self.clone();
+        let text = payload.text.clone();
+        crate::netns::run_in_scratch_netns(move || {
+            sandbox::enter(tools.lockfile.as_deref());
+            if let Err(e) = tools.restore(family, &text) {
+                tracing::debug!(%family, error = %e, "the ruleset does not fully load; removing what does");
+            }
+            tools.save(family)
+        })?
+    }
+}
+
+/// What is known of one family's state in the netns before anything is programmed.
+#[derive(Debug, Clone, Default)]
+enum Known {
+    /// Nothing: try the restore, read the state only if it fails.
+    #[default]
+    Unknown,
+    /// No table of this flavour and family exists in the netns: it holds no rule at all.
+    Empty,
+    /// A save read moments ago (by the detection): reused instead of a restore bound to fail.
+    Saved(String),
 }
 
 /// An iptables flavour driven through its restore binaries.
 #[derive(Debug)]
 pub struct IptablesRestore {
     tools: Tools,
-    /// Save outputs read during detection, used (once) instead of saving again.
-    prefetched: RefCell<[Option<String>; 2]>,
+    known: RefCell<[Known; 2]>,
+    /// Restores started by [`FirewallBackend::prepare`], waiting for their input.
+    pending: RefCell<[Option<Running>; 2]>,
 }
 
 impl IptablesRestore {
@@ -151,7 +231,8 @@ impl IptablesRestore {
                 flavour,
                 lockfile: lockfile.map(Path::to_path_buf),
             },
-            prefetched: RefCell::new([None, None]),
+            known: RefCell::new([Known::Unknown, Known::Unknown]),
+            pending: RefCell::new([None, None]),
         }
     }
 
@@ -166,26 +247,98 @@ impl IptablesRestore {
         }
     }
 
-    /// The netns's current tables of this family.
-    fn live(&self, family: Family) -> Result<Tables, ApplyError> {
-        let pre = self.prefetched.borrow_mut()[Self::slot(family)].take();
-        match pre {
-            Some(text) => self.tools.parse_save(family, &text),
-            None => self.tools.save(family),
+    fn set_known(&self, family: Family, known: Known) {
+        self.known.borrow_mut()[Self::slot(family)] = known;
+    }
+
+    /// Learns what can be learnt cheaply about the legacy flavour's state: a family without any legacy table
+    /// holds no rule; one with tables is saved now (on the netns thread, while the pod is looked up), so that a
+    /// repeated ADD needs no restore bound to fail. Nothing to learn for nft (the restore itself tells).
+    pub fn learn_state(&self, families: &[Family]) {
+        if self.flavour() != Flavour::Legacy {
+            return;
+        }
+        for &family in families {
+            let known = match legacy_tables(family) {
+                Ok(tables) if tables.is_empty() => Known::Empty,
+                Ok(_) | Err(_) => match self.tools.save_text(family) {
+                    Ok(text) => Known::Saved(text),
+                    Err(e) => {
+                        tracing::debug!(%family, error = %e, "cannot read the legacy state in advance");
+                        Known::Unknown
+                    }
+                },
+            };
+            self.set_known(family, known);
         }
     }
 
-    fn apply_family(&self, family: Family, payload: &Payload) -> Result<FamilyOutcome, ApplyError> {
-        let live = self.live(family)?;
-        let residue = Owned::from_save(&live, &Default::default());
-        if residue.is_empty() {
-            self.tools.restore(family, &payload.text)?;
-            return Ok(FamilyOutcome::Applied);
+    /// Kills the restore started in advance for `family`, if any (it was given no input: nothing changes).
+    fn dismiss(&self, family: Family) {
+        if let Some(running) = self.pending.borrow_mut()[Self::slot(family)].take() {
+            running.kill();
         }
+    }
+
+    fn dismiss_all(&self) {
+        for family in [Family::V4, Family::V6] {
+            self.dismiss(family);
+        }
+    }
+
+    /// Loads the payload with the restore started in advance, or a new one.
+    fn restore_payload(&self, family: Family, payload: &Payload) -> Result<(), ApplyError> {
+        let pending = self.pending.borrow_mut()[Self::slot(family)].take();
+        let running = match pending {
+            Some(r) => r,
+            None => self.tools.spawn_restore(family)?,
+        };
+        self.tools.finish_restore(family, running, &payload.text)
+    }
+
+    fn apply_family(&self, family: Family, payload: &Payload) -> Result<FamilyOutcome, ApplyError> {
+        let known = std::mem::take(&mut self.known.borrow_mut()[Self::slot(family)]);
+        if let Known::Saved(text) = &known {
+            let live = self.tools.parse_save(family, text)?;
+            if !Owned::from_save(&live, &Default::default()).is_empty() {
+                self.dismiss(family);
+                return self.reconcile(family, payload, &live);
+            }
+        }
+        let restore_error = match self.restore_payload(family, payload) {
+            Ok(()) => return Ok(FamilyOutcome::Applied),
+            Err(e) => e,
+        };
+        let live = match self.tools.save(family) {
+            Ok(live) => live,
+            Err(save) => {
+                return Err(ApplyError::Unusable {
+                    backend: self.kind(),
+                    restore: Box::new(restore_error),
+                    save: Box::new(save),
+                })
+            }
+        };
+        if Owned::from_save(&live, &Default::default()).is_empty() {
+            // Nothing of ours in the way: the restore's own error is the real one.
+            return Err(restore_error);
+        }
+        tracing::debug!(%family, backend = self.name(), error = %restore_error, "ours already there; comparing");
+        self.reconcile(family, payload, &live)
+    }
+
+    /// Ours are in the netns (`live`): nothing to do when identical to the ruleset, else one transaction per
+    /// table that removes ours and loads the ruleset.
+    fn reconcile(
+        &self,
+        family: Family,
+        payload: &Payload,
+        live: &Tables,
+    ) -> Result<FamilyOutcome, ApplyError> {
         let canonical = self.tools.canonical(family, payload)?;
         let builtin = canonical.builtin_rules();
         let want = Owned::from_save(&canonical, &builtin);
-        let have = Owned::from_save(&live, &builtin);
+        let have = Owned::from_save(live, &builtin);
         if want == have {
             tracing::info!(%family, backend = self.name(), "rules already in place, nothing to do");
             return Ok(FamilyOutcome::Unchanged);
@@ -196,14 +349,14 @@ impl IptablesRestore {
         Ok(FamilyOutcome::Replaced)
     }
 
-    /// Removes our chains and jumps of this family, and the ruleset's rules in built-in chains. Returns whether
-    /// there was anything to remove.
+    /// Removes our chains and jumps of this family, and the ruleset's rules in built-in chains, from a fresh
+    /// save. Returns whether there was anything to remove.
     fn remove_family(&self, family: Family, payload: &Payload) -> Result<bool, ApplyError> {
-        let live = self.live(family)?;
+        let live = self.tools.save(family)?;
         if Owned::from_save(&live, &Default::default()).is_empty() {
             return Ok(false);
         }
-        let canonical = self.tools.canonical(family, payload)?;
+        let canonical = self.tools.canonical_loadable(family, payload)?;
         let have = Owned::from_save(&live, &canonical.builtin_rules());
         self.tools
             .restore(family, &compose(&have.removal(), None))?;
@@ -224,26 +377,51 @@ impl IptablesRestore {
     }
 }
 
+impl Drop for IptablesRestore {
+    fn drop(&mut self) {
+        self.dismiss_all();
+    }
+}
+
 impl FirewallBackend for IptablesRestore {
     fn kind(&self) -> BackendKind {
         self.tools.flavour.kind()
     }
 
+    fn prepare(&self, families: &[Family]) {
+        for &family in families {
+            let slot = Self::slot(family);
+            if self.pending.borrow()[slot].is_some() {
+                continue;
+            }
+            match self.tools.spawn_restore(family) {
+                Ok(running) => self.pending.borrow_mut()[slot] = Some(running),
+                // Not fatal here: the restore is started again when needed and its error reported then.
+                Err(e) => {
+                    tracing::debug!(%family, error = %e, "cannot start iptables-restore in advance")
+                }
+            }
+        }
+    }
+
     fn apply(&self, rules: &ValidRuleset) -> Result<Applied, ApplyError> {
-        let v4 = self.apply_family(Family::V4, &rules.v4)?;
+        let families = rules.families();
+        for family in [Family::V4, Family::V6] {
+            if !families.contains(&family) {
+                self.dismiss(family);
+            }
+        }
+        let v4 = match self.apply_family(Family::V4, &rules.v4) {
+            Ok(o) => o,
+            Err(failed) => return Err(self.roll_back(rules, &[Family::V4], failed)),
+        };
         let v6 = match &rules.v6 {
             None => None,
             Some(p6) => match self.apply_family(Family::V6, p6) {
                 Ok(o) => Some(o),
                 Err(failed) => {
                     tracing::warn!(error = %failed, "IPv6 rules failed; removing the IPv4 rules again");
-                    return Err(match self.remove_family(Family::V4, &rules.v4) {
-                        Ok(_) => failed,
-                        Err(rollback) => ApplyError::RollbackFailed {
-                            failed: Box::new(failed),
-                            rollback: Box::new(rollback),
-                        },
-                    });
+                    return Err(self.roll_back(rules, &[Family::V4, Family::V6], failed));
                 }
             },
         };
@@ -255,6 +433,7 @@ impl FirewallBackend for IptablesRestore {
     }
 
     fn remove(&self, rules: &ValidRuleset) -> Result<bool, ApplyError> {
+        self.dismiss_all();
         let mut removed = self.remove_family(Family::V4, &rules.v4)?;
         if let Some(p6) = &rules.v6 {
             removed |= self.remove_family(Family::V6, p6)?;
@@ -263,39 +442,70 @@ impl FirewallBackend for IptablesRestore {
     }
 }
 
+impl IptablesRestore {
+    /// After `failed`: removes ours from each of `attempted` (also the failed family itself: a legacy restore
+    /// may have committed its first tables before a later one failed). A family whose tools proved unusable is
+    /// left alone: its restore cannot have changed anything and its state cannot be read.
+    fn roll_back(
+        &self,
+        rules: &ValidRuleset,
+        attempted: &[Family],
+        failed: ApplyError,
+    ) -> ApplyError {
+        self.dismiss_all();
+        let unusable_family = attempted.last().filter(|_| failed.is_unusable());
+        for &family in attempted {
+            if Some(&family) == unusable_family {
+                continue;
+            }
+            let payload = match family {
+                Family::V4 => Some(&rules.v4),
+                Family::V6 => rules.v6.as_ref(),
+            };
+            let Some(payload) = payload else { continue };
+            if let Err(rollback) = self.remove_family(family, payload) {
+                return ApplyError::RollbackFailed {
+                    failed: Box::new(failed),
+                    rollback: Box::new(rollback),
+                };
+            }
+        }
+        failed
+    }
+}
+
 /// Istio's detection (`DetectIptablesVersion`), for the whole netns: the legacy flavour when it already holds
-/// rules here (in any family we program), else nft when its binaries work, else legacy when they work. The save
-/// outputs read on the way are kept so the state check does not read them again.
+/// rules here (in any of `families`), else nft when its binaries are there, else legacy when they are. Runs on
+/// the netns thread.
+///
+/// Cheap where it can be: legacy tables exist in a netns only once used, so `iptables-legacy-save` runs only
+/// for a family that has some (a fresh pod netns has none), and its output is kept as the state check. nft is
+/// not probed with a save: its restore reports whether it works, and when it fails and `iptables-nft-save`
+/// fails too, the caller falls back to legacy ([`ApplyError::is_unusable`]).
 ///
 /// Differences from Istio, on purpose: one flavour for both families (Istio decides per family, which could
 /// split a pod between two flavours); "holds rules" means at least one rule, not "at least three lines of save
 /// output" (an empty table left by a probe is not a ruleset); no test rule is added (the restore reports a
 /// missing kernel feature itself, and a probe would leave a table behind).
 pub fn detect(families: &[Family], lockfile: Option<&Path>) -> Result<IptablesRestore, ApplyError> {
-    let legacy = IptablesRestore::new(Flavour::Legacy, lockfile);
-    let legacy_saves = saves(&legacy, families);
-    if let Ok(texts) = &legacy_saves {
-        let has_rules = texts.iter().any(|(fam, t)| {
-            legacy
-                .tools
-                .parse_save(*fam, t)
-                .map(|t| t.has_rules())
-                .unwrap_or(false)
-        });
-        if has_rules {
-            tracing::debug!("iptables-legacy already holds rules in this netns");
-            return Ok(with_prefetched(legacy, texts));
-        }
+    let legacy = legacy_with_state(families, lockfile);
+    let has_rules = families.iter().any(|f| {
+        matches!(&legacy.known.borrow()[IptablesRestore::slot(*f)], Known::Saved(t)
+            if legacy.tools.parse_save(*f, t).is_ok_and(|t| t.has_rules()))
+    });
+    if has_rules {
+        tracing::debug!("iptables-legacy already holds rules in this netns");
+        return Ok(legacy);
     }
     let nft = IptablesRestore::new(Flavour::Nft, lockfile);
-    let nft_error = match saves(&nft, families) {
-        Ok(texts) => return Ok(with_prefetched(nft, &texts)),
+    let nft_error = match binaries_present(Flavour::Nft, families) {
+        Ok(()) => return Ok(nft),
         Err(e) => e,
     };
-    match legacy_saves {
-        Ok(texts) => {
-            tracing::debug!(error = %nft_error, "iptables-nft is not usable, using iptables-legacy");
-            Ok(with_prefetched(legacy, &texts))
+    match binaries_present(Flavour::Legacy, families) {
+        Ok(()) => {
+            tracing::debug!(error = %nft_error, "iptables-nft is not installed, using iptables-legacy");
+            Ok(legacy)
         }
         Err(legacy_error) => Err(ApplyError::NoUsableIptables {
             legacy: legacy_error.to_string(),
@@ -304,21 +514,18 @@ pub fn detect(families: &[Family], lockfile: Option<&Path>) -> Result<IptablesRe
     }
 }
 
-fn saves(b: &IptablesRestore, families: &[Family]) -> Result<Vec<(Family, String)>, ExecError> {
-    families
-        .iter()
-        .map(|f| b.tools.save_text(*f).map(|t| (*f, t)))
-        .collect()
+/// The legacy backend with what [`IptablesRestore::learn_state`] finds, for auto mode's fallback.
+pub fn legacy_with_state(families: &[Family], lockfile: Option<&Path>) -> IptablesRestore {
+    let legacy = IptablesRestore::new(Flavour::Legacy, lockfile);
+    legacy.learn_state(families);
+    legacy
 }
 
-fn with_prefetched(b: IptablesRestore, texts: &[(Family, String)]) -> IptablesRestore {
-    {
-        let mut slots = b.prefetched.borrow_mut();
-        for (f, t) in texts {
-            slots[IptablesRestore::slot(*f)] = Some(t.clone());
-        }
+fn binaries_present(flavour: Flavour, families: &[Family]) -> Result<(), ExecError> {
+    for &family in families {
+        exec::find_binary(&flavour.restore_binary(family))?;
     }
-    b
+    Ok(())
 }
 
 #[cfg(test)]

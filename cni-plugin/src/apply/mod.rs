@@ -17,6 +17,8 @@ use std::fs::OpenOptions;
 use std::net::IpAddr;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
 
 use crate::config::BackendChoice;
 use crate::netns::{Netns, NetnsError, NetnsId};
@@ -56,12 +58,28 @@ pub enum ApplyError {
         failed: Box<ApplyError>,
         rollback: Box<ApplyError>,
     },
+    #[error(
+        "{backend} is not usable in this netns: {restore}; and reading the state failed: {save}"
+    )]
+    Unusable {
+        backend: BackendKind,
+        restore: Box<ApplyError>,
+        save: Box<ApplyError>,
+    },
+    #[error("programming aborted before any rule was applied")]
+    Aborted,
 }
 
 impl ApplyError {
     /// True when the netns itself is unusable (missing, not a netns, the host's): CNI code 102, not 103.
     pub fn is_netns(&self) -> bool {
         matches!(self, ApplyError::Netns(_))
+    }
+
+    /// True when the backend's tools failed both to load the rules and to read the state: the flavour does not
+    /// work in this netns (auto mode then falls back from nft to legacy, as Istio's detection would have).
+    pub fn is_unusable(&self) -> bool {
+        matches!(self, ApplyError::Unusable { .. })
     }
 }
 
@@ -113,6 +131,11 @@ pub trait FirewallBackend {
     fn name(&self) -> &'static str {
         self.kind().name()
     }
+
+    /// Starts, before the ruleset is known, whatever programming `families` will need (the iptables backends
+    /// start their restore processes, which then wait for their input). Dropping the backend undoes it; nothing
+    /// is changed in the netns until [`FirewallBackend::apply`].
+    fn prepare(&self, _families: &[Family]) {}
 
     /// Programs the ruleset, idempotently (see `iptables.rs`). On error nothing of ours is left.
     fn apply(&self, rules: &ValidRuleset) -> Result<Applied, ApplyError>;
@@ -208,16 +231,17 @@ pub struct Programmed {
     pub sandbox: Sandbox,
 }
 
-/// The backend for this netns: the configured one, or Istio's detection. Runs on the netns thread.
+/// The backend for this netns: the configured one, or Istio's detection over `families`. Runs on the netns thread
+/// (inside the sandbox).
 pub fn select_backend(
     choice: BackendChoice,
-    rules: &ValidRuleset,
+    families: &[Family],
     lockfile: Option<&Path>,
 ) -> Result<Box<dyn FirewallBackend>, ApplyError> {
     Ok(match choice {
-        BackendChoice::Legacy => Box::new(IptablesRestore::new(Flavour::Legacy, lockfile)),
+        BackendChoice::Legacy => Box::new(iptables::legacy_with_state(families, lockfile)),
         BackendChoice::Nft => Box::new(IptablesRestore::new(Flavour::Nft, lockfile)),
-        BackendChoice::Auto => Box::new(iptables::detect(&rules.families(), lockfile)?),
+        BackendChoice::Auto => Box::new(iptables::detect(families, lockfile)?),
     })
 }
 
@@ -264,55 +288,97 @@ impl Drop for LockFile {
     }
 }
 
-/// Opens the netns, refusing the host's, and runs the whole programming on its thread. `build` produces the
-/// validated ruleset on that thread; it may open the netlink connection (kept for the routes).
+/// The families a netns can be programmed in, known before the pod is: IPv4 always, IPv6 when the netns has a
+/// usable IPv6 address (only then can [`rules::ipv6_enabled`] say yes, whatever the pod's dual-stack setting).
+pub fn possible_families(addrs: &[IpAddr]) -> Vec<Family> {
+    let mut families = vec![Family::V4];
+    if rules::ipv6_enabled(addrs, true) == Some(true) {
+        families.push(Family::V6);
+    }
+    families
+}
+
+/// On the netns thread, sandbox entered, backend chosen: applies the rules (falling back from nft to legacy in
+/// auto mode when nft proves unusable), then the routes; when the routes fail, the rules are removed again.
+fn apply_with(
+    netns: &Netns,
+    choice: BackendChoice,
+    lock_path: &Path,
+    backend: Box<dyn FirewallBackend>,
+    rules: &ValidRuleset,
+    netlink: Option<Netlink>,
+    sandbox: Sandbox,
+) -> Result<Programmed, ApplyError> {
+    let (backend, applied) = match backend.apply(rules) {
+        Ok(applied) => (backend, applied),
+        Err(nft)
+            if choice == BackendChoice::Auto
+                && backend.kind() == BackendKind::IptablesNft
+                && nft.is_unusable() =>
+        {
+            tracing::warn!(error = %nft, "iptables-nft does not work in this netns; using iptables-legacy");
+            drop(backend);
+            let legacy = iptables::legacy_with_state(&rules.families(), Some(lock_path));
+            match legacy.apply(rules) {
+                Ok(applied) => (Box::new(legacy) as Box<dyn FirewallBackend>, applied),
+                Err(legacy) => {
+                    return Err(ApplyError::NoUsableIptables {
+                        legacy: legacy.to_string(),
+                        nft: nft.to_string(),
+                    })
+                }
+            }
+        }
+        Err(e) => return Err(e),
+    };
+    let routes = if rules.routes == RouteSetup::default() {
+        Ok(RoutesOutcome::default())
+    } else {
+        match netlink {
+            Some(nl) => Ok(nl),
+            None => Netlink::open(),
+        }
+        .and_then(|nl| nl.configure(&rules.routes))
+    };
+    let routes = match routes {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(error = %e, "routes failed; removing the rules again");
+            let failed = ApplyError::Routes(e);
+            return Err(match backend.remove(rules) {
+                Ok(_) => failed,
+                Err(rollback) => ApplyError::RollbackFailed {
+                    failed: Box::new(failed),
+                    rollback: Box::new(rollback),
+                },
+            });
+        }
+    };
+    Ok(Programmed {
+        netns: netns.id(),
+        backend: backend.kind(),
+        v4: applied.v4,
+        v6: applied.v6,
+        routes,
+        sandbox,
+    })
+}
+
+/// Opens the netns, refusing the host's, and programs a validated ruleset on its thread.
 fn in_pod_netns(
     netns_path: &Path,
     choice: BackendChoice,
-    build: impl FnOnce(&Netns, &mut Option<Netlink>) -> Result<ValidRuleset, ApplyError> + Send,
+    rules: &ValidRuleset,
 ) -> Result<Programmed, ApplyError> {
     let netns = Netns::open(netns_path)?;
     netns.ensure_not_host()?;
     let lock = LockFile::create(netns.id())?;
     let lock_path = lock.path();
     netns.run(|| -> Result<Programmed, ApplyError> {
-        let mut netlink = None;
-        let rules = build(&netns, &mut netlink)?;
         let sandbox = sandbox::enter(Some(lock_path));
-        let backend = select_backend(choice, &rules, Some(lock_path))?;
+        let backend = select_backend(choice, &rules.families(), Some(lock_path))?;
         tracing::info!(backend = backend.name(), netns = %netns.path().display(), "firewall backend selected");
-        let applied = backend.apply(&rules)?;
-        let routes = if rules.routes == RouteSetup::default() {
-            Ok(RoutesOutcome::default())
-        } else {
-            match netlink {
-                Some(nl) => Ok(nl),
-                None => Netlink::open(),
-            }
-            .and_then(|nl| nl.configure(&rules.routes))
-        };
-        let routes = match routes {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::warn!(error = %e, "routes failed; removing the rules again");
-                let failed = ApplyError::Routes(e);
-                return Err(match backend.remove(&rules) {
-                    Ok(_) => failed,
-                    Err(rollback) => ApplyError::RollbackFailed {
-                        failed: Box::new(failed),
-                        rollback: Box::new(rollback),
-                    },
-                });
-            }
-        };
-        Ok(Programmed {
-            netns: netns.id(),
-            backend: backend.kind(),
-            v4: applied.v4,
-            v6: applied.v6,
-            routes,
-            sandbox,
-        })
+        apply_with(&netns, choice, lock_path, backend, rules, None, sandbox)
     })?
 }
 
@@ -324,33 +390,210 @@ pub fn apply_ruleset(
     ruleset: &Ruleset,
 ) -> Result<Programmed, ApplyError> {
     let rules = ValidRuleset::new(ruleset)?;
-    in_pod_netns(netns_path, choice, move |_, _| Ok(rules))
+    in_pod_netns(netns_path, choice, &rules)
 }
 
 /// Programs the redirect of a pod: reads the netns addresses (IPv6 enabled or not, as Istio's `getLocalIP`),
-/// renders the rules, validates them, applies them and the routes, all on the netns thread.
+/// renders the rules, validates them, applies them and the routes, all on the netns thread. The same as
+/// [`Prepared::start`] followed by [`Prepared::program`].
 pub fn program(
     netns_path: &Path,
     choice: BackendChoice,
     redirect: &Redirect,
 ) -> Result<Programmed, ApplyError> {
-    in_pod_netns(netns_path, choice, |netns, netlink| {
-        let nl = match netlink {
-            Some(nl) => nl,
-            None => netlink.insert(Netlink::open()?),
+    Prepared::start(netns_path, choice).program(redirect)
+}
+
+/// The programming of one pod netns, started before the pod's redirect is known, so that the preparation
+/// overlaps the pod lookup.
+///
+/// [`Prepared::start`] returns at once; a thread opens the netns (refusing the host's), creates the pod's lock
+/// file and enters the netns on a dedicated thread, which reads the addresses, enters the sandbox, chooses the
+/// backend and lets it prepare (the iptables backends start their `iptables-restore` processes, IPv6 only when
+/// the netns has an IPv6 address; they wait for their input). Nothing is changed in the netns until
+/// [`Prepared::program`] hands over the redirect: the rules are then rendered and validated, and only then
+/// loaded.
+///
+/// [`Prepared::abort`] (or dropping it) stops everything: the restores are killed before they read a line and
+/// reaped, and errors of the preparation are not reported (a pod that is not redirected must not fail because
+/// of its netns, as with Istio, which never opens it).
+#[derive(Debug)]
+pub struct Prepared {
+    netns_path: PathBuf,
+    /// Hands the redirect to the netns thread; dropped to abort.
+    tx: Option<mpsc::SyncSender<Redirect>>,
+    aborted: Arc<AtomicBool>,
+    worker: Option<std::thread::JoinHandle<Result<Programmed, ApplyError>>>,
+    /// The thread could not even be started.
+    failed: Option<ApplyError>,
+}
+
+impl Prepared {
+    /// Starts preparing the netns at `netns_path`; never blocks, never fails (errors come with `program`).
+    pub fn start(netns_path: &Path, choice: BackendChoice) -> Prepared {
+        let (tx, rx) = mpsc::sync_channel::<Redirect>(1);
+        let aborted = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&aborted);
+        let path = netns_path.to_path_buf();
+        // The caller's span (pod, container id) goes with the work, so its logs carry the same fields.
+        let span = tracing::Span::current();
+        let spawned = std::thread::Builder::new()
+            .name("netns-prepare".into())
+            .spawn(move || prepare_and_program(&path, choice, rx, &flag, span));
+        let (tx, worker, failed) = match spawned {
+            Ok(worker) => (Some(tx), Some(worker), None),
+            Err(source) => (
+                None,
+                None,
+                Some(ApplyError::Netns(NetnsError::Thread {
+                    path: netns_path.to_path_buf(),
+                    source,
+                })),
+            ),
         };
-        let addrs = nl.addresses()?;
-        let enable_ipv6 = rules::ipv6_enabled(&addrs, redirect.dual_stack()).ok_or_else(|| {
-            ApplyError::NoPodIp {
-                path: netns.path().to_path_buf(),
-                addrs: addrs.clone(),
+        Prepared {
+            netns_path: netns_path.to_path_buf(),
+            tx,
+            aborted,
+            worker,
+            failed,
+        }
+    }
+
+    /// Renders the pod's rules on the netns thread, validates them, and applies them with the prepared backend.
+    /// A failure of the preparation (netns gone, host netns, no pod IP, ...) is reported here.
+    pub fn program(mut self, redirect: &Redirect) -> Result<Programmed, ApplyError> {
+        if let Some(e) = self.failed.take() {
+            return Err(e);
+        }
+        if let Some(tx) = self.tx.take() {
+            // An error means the thread already ended (its preparation failed): its result says why.
+            let _ = tx.send(redirect.clone());
+        }
+        let Some(worker) = self.worker.take() else {
+            return Err(ApplyError::Aborted);
+        };
+        worker.join().unwrap_or_else(|payload| {
+            Err(ApplyError::Netns(NetnsError::Panicked {
+                path: self.netns_path.clone(),
+                message: panic_text(payload.as_ref()),
+            }))
+        })
+    }
+
+    /// Stops the preparation: kills and reaps the processes it started, changes nothing, reports nothing.
+    pub fn abort(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        self.aborted.store(true, Ordering::SeqCst);
+        drop(self.tx.take());
+        if let Some(worker) = self.worker.take() {
+            match worker.join() {
+                Ok(Err(ApplyError::Aborted)) => {}
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "preparation failed; ignored: the netns is not programmed")
+                }
+                Ok(Ok(_)) => {}
+                Err(payload) => {
+                    tracing::warn!(message = %panic_text(payload.as_ref()), "preparation panicked; ignored")
+                }
             }
-        })?;
-        let cfg = CaptureConfig::from_redirect(redirect, enable_ipv6);
-        let ruleset = rules::render_iptables(&cfg);
-        tracing::debug!(?ruleset, enable_ipv6, "rendered ruleset");
-        ValidRuleset::new(&ruleset)
-    })
+        }
+    }
+}
+
+impl Drop for Prepared {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_string()
+    }
+}
+
+/// The thread behind [`Prepared`]: opens the netns and holds it (and the lock file) while the netns thread works.
+fn prepare_and_program(
+    path: &Path,
+    choice: BackendChoice,
+    rx: mpsc::Receiver<Redirect>,
+    aborted: &AtomicBool,
+    span: tracing::Span,
+) -> Result<Programmed, ApplyError> {
+    let _entered = span.enter();
+    let netns = Netns::open(path)?;
+    netns.ensure_not_host()?;
+    let lock = LockFile::create(netns.id())?;
+    let lock_path = lock.path();
+    netns.run(|| {
+        let _entered = span.enter();
+        on_netns_thread(&netns, choice, lock_path, rx, aborted)
+    })?
+}
+
+fn on_netns_thread(
+    netns: &Netns,
+    choice: BackendChoice,
+    lock_path: &Path,
+    rx: mpsc::Receiver<Redirect>,
+    aborted: &AtomicBool,
+) -> Result<Programmed, ApplyError> {
+    let stop = || aborted.load(Ordering::SeqCst);
+    let netlink = Netlink::open()?;
+    let addrs = netlink.addresses()?;
+    let no_pod_ip = || ApplyError::NoPodIp {
+        path: netns.path().to_path_buf(),
+        addrs: addrs.clone(),
+    };
+    if rules::ipv6_enabled(&addrs, true).is_none() {
+        // No pod IP: nothing to prepare; it is an error only for a pod that is to be redirected.
+        return match rx.recv() {
+            Ok(_) => Err(no_pod_ip()),
+            Err(_) => Err(ApplyError::Aborted),
+        };
+    }
+    let families = possible_families(&addrs);
+    if stop() {
+        return Err(ApplyError::Aborted);
+    }
+    let sandbox = sandbox::enter(Some(lock_path));
+    let backend = select_backend(choice, &families, Some(lock_path))?;
+    if stop() {
+        return Err(ApplyError::Aborted);
+    }
+    backend.prepare(&families);
+    tracing::debug!(
+        backend = backend.name(),
+        ?families,
+        "netns prepared; waiting for the pod's redirect"
+    );
+    // A closed channel means abort: returning drops the backend, which kills its waiting restores.
+    let Ok(redirect) = rx.recv() else {
+        return Err(ApplyError::Aborted);
+    };
+    let enable_ipv6 = rules::ipv6_enabled(&addrs, redirect.dual_stack()).ok_or_else(no_pod_ip)?;
+    let cfg = CaptureConfig::from_redirect(&redirect, enable_ipv6);
+    let ruleset = rules::render_iptables(&cfg);
+    tracing::debug!(?ruleset, enable_ipv6, "rendered ruleset");
+    let rules = ValidRuleset::new(&ruleset)?;
+    tracing::info!(backend = backend.name(), netns = %netns.path().display(), "firewall backend selected");
+    apply_with(
+        netns,
+        choice,
+        lock_path,
+        backend,
+        &rules,
+        Some(netlink),
+        sandbox,
+    )
 }
 
 /// The interface addresses of the netns at `netns_path` (for [`rules::ipv6_enabled`]).

@@ -6,7 +6,9 @@ use serde_json::Value;
 use tracing::{debug, info, warn};
 
 use crate::apply;
-use crate::cni::{convert_result, empty_result, supported_versions_json, Command, Request};
+use crate::cni::{
+    codes, convert_result, empty_result, supported_versions_json, CniError, Command, Request,
+};
 use crate::config::{BackendChoice, LogLevel, PluginConfig};
 use crate::error::PluginError;
 use crate::kube::{self, LookupPolicy};
@@ -107,10 +109,15 @@ pub fn add(req: &Request, cfg: &PluginConfig) -> Result<AddOutcome, PluginError>
     // The netns is prepared (addresses, sandbox, backend, restore processes started and waiting) while the pod
     // is looked up. Nothing is applied before the redirect is decided and validated; on a skip or any error the
     // preparation is aborted (also by its Drop) and its own errors are ignored.
-    let prepared = req
-        .netns
-        .as_deref()
-        .map(|netns| apply::Prepared::start(netns, backend));
+    let netns = req.netns.as_deref().ok_or_else(|| {
+        // Unreachable through Request::parse (CNI_NETNS is required for ADD), kept as a closed failure.
+        CniError::new(
+            codes::INVALID_ENVIRONMENT,
+            "required env variables [CNI_NETNS] missing",
+            "",
+        )
+    })?;
+    let prepared = apply::Prepared::start(netns, backend);
     let policy = LookupPolicy {
         deadline: cfg.pod_lookup_timeout,
         ..LookupPolicy::default()
@@ -126,9 +133,7 @@ pub fn add(req: &Request, cfg: &PluginConfig) -> Result<AddOutcome, PluginError>
     let pi = PodInfo::from_pod(&pod);
     if let Decision::Skip(reason) = decide(&pi) {
         info!(%reason, "no redirect");
-        if let Some(p) = prepared {
-            p.abort();
-        }
+        prepared.abort();
         return Ok(AddOutcome::Skipped(reason.to_string()));
     }
     let redirect = Redirect::from_pod(&pi).map_err(|source| PluginError::Redirect {
@@ -136,15 +141,6 @@ pub fn add(req: &Request, cfg: &PluginConfig) -> Result<AddOutcome, PluginError>
         name: name.into(),
         source: Box::new(source),
     })?;
-    let Some(prepared) = prepared else {
-        // Unreachable through Request::parse (CNI_NETNS is required for ADD), kept as a closed failure.
-        return Err(crate::cni::CniError::new(
-            crate::cni::codes::INVALID_ENVIRONMENT,
-            "required env variables [CNI_NETNS] missing",
-            "",
-        )
-        .into());
-    };
     let programmed = prepared
         .program(&redirect)
         .map_err(|source| PluginError::Apply {
@@ -159,7 +155,6 @@ pub fn add(req: &Request, cfg: &PluginConfig) -> Result<AddOutcome, PluginError>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cni::codes;
 
     #[test]
     fn a_panic_becomes_an_internal_cni_error() {

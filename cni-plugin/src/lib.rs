@@ -11,3 +11,14 @@ pub mod plugin;
 pub mod pod;
 pub mod redirect;
 pub mod rules;
+
+/// The message of a panic payload (`panic!` with a literal or a formatted string), for turning panics into errors.
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_string()
+    }
+}

@@ -210,7 +210,7 @@ impl Netns {
                 Ok(result) => result,
                 Err(payload) => Err(NetnsError::Panicked {
                     path: self.path.clone(),
-                    message: panic_message(payload.as_ref()),
+                    message: crate::panic_message(payload.as_ref()),
                 }),
             }
         })
@@ -232,16 +232,6 @@ fn id_of(file: &File, path: &Path) -> Result<NetnsId, NetnsError> {
         dev: st.st_dev,
         ino: st.st_ino,
     })
-}
-
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = payload.downcast_ref::<&str>() {
-        (*s).to_string()
-    } else if let Some(s) = payload.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "non-string panic payload".to_string()
-    }
 }
 
 /// Runs `f` on a dedicated fresh thread inside a brand-new, empty network namespace (unshare), which disappears
@@ -269,7 +259,7 @@ where
             Ok(result) => result,
             Err(payload) => Err(NetnsError::Panicked {
                 path: path.clone(),
-                message: panic_message(payload.as_ref()),
+                message: crate::panic_message(payload.as_ref()),
             }),
         }
     })

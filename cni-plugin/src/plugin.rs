@@ -71,16 +71,7 @@ pub fn execute(
 
 /// Runs `f`, turning a panic into [`PluginError::Panic`] so that it ends as a CNI error, never a crash.
 pub fn catch_panic<T>(f: impl FnOnce() -> T + std::panic::UnwindSafe) -> Result<T, PluginError> {
-    std::panic::catch_unwind(f).map_err(|p| {
-        let msg = if let Some(s) = p.downcast_ref::<&str>() {
-            (*s).to_string()
-        } else if let Some(s) = p.downcast_ref::<String>() {
-            s.clone()
-        } else {
-            "unknown panic payload".to_string()
-        };
-        PluginError::Panic(msg)
-    })
+    std::panic::catch_unwind(f).map_err(|p| PluginError::Panic(crate::panic_message(p.as_ref())))
 }
 
 /// The ADD decision and programming.

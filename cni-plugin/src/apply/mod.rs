@@ -476,7 +476,7 @@ impl Prepared {
         worker.join().unwrap_or_else(|payload| {
             Err(ApplyError::Netns(NetnsError::Panicked {
                 path: self.netns_path.clone(),
-                message: panic_text(payload.as_ref()),
+                message: crate::panic_message(payload.as_ref()),
             }))
         })
     }
@@ -497,7 +497,7 @@ impl Prepared {
                 }
                 Ok(Ok(_)) => {}
                 Err(payload) => {
-                    tracing::warn!(message = %panic_text(payload.as_ref()), "preparation panicked; ignored")
+                    tracing::warn!(message = %crate::panic_message(payload.as_ref()), "preparation panicked; ignored")
                 }
             }
         }
@@ -507,16 +507,6 @@ impl Prepared {
 impl Drop for Prepared {
     fn drop(&mut self) {
         self.stop();
-    }
-}
-
-fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = payload.downcast_ref::<&str>() {
-        (*s).to_string()
-    } else if let Some(s) = payload.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "non-string panic payload".to_string()
     }
 }
 

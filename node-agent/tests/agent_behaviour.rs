@@ -353,13 +353,7 @@ fn kill_9_mid_run_leaves_no_torn_file() {
     let mut agent = Agent::start(&node, &[]);
     agent.wait_ready();
     assert_eq!(fs::read_to_string(&path).unwrap(), expected);
-    for dir in [&node.conf, &node.bin, &node.run] {
-        assert!(
-            Node::temp_files(dir).is_empty(),
-            "temp files in {}",
-            dir.display()
-        );
-    }
+    node.assert_no_temp_files();
 }
 
 #[test]

@@ -132,13 +132,7 @@ fn run(case: Case) {
         "another plugin's binary was removed"
     );
     assert!(!node.kubeconfig().exists(), "kubeconfig left after cleanup");
-    for dir in [&node.conf, &node.bin, &node.run] {
-        assert!(
-            Node::temp_files(dir).is_empty(),
-            "temp files in {}",
-            dir.display()
-        );
-    }
+    node.assert_no_temp_files();
 }
 
 #[test]

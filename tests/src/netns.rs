@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use cni_plugin::apply::{Family, Flavour};
 use cni_plugin::netns::Netns;
+use cni_plugin::rules::{RouteSetup, Ruleset};
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -336,4 +337,17 @@ pub fn v6_of(v4_golden: &str) -> String {
         "golden has IPv4 literals left: {out}"
     );
     out
+}
+
+/// The basic plugin golden for both families, with `::6/128` on lo as the plugin sets up for an IPv6 pod.
+pub fn basic_dual_stack_ruleset() -> Ruleset {
+    let basic = plugin_golden("basic");
+    Ruleset {
+        v6: Some(v6_of(&basic)),
+        v4: basic,
+        routes: RouteSetup {
+            ipv6_loopback_addr: true,
+            tproxy: None,
+        },
+    }
 }

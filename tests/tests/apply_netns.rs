@@ -9,8 +9,8 @@ use cni_plugin::config::BackendChoice;
 use cni_plugin::netns::NetnsError;
 use cni_plugin::rules::{RouteSetup, Ruleset, TproxyRoute};
 use meshcni_tests::netns::{
-    by_table, host_snapshot, istio_by_table, istio_lines, plugin_golden, v6_of, PodNet, TestNetns,
-    POD_V4, POD_V6,
+    basic_dual_stack_ruleset, by_table, host_snapshot, istio_by_table, istio_lines, plugin_golden,
+    v6_of, PodNet, TestNetns, POD_V4, POD_V6,
 };
 
 const FLAVOURS: [Flavour; 2] = [Flavour::Legacy, Flavour::Nft];
@@ -304,29 +304,21 @@ fn ipv6_rules_land_in_ip6tables_with_the_loopback_address() {
     for flavour in FLAVOURS {
         let host_before = host_snapshot();
         let ns = TestNetns::new("v6");
-        let basic = plugin_golden("basic");
-        let rs = Ruleset {
-            v4: basic.clone(),
-            v6: Some(v6_of(&basic)),
-            routes: RouteSetup {
-                ipv6_loopback_addr: true,
-                tproxy: None,
-            },
-        };
+        let rs = basic_dual_stack_ruleset();
         let p = apply::apply_ruleset(ns.path(), choice(flavour), &rs).unwrap();
         assert_eq!(
             (p.v4, p.v6),
             (FamilyOutcome::Applied, Some(FamilyOutcome::Applied))
         );
         let save6 = ns.save(flavour, Family::V6);
-        assert_eq!(istio_lines(&save6).len(), rule_count(&basic), "{save6}");
+        assert_eq!(istio_lines(&save6).len(), rule_count(&rs.v4), "{save6}");
         assert!(
             save6.contains("-A ISTIO_OUTPUT -s ::6/128 -o lo -j RETURN"),
             "{save6}"
         );
         assert_eq!(
             istio_lines(&ns.save(flavour, Family::V4)).len(),
-            rule_count(&basic)
+            rule_count(&rs.v4)
         );
 
         let p2 = apply::apply_ruleset(ns.path(), choice(flavour), &rs).unwrap();
@@ -377,15 +369,7 @@ fn failed_routes_leave_no_rule() {
         // IPv6 off on lo: ip6tables works, adding ::6/128 to lo does not.
         ns.run(|| std::fs::write("/proc/sys/net/ipv6/conf/lo/disable_ipv6", "1"))
             .unwrap();
-        let basic = plugin_golden("basic");
-        let rs = Ruleset {
-            v4: basic.clone(),
-            v6: Some(v6_of(&basic)),
-            routes: RouteSetup {
-                ipv6_loopback_addr: true,
-                tproxy: None,
-            },
-        };
+        let rs = basic_dual_stack_ruleset();
         let e = apply::apply_ruleset(ns.path(), choice(flavour), &rs).unwrap_err();
         assert!(matches!(e, ApplyError::Routes(_)), "{e}");
         assert!(e.to_string().contains("::6"), "{e}");

@@ -7,7 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use cni_plugin::apply::{self, Flavour};
 use cni_plugin::config::BackendChoice;
 use cni_plugin::rules::{RouteSetup, Ruleset, TproxyRoute};
-use meshcni_tests::netns::{plugin_golden, v6_of, PodNet};
+use meshcni_tests::netns::{basic_dual_stack_ruleset, plugin_golden, PodNet};
 use meshcni_tests::netprobe;
 use meshcni_tests::traffic::{assert_landed, As, ListenOpts, Listener, Probe, Proto};
 
@@ -121,15 +121,7 @@ fn ipv6_pod_redirects_real_traffic(flavour: Flavour) {
     let probe = netprobe!();
     let net = PodNet::new("traffic6", true);
     let _world = start_world(&probe, &net, true, false);
-    let basic = plugin_golden("basic");
-    let rs = Ruleset {
-        v4: basic.clone(),
-        v6: Some(v6_of(&basic)),
-        routes: RouteSetup {
-            ipv6_loopback_addr: true,
-            tproxy: None,
-        },
-    };
+    let rs = basic_dual_stack_ruleset();
     apply::apply_ruleset(net.pod.path(), choice(flavour), &rs).unwrap();
     check_redirect(
         &probe,

@@ -166,6 +166,18 @@ impl Node {
             .unwrap_or_default()
     }
 
+    /// Asserts that no write left a temp file in the conf, bin or run dir.
+    #[track_caller]
+    pub fn assert_no_temp_files(&self) {
+        for dir in [&self.conf, &self.bin, &self.run] {
+            assert!(
+                Self::temp_files(dir).is_empty(),
+                "temp files in {}",
+                dir.display()
+            );
+        }
+    }
+
     /// Environment for an agent on this node, loopback ports, no ambient variables of the test process.
     pub fn env(&self, health: u16, metrics: u16) -> Vec<(String, String)> {
         [

@@ -21,8 +21,10 @@ pub enum ConfigError {
     Decode(#[from] serde_json::Error),
     #[error("plugin_log_level {0:?} is not one of debug, info, warn, error, none")]
     LogLevel(String),
-    #[error("iptables_backend {0:?} is not one of auto, legacy, nft")]
+    #[error("iptables_backend {0:?} is not one of auto, legacy, nft, nftables")]
     Backend(String),
+    #[error("native_nftables is true but iptables_backend is {0:?}: set one of them (nftables is the native backend)")]
+    BackendConflict(String),
     #[error("pod_lookup_timeout_seconds {0} must be between 1 and 600")]
     LookupTimeout(u64),
 }
@@ -109,13 +111,17 @@ impl LogLevel {
     }
 }
 
-/// Which iptables flavour to program.
+/// Which firewall backend to program with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackendChoice {
-    /// Detect per netns, as Istio does.
+    /// Detect the iptables flavour per netns, as Istio does.
     Auto,
+    /// iptables-legacy (`iptables-legacy-restore`).
     Legacy,
+    /// iptables-nft (`iptables-nft-restore`).
     Nft,
+    /// Native nftables over netlink (`native_nftables: true`, or `iptables_backend: nftables`).
+    Nftables,
 }
 
 /// The validated plugin configuration.
@@ -166,11 +172,14 @@ impl PluginConfig {
                 exclude_namespaces.push(ns.clone());
             }
         }
-        let backend = match e.iptables_backend.as_deref().unwrap_or("auto") {
-            "auto" | "" => BackendChoice::Auto,
-            "legacy" => BackendChoice::Legacy,
-            "nft" => BackendChoice::Nft,
-            other => return Err(ConfigError::Backend(other.into())),
+        let native_nftables = e.native_nftables.unwrap_or(false);
+        let backend = match (e.iptables_backend.as_deref().unwrap_or(""), native_nftables) {
+            ("nftables", _) | ("", true) => BackendChoice::Nftables,
+            (other, true) => return Err(ConfigError::BackendConflict(other.into())),
+            ("auto" | "", false) => BackendChoice::Auto,
+            ("legacy", false) => BackendChoice::Legacy,
+            ("nft", false) => BackendChoice::Nft,
+            (other, false) => return Err(ConfigError::Backend(other.into())),
         };
         let secs = e
             .pod_lookup_timeout_seconds
@@ -184,7 +193,7 @@ impl PluginConfig {
             kubeconfig,
             exclude_namespaces,
             pod_namespace: e.pod_namespace.clone().unwrap_or_default(),
-            native_nftables: e.native_nftables.unwrap_or(false),
+            native_nftables,
             ambient_enabled: e.ambient_enabled.unwrap_or(false),
             backend,
             pod_lookup_timeout: Duration::from_secs(secs),
@@ -273,6 +282,37 @@ mod tests {
         ] {
             let e = PluginConfig::from_json(&v).unwrap_err().to_string();
             assert!(e.contains(needle), "{v} -> {e}");
+        }
+    }
+
+    #[test]
+    fn backend_choice_from_istios_key_and_ours() {
+        let backend = |v| PluginConfig::from_json(&v).map(|c| c.backend);
+        assert_eq!(backend(json!({})).unwrap(), BackendChoice::Auto);
+        assert_eq!(
+            backend(json!({"iptables_backend": "legacy"})).unwrap(),
+            BackendChoice::Legacy
+        );
+        assert_eq!(
+            backend(json!({"iptables_backend": "nft"})).unwrap(),
+            BackendChoice::Nft
+        );
+        for v in [
+            json!({"native_nftables": true}),
+            json!({"iptables_backend": "nftables"}),
+            json!({"iptables_backend": "nftables", "native_nftables": true}),
+            json!({"iptables_backend": "nftables", "native_nftables": false}),
+        ] {
+            assert_eq!(backend(v.clone()).unwrap(), BackendChoice::Nftables, "{v}");
+        }
+        for conflicting in ["legacy", "nft", "auto"] {
+            let e = backend(json!({"iptables_backend": conflicting, "native_nftables": true}))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("native_nftables") && e.contains(conflicting),
+                "{e}"
+            );
         }
     }
 

@@ -9,7 +9,7 @@ use crate::apply;
 use crate::cni::{
     codes, convert_result, empty_result, supported_versions_json, CniError, Command, Request,
 };
-use crate::config::{BackendChoice, LogLevel, PluginConfig};
+use crate::config::{LogLevel, PluginConfig};
 use crate::error::PluginError;
 use crate::kube::{self, LookupPolicy};
 use crate::pod::{decide, Decision, PodInfo};
@@ -91,24 +91,6 @@ pub fn add(req: &Request, cfg: &PluginConfig) -> Result<AddOutcome, PluginError>
     if cfg.ambient_enabled {
         warn!("ambient_enabled is set but this plugin implements sidecar mode only; ambient pods are not captured");
     }
-    let backend = if cfg.native_nftables {
-        warn!("native_nftables is set; the native nftables backend is not available yet, using iptables-nft");
-        BackendChoice::Nft
-    } else {
-        cfg.backend
-    };
-    // The netns is prepared (addresses, sandbox, backend, restore processes started and waiting) while the pod
-    // is looked up. Nothing is applied before the redirect is decided and validated; on a skip or any error the
-    // preparation is aborted (also by its Drop) and its own errors are ignored.
-    let netns = req.netns.as_deref().ok_or_else(|| {
-        // Unreachable through Request::parse (CNI_NETNS is required for ADD), kept as a closed failure.
-        CniError::new(
-            codes::INVALID_ENVIRONMENT,
-            "required env variables [CNI_NETNS] missing",
-            "",
-        )
-    })?;
-    let prepared = apply::Prepared::start(netns, backend);
     let policy = LookupPolicy {
         deadline: cfg.pod_lookup_timeout,
         ..LookupPolicy::default()
@@ -124,7 +106,6 @@ pub fn add(req: &Request, cfg: &PluginConfig) -> Result<AddOutcome, PluginError>
     let pi = PodInfo::from_pod(&pod);
     if let Decision::Skip(reason) = decide(&pi) {
         info!(%reason, "no redirect");
-        prepared.abort();
         return Ok(AddOutcome::Skipped(reason.to_string()));
     }
     let redirect = Redirect::from_pod(&pi).map_err(|source| PluginError::Redirect {
@@ -132,8 +113,16 @@ pub fn add(req: &Request, cfg: &PluginConfig) -> Result<AddOutcome, PluginError>
         name: name.into(),
         source: Box::new(source),
     })?;
-    let programmed = prepared
-        .program(&redirect)
+    // Only now is the netns opened: a pod that needs nothing never pays for it.
+    let netns = req.netns.as_deref().ok_or_else(|| {
+        // Unreachable through Request::parse (CNI_NETNS is required for ADD), kept as a closed failure.
+        CniError::new(
+            codes::INVALID_ENVIRONMENT,
+            "required env variables [CNI_NETNS] missing",
+            "",
+        )
+    })?;
+    let programmed = apply::program(netns, cfg.backend, &apply::Target::Redirect(redirect))
         .map_err(|source| PluginError::Apply {
             namespace: namespace.into(),
             name: name.into(),

@@ -11,7 +11,12 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use cni_plugin::apply::{Family, Flavour};
 use cni_plugin::netns::Netns;
-use cni_plugin::rules::{RouteSetup, Ruleset};
+use std::collections::BTreeMap;
+
+use cni_plugin::apply::Target;
+use cni_plugin::pod::PodInfo;
+use cni_plugin::redirect::Redirect;
+use cni_plugin::rules::{render_iptables, CaptureConfig};
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -315,39 +320,57 @@ pub fn compat_dir() -> PathBuf {
         })
 }
 
-/// A plugin golden (`plugin/<name>.txt.golden`): an IPv4 iptables-restore payload.
-pub fn plugin_golden(name: &str) -> String {
-    let path = compat_dir()
-        .join("plugin")
-        .join(format!("{name}.txt.golden"));
-    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+/// The pod of a plugin case (`plugin/cases.json`, as the plugin's golden test reads it): containers test,
+/// istio-proxy and istio-validate, with the case's annotations, proxy env and proxy uid/gid.
+pub fn plugin_case_pod(name: &str) -> PodInfo {
+    let path = compat_dir().join("plugin").join("cases.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let cases: serde_json::Value =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let case = cases["cases"]
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["name"] == name))
+        .unwrap_or_else(|| panic!("no plugin case {name:?} in {}", path.display()));
+    let strings = |key: &str| -> BTreeMap<String, String> {
+        case.get(key)
+            .and_then(|v| v.as_object())
+            .map(|o| {
+                o.iter()
+                    .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    PodInfo {
+        containers: ["test", "istio-proxy", "istio-validate"]
+            .into_iter()
+            .map(String::from)
+            .collect(),
+        annotations: strings("annotations"),
+        proxy_env: strings("proxy_env"),
+        proxy_uid: case.get("run_as_user").and_then(|v| v.as_i64()),
+        proxy_gid: case.get("run_as_group").and_then(|v| v.as_i64()),
+        ..Default::default()
+    }
 }
 
-/// The IPv6 counterpart of an IPv4 plugin golden, rendered by hand as Istio does (loopback addresses swapped:
-/// 127.0.0.6 -> ::6, 127.0.0.1 -> ::1). Only for goldens without other IPv4 literals.
-pub fn v6_of(v4_golden: &str) -> String {
-    let out = v4_golden
-        .replace("127.0.0.6/32", "::6/128")
-        .replace("127.0.0.1/32", "::1/128");
-    assert!(
-        !out.split_whitespace().any(|w| w
-            .split('/')
-            .next()
-            .is_some_and(|a| a.parse::<Ipv4Addr>().is_ok())),
-        "golden has IPv4 literals left: {out}"
-    );
-    out
+/// The capture configuration the plugin derives for a plugin case (IPv6 as given): with IPv6 off, rendering it
+/// gives the case's golden.
+pub fn plugin_capture(name: &str, enable_ipv6: bool) -> CaptureConfig {
+    let redirect = Redirect::from_pod(&plugin_case_pod(name))
+        .unwrap_or_else(|e| panic!("plugin case {name}: {e}"));
+    CaptureConfig::from_redirect(&redirect, enable_ipv6)
 }
 
-/// The basic plugin golden for both families, with `::6/128` on lo as the plugin sets up for an IPv6 pod.
-pub fn basic_dual_stack_ruleset() -> Ruleset {
-    let basic = plugin_golden("basic");
-    Ruleset {
-        v6: Some(v6_of(&basic)),
-        v4: basic,
-        routes: RouteSetup {
-            ipv6_loopback_addr: true,
-            tproxy: None,
-        },
+/// [`plugin_capture`] as a programming target.
+pub fn plugin_target(name: &str, enable_ipv6: bool) -> Target {
+    Target::Config(plugin_capture(name, enable_ipv6))
+}
+
+/// The IPv4 iptables-restore payload of a capture, as the iptables backends render it.
+pub fn iptables_payload(target: &Target) -> String {
+    match target {
+        Target::Config(c) => render_iptables(c).v4,
+        Target::Redirect(r) => render_iptables(&CaptureConfig::from_redirect(r, false)).v4,
     }
 }

@@ -1,16 +1,16 @@
-//! Root tests: programming real pod netns with both iptables flavours, using Istio's plugin goldens as literal
-//! rulesets. Every test checks the host's iptables are untouched.
+//! Root tests: programming real pod netns with both iptables flavours through the one programming path
+//! (`apply::program`), with the capture configurations of Istio's plugin cases. Every test checks the host's
+//! iptables are untouched.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use cni_plugin::apply::{self, ApplyError, BackendKind, Family, FamilyOutcome, Flavour};
+use cni_plugin::apply::{self, ApplyError, BackendKind, Family, FamilyOutcome, Flavour, Target};
 use cni_plugin::config::BackendChoice;
 use cni_plugin::netns::NetnsError;
-use cni_plugin::rules::{RouteSetup, Ruleset, TproxyRoute};
 use meshcni_tests::netns::{
-    basic_dual_stack_ruleset, by_table, host_snapshot, istio_by_table, istio_lines, plugin_golden,
-    v6_of, PodNet, TestNetns, POD_V4, POD_V6,
+    by_table, host_snapshot, iptables_payload, istio_by_table, istio_lines, plugin_target, PodNet,
+    TestNetns, POD_V4, POD_V6,
 };
 
 const FLAVOURS: [Flavour; 2] = [Flavour::Legacy, Flavour::Nft];
@@ -29,18 +29,15 @@ fn other(f: Flavour) -> Flavour {
     }
 }
 
-fn v4(golden: &str) -> Ruleset {
-    Ruleset {
-        v4: plugin_golden(golden),
-        v6: None,
-        routes: RouteSetup::default(),
-    }
+/// The capture of a plugin case, IPv4 only: rendered, it is the case's golden.
+fn v4(case: &str) -> Target {
+    plugin_target(case, false)
 }
 
 /// The normalised save of a netns that received only `rs` (the reference for "exactly one copy").
-fn reference_save(flavour: Flavour, family: Family, rs: &Ruleset) -> String {
+fn reference_save(flavour: Flavour, family: Family, rs: &Target) -> String {
     let ns = TestNetns::new("ref");
-    apply::apply_ruleset(ns.path(), choice(flavour), rs).unwrap();
+    apply::program(ns.path(), choice(flavour), rs).unwrap();
     ns.save(flavour, family)
 }
 
@@ -58,21 +55,25 @@ fn rules_land_in_the_pod_netns_and_not_on_the_host() {
         let host_before = host_snapshot();
         let ns = TestNetns::new("land");
         let rs = v4("basic");
-        let p = apply::apply_ruleset(ns.path(), choice(flavour), &rs).unwrap();
+        let p = apply::program(ns.path(), choice(flavour), &rs).unwrap();
         assert_eq!(p.backend, flavour.kind());
         assert_eq!(p.v4, FamilyOutcome::Applied);
         assert_eq!(p.v6, None);
-        assert!(p.sandbox.private, "{:?}", p.sandbox);
+        let sandbox = p
+            .sandbox
+            .as_ref()
+            .expect("the iptables backends run in a sandbox");
+        assert!(sandbox.private, "{sandbox:?}");
         if Path::new("/etc/nsswitch.conf").exists() {
-            assert!(p.sandbox.nsswitch_hidden, "{:?}", p.sandbox);
+            assert!(sandbox.nsswitch_hidden, "{sandbox:?}");
         }
         if Path::new("/run/xtables.lock").is_file() {
-            assert!(p.sandbox.lock_redirected, "{:?}", p.sandbox);
+            assert!(sandbox.lock_redirected, "{sandbox:?}");
         }
 
         let save = ns.save(flavour, Family::V4);
         let ours = istio_lines(&save);
-        assert_eq!(ours.len(), rule_count(&rs.v4), "{save}");
+        assert_eq!(ours.len(), rule_count(&iptables_payload(&rs)), "{save}");
         assert!(save.contains(":ISTIO_OUTPUT -\n"), "{save}");
         assert!(save.contains("-A OUTPUT -j ISTIO_OUTPUT"), "{save}");
         assert!(
@@ -102,12 +103,12 @@ fn every_plugin_golden_applies_with_both_flavours() {
         ] {
             let ns = TestNetns::new("gold");
             let rs = v4(golden);
-            let p = apply::apply_ruleset(ns.path(), choice(flavour), &rs)
+            let p = apply::program(ns.path(), choice(flavour), &rs)
                 .unwrap_or_else(|e| panic!("{flavour:?} {golden}: {e}"));
             assert_eq!(p.v4, FamilyOutcome::Applied);
             let save = ns.save(flavour, Family::V4);
             // Every rule landed once; tproxy's rules in built-in chains that jump nowhere are counted apart.
-            let expected = rule_count(&rs.v4);
+            let expected = rule_count(&iptables_payload(&rs));
             let builtin_non_istio = save
                 .lines()
                 .filter(|l| l.starts_with("-A ") && !l.contains("ISTIO_"))
@@ -127,13 +128,13 @@ fn a_second_apply_leaves_exactly_one_copy() {
         let host_before = host_snapshot();
         let ns = TestNetns::new("twice");
         let rs = v4("tproxy");
-        let first = apply::apply_ruleset(ns.path(), choice(flavour), &rs).unwrap();
+        let first = apply::program(ns.path(), choice(flavour), &rs).unwrap();
         assert_eq!(first.v4, FamilyOutcome::Applied);
         let after_first = ns.save(flavour, Family::V4);
-        let second = apply::apply_ruleset(ns.path(), choice(flavour), &rs).unwrap();
+        let second = apply::program(ns.path(), choice(flavour), &rs).unwrap();
         assert_eq!(second.v4, FamilyOutcome::Unchanged);
         assert_eq!(ns.save(flavour, Family::V4), after_first);
-        let third = apply::apply_ruleset(ns.path(), BackendChoice::Auto, &rs).unwrap();
+        let third = apply::program(ns.path(), BackendChoice::Auto, &rs).unwrap();
         assert_eq!(
             third.backend,
             flavour.kind(),
@@ -171,7 +172,7 @@ fn a_different_ruleset_replaces_the_previous_one() {
         // (TPROXY last: see `leaving_tproxy_removes_istio_chains_and_jumps` for what leaving it cannot remove.)
         for golden in ["basic", "include-exclude-ports", "dns", "basic", "tproxy"] {
             let rs = v4(golden);
-            let p = apply::apply_ruleset(ns.path(), choice(flavour), &rs).unwrap();
+            let p = apply::program(ns.path(), choice(flavour), &rs).unwrap();
             let expected = if previous.is_none() {
                 FamilyOutcome::Applied
             } else {
@@ -226,9 +227,9 @@ fn a_different_ruleset_replaces_the_previous_one() {
 fn leaving_tproxy_removes_istio_chains_and_jumps() {
     for flavour in FLAVOURS {
         let ns = TestNetns::new("leave");
-        apply::apply_ruleset(ns.path(), choice(flavour), &v4("tproxy")).unwrap();
+        apply::program(ns.path(), choice(flavour), &v4("tproxy")).unwrap();
         let rs = v4("basic");
-        let p = apply::apply_ruleset(ns.path(), choice(flavour), &rs).unwrap();
+        let p = apply::program(ns.path(), choice(flavour), &rs).unwrap();
         assert_eq!(p.v4, FamilyOutcome::Replaced);
         let save = ns.save(flavour, Family::V4);
         assert_eq!(
@@ -239,7 +240,7 @@ fn leaving_tproxy_removes_istio_chains_and_jumps() {
         // And going back to TPROXY leaves exactly one copy of its built-in rules.
         let tproxy = v4("tproxy");
         assert_eq!(
-            apply::apply_ruleset(ns.path(), choice(flavour), &tproxy)
+            apply::program(ns.path(), choice(flavour), &tproxy)
                 .unwrap()
                 .v4,
             FamilyOutcome::Replaced
@@ -258,7 +259,7 @@ fn the_host_netns_is_refused() {
     let rs = v4("basic");
     for path in ["/proc/self/ns/net", "/proc/thread-self/ns/net"] {
         for flavour in FLAVOURS {
-            let e = apply::apply_ruleset(Path::new(path), choice(flavour), &rs).unwrap_err();
+            let e = apply::program(Path::new(path), choice(flavour), &rs).unwrap_err();
             assert!(
                 matches!(e, ApplyError::Netns(NetnsError::HostNetns { .. })),
                 "{path}: {e}"
@@ -267,8 +268,7 @@ fn the_host_netns_is_refused() {
         }
     }
     // init's netns: refused as the host's, or cannot even be opened (hardened /proc).
-    let e =
-        apply::apply_ruleset(Path::new("/proc/1/ns/net"), BackendChoice::Auto, &rs).unwrap_err();
+    let e = apply::program(Path::new("/proc/1/ns/net"), BackendChoice::Auto, &rs).unwrap_err();
     assert!(matches!(e, ApplyError::Netns(_)), "{e}");
     assert!(e.to_string().contains("/proc/1/ns/net"), "{e}");
     assert_eq!(host_snapshot(), host_before);
@@ -279,11 +279,11 @@ fn a_vanished_netns_is_a_clear_error() {
     let ns = TestNetns::new("gone");
     let path = ns.path().to_path_buf();
     drop(ns);
-    let e = apply::apply_ruleset(&path, BackendChoice::Auto, &v4("basic")).unwrap_err();
+    let e = apply::program(&path, BackendChoice::Auto, &v4("basic")).unwrap_err();
     assert!(matches!(e, ApplyError::Netns(_)), "{e}");
     assert!(e.to_string().contains(&path.display().to_string()), "{e}");
     // A file that is not a netns.
-    let e = apply::apply_ruleset(
+    let e = apply::program(
         Path::new("/etc/hostname"),
         BackendChoice::Auto,
         &v4("basic"),
@@ -304,24 +304,28 @@ fn ipv6_rules_land_in_ip6tables_with_the_loopback_address() {
     for flavour in FLAVOURS {
         let host_before = host_snapshot();
         let ns = TestNetns::new("v6");
-        let rs = basic_dual_stack_ruleset();
-        let p = apply::apply_ruleset(ns.path(), choice(flavour), &rs).unwrap();
+        let rs = plugin_target("basic", true);
+        let p = apply::program(ns.path(), choice(flavour), &rs).unwrap();
         assert_eq!(
             (p.v4, p.v6),
             (FamilyOutcome::Applied, Some(FamilyOutcome::Applied))
         );
         let save6 = ns.save(flavour, Family::V6);
-        assert_eq!(istio_lines(&save6).len(), rule_count(&rs.v4), "{save6}");
+        assert_eq!(
+            istio_lines(&save6).len(),
+            rule_count(&iptables_payload(&rs)),
+            "{save6}"
+        );
         assert!(
             save6.contains("-A ISTIO_OUTPUT -s ::6/128 -o lo -j RETURN"),
             "{save6}"
         );
         assert_eq!(
             istio_lines(&ns.save(flavour, Family::V4)).len(),
-            rule_count(&rs.v4)
+            rule_count(&iptables_payload(&rs))
         );
 
-        let p2 = apply::apply_ruleset(ns.path(), choice(flavour), &rs).unwrap();
+        let p2 = apply::program(ns.path(), choice(flavour), &rs).unwrap();
         assert_eq!(
             (p2.v4, p2.v6),
             (FamilyOutcome::Unchanged, Some(FamilyOutcome::Unchanged))
@@ -334,43 +338,14 @@ fn ipv6_rules_land_in_ip6tables_with_the_loopback_address() {
 }
 
 #[test]
-fn a_failed_ipv6_restore_leaves_no_ipv4_rule() {
-    for flavour in FLAVOURS {
-        let ns = TestNetns::new("rollback");
-        let basic = plugin_golden("basic");
-        // Valid text, refused by the kernel/binary: an IPv4 address in an IPv6 rule.
-        let rs = Ruleset {
-            v4: basic.clone(),
-            v6: Some(basic.clone()),
-            routes: RouteSetup::default(),
-        };
-        let e = apply::apply_ruleset(ns.path(), choice(flavour), &rs).unwrap_err();
-        assert!(e.to_string().contains("ip6tables"), "{e}");
-        assert!(
-            istio_lines(&ns.save(flavour, Family::V4)).is_empty(),
-            "IPv4 rules left after {e}"
-        );
-        assert!(istio_lines(&ns.save(flavour, Family::V6)).is_empty());
-        assert!(!ns.save(flavour, Family::V4).contains(":ISTIO_"));
-
-        // Also after a successful first ADD: the failing one removes everything of ours.
-        apply::apply_ruleset(ns.path(), choice(flavour), &v4("dns")).unwrap();
-        assert!(!istio_lines(&ns.save(flavour, Family::V4)).is_empty());
-        apply::apply_ruleset(ns.path(), choice(flavour), &rs).unwrap_err();
-        let save = ns.save(flavour, Family::V4);
-        assert!(!save.contains("ISTIO_"), "{save}");
-    }
-}
-
-#[test]
 fn failed_routes_leave_no_rule() {
     for flavour in FLAVOURS {
         let ns = TestNetns::new("routefail");
         // IPv6 off on lo: ip6tables works, adding ::6/128 to lo does not.
         ns.run(|| std::fs::write("/proc/sys/net/ipv6/conf/lo/disable_ipv6", "1"))
             .unwrap();
-        let rs = basic_dual_stack_ruleset();
-        let e = apply::apply_ruleset(ns.path(), choice(flavour), &rs).unwrap_err();
+        let rs = plugin_target("basic", true);
+        let e = apply::program(ns.path(), choice(flavour), &rs).unwrap_err();
         assert!(matches!(e, ApplyError::Routes(_)), "{e}");
         assert!(e.to_string().contains("::6"), "{e}");
         for family in [Family::V4, Family::V6] {
@@ -387,22 +362,10 @@ fn failed_routes_leave_no_rule() {
 fn tproxy_routes_are_present_once_after_two_applies() {
     for flavour in FLAVOURS {
         let ns = TestNetns::new("tproxy");
-        let tproxy = plugin_golden("tproxy");
-        let rs = Ruleset {
-            v4: tproxy.clone(),
-            v6: Some(v6_of(&tproxy)),
-            routes: RouteSetup {
-                ipv6_loopback_addr: true,
-                tproxy: Some(TproxyRoute {
-                    mark: 1337,
-                    table: 133,
-                    ipv6: true,
-                }),
-            },
-        };
-        let p1 = apply::apply_ruleset(ns.path(), choice(flavour), &rs).unwrap();
+        let rs = plugin_target("tproxy", true);
+        let p1 = apply::program(ns.path(), choice(flavour), &rs).unwrap();
         assert_eq!(p1.routes.present, Vec::<String>::new(), "{p1:?}");
-        let p2 = apply::apply_ruleset(ns.path(), choice(flavour), &rs).unwrap();
+        let p2 = apply::program(ns.path(), choice(flavour), &rs).unwrap();
         assert!(p2.routes.added.is_empty(), "{p2:?}");
         assert_eq!(p2.routes.present.len(), p1.routes.added.len());
         for fam in ["-4", "-6"] {
@@ -432,7 +395,7 @@ fn tproxy_routes_are_present_once_after_two_applies() {
 fn auto_detection_follows_existing_rules() {
     // Nothing anywhere: nft, as Istio.
     let fresh = TestNetns::new("auto");
-    let p = apply::apply_ruleset(fresh.path(), BackendChoice::Auto, &v4("basic")).unwrap();
+    let p = apply::program(fresh.path(), BackendChoice::Auto, &v4("basic")).unwrap();
     assert_eq!(p.backend, BackendKind::IptablesNft);
     assert!(!istio_lines(&fresh.save(Flavour::Nft, Family::V4)).is_empty());
 
@@ -445,7 +408,7 @@ fn auto_detection_follows_existing_rules() {
             "-t", "filter", "-A", "INPUT", "-p", "udp", "--dport", "9", "-j", "ACCEPT",
         ],
     );
-    let p = apply::apply_ruleset(legacy.path(), BackendChoice::Auto, &v4("basic")).unwrap();
+    let p = apply::program(legacy.path(), BackendChoice::Auto, &v4("basic")).unwrap();
     assert_eq!(p.backend, BackendKind::IptablesLegacy);
     assert!(!istio_lines(&legacy.save(Flavour::Legacy, Family::V4)).is_empty());
     assert!(istio_lines(&legacy.save(Flavour::Nft, Family::V4)).is_empty());
@@ -459,13 +422,12 @@ fn auto_detection_follows_existing_rules() {
             "-t", "filter", "-A", "INPUT", "-p", "udp", "--dport", "9", "-j", "ACCEPT",
         ],
     );
-    let basic = plugin_golden("basic");
-    let rs = Ruleset {
-        v4: basic.clone(),
-        v6: Some(v6_of(&basic)),
-        routes: RouteSetup::default(),
-    };
-    let p = apply::apply_ruleset(legacy6.path(), BackendChoice::Auto, &rs).unwrap();
+    let p = apply::program(
+        legacy6.path(),
+        BackendChoice::Auto,
+        &plugin_target("basic", true),
+    )
+    .unwrap();
     assert_eq!(p.backend, BackendKind::IptablesLegacy);
 
     // An empty legacy table is not "rules" (Istio's own kernel probe leaves one behind).
@@ -480,7 +442,7 @@ fn auto_detection_follows_existing_rules() {
         Family::V4,
         &["-t", "nat", "-D", "INPUT", "-p", "255", "-j", "RETURN"],
     );
-    let p = apply::apply_ruleset(empty_legacy.path(), BackendChoice::Auto, &v4("basic")).unwrap();
+    let p = apply::program(empty_legacy.path(), BackendChoice::Auto, &v4("basic")).unwrap();
     assert_eq!(p.backend, BackendKind::IptablesNft);
 
     // nft rules and no legacy ones: nft; the override wins over detection.
@@ -492,9 +454,9 @@ fn auto_detection_follows_existing_rules() {
             "-t", "filter", "-A", "INPUT", "-p", "udp", "--dport", "9", "-j", "ACCEPT",
         ],
     );
-    let p = apply::apply_ruleset(nft.path(), BackendChoice::Auto, &v4("basic")).unwrap();
+    let p = apply::program(nft.path(), BackendChoice::Auto, &v4("basic")).unwrap();
     assert_eq!(p.backend, BackendKind::IptablesNft);
-    let p = apply::apply_ruleset(legacy.path(), BackendChoice::Nft, &v4("basic")).unwrap();
+    let p = apply::program(legacy.path(), BackendChoice::Nft, &v4("basic")).unwrap();
     assert_eq!(
         (p.backend, p.v4),
         (BackendKind::IptablesNft, FamilyOutcome::Applied)
@@ -504,7 +466,11 @@ fn auto_detection_follows_existing_rules() {
 #[test]
 fn addresses_are_listed_ipv4_first() {
     let net = PodNet::new("addrs", true);
-    let addrs = apply::netns_addresses(net.pod.path()).unwrap();
+    let netns = cni_plugin::netns::Netns::open(net.pod.path()).unwrap();
+    let addrs = netns
+        .run(|| apply::Netlink::open().and_then(|nl| nl.addresses()))
+        .unwrap()
+        .unwrap();
     let pos4 = addrs
         .iter()
         .position(|a| *a == std::net::IpAddr::V4(POD_V4));
@@ -523,7 +489,8 @@ fn addresses_are_listed_ipv4_first() {
 fn program_fails_without_a_pod_ip() {
     let ns = TestNetns::new("noip");
     let redirect = cni_plugin::redirect::Redirect::from_pod(&Default::default()).unwrap();
-    let e = apply::program(ns.path(), BackendChoice::Auto, &redirect).unwrap_err();
+    let e =
+        apply::program(ns.path(), BackendChoice::Auto, &Target::Redirect(redirect)).unwrap_err();
     assert!(matches!(e, ApplyError::NoPodIp { .. }), "{e}");
     assert!(
         e.to_string().contains(&ns.path().display().to_string()),
@@ -537,17 +504,27 @@ fn program_fails_without_a_pod_ip() {
 fn program_renders_and_applies_the_redirect() {
     let net = PodNet::new("program", false);
     let redirect = cni_plugin::redirect::Redirect::from_pod(&Default::default()).unwrap();
-    let p = apply::program(net.pod.path(), BackendChoice::Nft, &redirect).unwrap();
+    let p = apply::program(
+        net.pod.path(),
+        BackendChoice::Nft,
+        &Target::Redirect(redirect.clone()),
+    )
+    .unwrap();
     assert_eq!((p.v4, p.v6), (FamilyOutcome::Applied, None));
     assert!(!istio_lines(&net.pod.save(Flavour::Nft, Family::V4)).is_empty());
-    let p = apply::program(net.pod.path(), BackendChoice::Nft, &redirect).unwrap();
+    let p = apply::program(
+        net.pod.path(),
+        BackendChoice::Nft,
+        &Target::Redirect(redirect.clone()),
+    )
+    .unwrap();
     assert_eq!(p.v4, FamilyOutcome::Unchanged);
 }
 
 #[test]
 fn the_lock_file_is_removed() {
     let ns = TestNetns::new("lock");
-    let p = apply::apply_ruleset(ns.path(), BackendChoice::Legacy, &v4("basic")).unwrap();
+    let p = apply::program(ns.path(), BackendChoice::Legacy, &v4("basic")).unwrap();
     let prefix = format!("meshcni-xtables-{}-", p.netns.ino);
     let left: Vec<_> = std::fs::read_dir(std::env::temp_dir())
         .unwrap()
@@ -557,7 +534,7 @@ fn the_lock_file_is_removed() {
     assert!(left.is_empty(), "{left:?}");
 }
 
-// ---- The fast path, the prepared programming and auto detection without saves ----
+// ---- Programming from a redirect, and auto detection without saves ----
 
 /// The redirect of a pod with no annotations (Istio's defaults).
 fn default_redirect() -> cni_plugin::redirect::Redirect {
@@ -594,21 +571,6 @@ fn processes_in(path: &Path) -> Vec<(u32, String)> {
     out
 }
 
-/// Polls `f` every 10 ms until it returns `Some`, for at most 10 s.
-fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-}
-
 fn lock_files_of(netns: &Path) -> Vec<std::path::PathBuf> {
     use std::os::unix::fs::MetadataExt;
     let ino = std::fs::metadata(netns).unwrap().ino();
@@ -639,7 +601,12 @@ fn a_second_program_into_the_same_netns_is_unchanged_with_one_copy() {
         let host_before = host_snapshot();
         let net = PodNet::new("again", true);
         let redirect = dual_stack_redirect();
-        let first = apply::program(net.pod.path(), choice(flavour), &redirect).unwrap();
+        let first = apply::program(
+            net.pod.path(),
+            choice(flavour),
+            &Target::Redirect(redirect.clone()),
+        )
+        .unwrap();
         assert_eq!(first.backend, flavour.kind());
         assert_eq!(
             (first.v4, first.v6),
@@ -651,13 +618,23 @@ fn a_second_program_into_the_same_netns_is_unchanged_with_one_copy() {
 
         // Legacy: the tables now exist, the state is read in advance; nft: the restore fails on `-N` and the
         // state is read then. Either way: nothing changes, no second copy.
-        let second = apply::program(net.pod.path(), choice(flavour), &redirect).unwrap();
+        let second = apply::program(
+            net.pod.path(),
+            choice(flavour),
+            &Target::Redirect(redirect.clone()),
+        )
+        .unwrap();
         assert_eq!(
             (second.v4, second.v6),
             (FamilyOutcome::Unchanged, Some(FamilyOutcome::Unchanged)),
             "{flavour:?}"
         );
-        let third = apply::program(net.pod.path(), BackendChoice::Auto, &redirect).unwrap();
+        let third = apply::program(
+            net.pod.path(),
+            BackendChoice::Auto,
+            &Target::Redirect(redirect.clone()),
+        )
+        .unwrap();
         assert_eq!(
             third.backend,
             flavour.kind(),
@@ -673,54 +650,6 @@ fn a_second_program_into_the_same_netns_is_unchanged_with_one_copy() {
     }
 }
 
-/// The tproxy golden whose nat table cannot load (TPROXY is a mangle-only target): iptables-legacy commits the
-/// mangle table (chains and rules in built-in chains) before the nat table fails; iptables-nft fails as a whole.
-fn tproxy_failing_in_nat() -> Ruleset {
-    let tproxy = plugin_golden("tproxy");
-    let (mangle, nat) = tproxy.split_at(tproxy.find("* nat").unwrap());
-    let nat = nat.replacen(
-        "COMMIT",
-        "-A ISTIO_OUTPUT -p tcp -j TPROXY --on-port 15006 --tproxy-mark 0x539/0xffffffff\nCOMMIT",
-        1,
-    );
-    Ruleset {
-        v4: format!("{mangle}{nat}"),
-        v6: None,
-        routes: RouteSetup::default(),
-    }
-}
-
-#[test]
-fn a_failure_in_a_later_table_rolls_back_the_earlier_ones() {
-    let bad = tproxy_failing_in_nat();
-    for flavour in FLAVOURS {
-        // Into a fresh netns.
-        let ns = TestNetns::new("laterfail");
-        let e = apply::apply_ruleset(ns.path(), choice(flavour), &bad).unwrap_err();
-        assert!(
-            e.to_string().contains("iptables") && !matches!(e, ApplyError::RollbackFailed { .. }),
-            "{flavour:?}: {e}"
-        );
-        no_istio_anywhere(&ns);
-        // Nor the ruleset's rules in built-in chains (CONNMARK/MARK in mangle), which jump to no ISTIO_ chain.
-        let mangle = by_table(&ns.save(flavour, Family::V4))
-            .remove("mangle")
-            .unwrap_or_default();
-        assert!(
-            mangle.iter().all(|l| !l.starts_with("-A ")),
-            "{flavour:?}: {mangle:?}"
-        );
-
-        // Over rules of ours already there: the failed ADD leaves none either.
-        let ns = TestNetns::new("laterfail");
-        apply::apply_ruleset(ns.path(), choice(flavour), &v4("basic")).unwrap();
-        let e = apply::apply_ruleset(ns.path(), choice(flavour), &bad).unwrap_err();
-        assert!(!matches!(e, ApplyError::RollbackFailed { .. }), "{e}");
-        no_istio_anywhere(&ns);
-        assert!(processes_in(ns.path()).is_empty());
-    }
-}
-
 #[test]
 fn auto_detection_without_legacy_tables_picks_nft_and_leaves_legacy_untouched() {
     let net = PodNet::new("autoprep", true);
@@ -732,113 +661,58 @@ fn auto_detection_without_legacy_tables_picks_nft_and_leaves_legacy_untouched() 
         })
     };
     assert_eq!(legacy_tables(&net.pod), [String::new(), String::new()]);
-    let p = apply::program(net.pod.path(), BackendChoice::Auto, &dual_stack_redirect()).unwrap();
+    let p = apply::program(
+        net.pod.path(),
+        BackendChoice::Auto,
+        &Target::Redirect(dual_stack_redirect()),
+    )
+    .unwrap();
     assert_eq!(p.backend, BackendKind::IptablesNft);
     assert_eq!(p.v6, Some(FamilyOutcome::Applied));
     // No legacy table was created on the way (a save or restore of legacy would have).
     assert_eq!(legacy_tables(&net.pod), [String::new(), String::new()]);
 
-    // Legacy rules (in IPv6 only, with an IPv6 address in the netns): legacy, through the prepared path too.
-    let net = PodNet::new("autoprep", true);
-    net.pod.iptables(
-        Flavour::Legacy,
-        Family::V6,
-        &[
-            "-t", "filter", "-A", "INPUT", "-p", "udp", "--dport", "9", "-j", "ACCEPT",
-        ],
-    );
-    let p = apply::program(net.pod.path(), BackendChoice::Auto, &default_redirect()).unwrap();
-    assert_eq!(p.backend, BackendKind::IptablesLegacy);
-    assert!(!istio_lines(&net.pod.save(Flavour::Legacy, Family::V4)).is_empty());
-    assert!(istio_lines(&net.pod.save(Flavour::Nft, Family::V4)).is_empty());
+    // Legacy rules in IPv6 only, with an IPv6 address in the netns: they count for a pod whose rules include IPv6
+    // (dual stack), not for an IPv4-only pod (Istio detects per family it programs).
+    for (redirect, expected) in [
+        (dual_stack_redirect(), BackendKind::IptablesLegacy),
+        (default_redirect(), BackendKind::IptablesNft),
+    ] {
+        let net = PodNet::new("autoprep", true);
+        net.pod.iptables(
+            Flavour::Legacy,
+            Family::V6,
+            &[
+                "-t", "filter", "-A", "INPUT", "-p", "udp", "--dport", "9", "-j", "ACCEPT",
+            ],
+        );
+        let p = apply::program(
+            net.pod.path(),
+            BackendChoice::Auto,
+            &Target::Redirect(redirect),
+        )
+        .unwrap();
+        assert_eq!(p.backend, expected);
+        let (ours, not_ours) = match expected {
+            BackendKind::IptablesLegacy => (Flavour::Legacy, Flavour::Nft),
+            _ => (Flavour::Nft, Flavour::Legacy),
+        };
+        assert!(!istio_lines(&net.pod.save(ours, Family::V4)).is_empty());
+        assert!(istio_lines(&net.pod.save(not_ours, Family::V4)).is_empty());
+    }
 
     // Legacy tables that exist but hold no rule: nft, as before.
     let net = PodNet::new("autoprep", false);
     net.pod
         .iptables(Flavour::Legacy, Family::V4, &["-t", "nat", "-L", "-n"]);
     assert!(legacy_tables(&net.pod)[0].contains("nat"));
-    let p = apply::program(net.pod.path(), BackendChoice::Auto, &default_redirect()).unwrap();
+    let p = apply::program(
+        net.pod.path(),
+        BackendChoice::Auto,
+        &Target::Redirect(default_redirect()),
+    )
+    .unwrap();
     assert_eq!(p.backend, BackendKind::IptablesNft);
-}
-
-#[test]
-fn abort_kills_the_waiting_restores_and_leaves_nothing() {
-    for (choice, expect) in [
-        (BackendChoice::Legacy, "iptables-legacy-restore"),
-        (BackendChoice::Nft, "iptables-nft-restore"),
-        (BackendChoice::Auto, "iptables-nft-restore"),
-    ] {
-        let host_before = host_snapshot();
-        let net = PodNet::new("abort", true);
-        let path = net.pod.path();
-        let prepared = apply::Prepared::start(path, choice);
-        // Both restores (IPv4 and IPv6: the netns has an IPv6 address) start and wait for their input.
-        let procs = wait_for("the restores to start", || {
-            let p = processes_in(path);
-            (p.len() >= 2).then_some(p)
-        });
-        assert!(
-            procs.iter().any(|(_, c)| c.contains(expect))
-                && procs
-                    .iter()
-                    .any(|(_, c)| c.contains(&expect.replace("iptables", "ip6tables"))),
-            "{choice:?}: {procs:?}"
-        );
-        assert_eq!(lock_files_of(path).len(), 1);
-        prepared.abort();
-        assert_eq!(processes_in(path), vec![], "{choice:?}");
-        for (pid, _) in &procs {
-            assert!(
-                !Path::new(&format!("/proc/{pid}")).exists(),
-                "{choice:?}: pid {pid} is still there (not reaped)"
-            );
-        }
-        assert!(lock_files_of(path).is_empty());
-        no_istio_anywhere(&net.pod);
-        assert_eq!(host_snapshot(), host_before);
-    }
-}
-
-#[test]
-fn dropping_a_preparation_at_any_moment_leaves_nothing() {
-    let net = PodNet::new("dropearly", true);
-    let path = net.pod.path();
-    for i in 0..20u64 {
-        let prepared = apply::Prepared::start(path, BackendChoice::Auto);
-        // From "at once" to "well after the restores started".
-        std::thread::sleep(std::time::Duration::from_micros(i * i * 100));
-        drop(prepared);
-        assert_eq!(processes_in(path), vec![], "after {i}");
-        assert!(lock_files_of(path).is_empty(), "after {i}");
-    }
-    no_istio_anywhere(&net.pod);
-    // And the netns can still be programmed afterwards.
-    let p = apply::program(path, BackendChoice::Auto, &default_redirect()).unwrap();
-    assert_eq!(p.v4, FamilyOutcome::Applied);
-}
-
-#[test]
-fn preparation_errors_are_reported_by_program_and_ignored_by_abort() {
-    let ns = TestNetns::new("vanish");
-    let path = ns.path().to_path_buf();
-    drop(ns);
-    // A pod that is not redirected: its vanished netns does not matter.
-    apply::Prepared::start(&path, BackendChoice::Auto).abort();
-    drop(apply::Prepared::start(&path, BackendChoice::Auto));
-    // A redirected one: the netns error, naming the path.
-    let e = apply::Prepared::start(&path, BackendChoice::Auto)
-        .program(&default_redirect())
-        .unwrap_err();
-    assert!(e.is_netns(), "{e}");
-    assert!(e.to_string().contains(&path.display().to_string()), "{e}");
-    // The host's netns is refused on the prepared path too, before anything runs in it.
-    let e = apply::Prepared::start(Path::new("/proc/self/ns/net"), BackendChoice::Nft)
-        .program(&default_redirect())
-        .unwrap_err();
-    assert!(
-        matches!(e, ApplyError::Netns(NetnsError::HostNetns { .. })),
-        "{e}"
-    );
 }
 
 // ---- The real binary: a pod that is not redirected never needs its netns; nft falling back to legacy ----
@@ -874,9 +748,19 @@ mod binary {
     }
 
     fn add(fx: &Fixture, pod: &str, netns: &Path, path_var: Option<String>) -> PluginOutput {
+        add_with(fx, pod, netns, path_var, "auto")
+    }
+
+    fn add_with(
+        fx: &Fixture,
+        pod: &str,
+        netns: &Path,
+        path_var: Option<String>,
+        backend: &str,
+    ) -> PluginOutput {
         let conf = json!({
             "cniVersion": "1.0.0", "name": "k8s-pod-network", "type": "istio-cni",
-            "cni_agent_run_dir": fx.run_dir, "plugin_log_level": "debug",
+            "cni_agent_run_dir": fx.run_dir, "plugin_log_level": "debug", "iptables_backend": backend,
             "prevResult": {"cniVersion": "1.0.0", "ips": [{"address": "10.200.0.2/24"}], "dns": {}}
         });
         let mut inv = Invocation::new(plugin_bin())
@@ -961,5 +845,160 @@ mod binary {
         assert!(!istio_lines(&net.pod.save(Flavour::Legacy, Family::V4)).is_empty());
         assert!(istio_lines(&net.pod.save(Flavour::Nft, Family::V4)).is_empty());
         assert!(processes_in(net.pod.path()).is_empty());
+    }
+
+    /// A directory of fault-injecting stand-ins for `names`, each running `script` (a `sh` body; `$REAL` is the
+    /// real binary of the same name, `$DIR` the directory, for a marker file), and the PATH that puts it first.
+    fn faulty_tools(fx: &Fixture, tag: &str, names: &[String], script: &str) -> String {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = fx.run_dir.join(tag);
+        std::fs::create_dir_all(&dir).unwrap();
+        for name in names {
+            let real = cni_plugin::apply::exec::find_binary(name).unwrap();
+            let p = dir.join(name);
+            std::fs::write(
+                &p,
+                format!(
+                    "#!/bin/sh\nREAL='{}'\nDIR='{}'\n{script}\n",
+                    real.display(),
+                    dir.display()
+                ),
+            )
+            .unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        format!(
+            "{}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            dir.display()
+        )
+    }
+
+    fn pod_with(
+        name: &str,
+        annotations: serde_json::Value,
+        proxy_env: serde_json::Value,
+    ) -> serde_json::Value {
+        let mut pod = sample_pod("default", name);
+        for (k, v) in annotations.as_object().unwrap() {
+            pod["metadata"]["annotations"][k] = v.clone();
+        }
+        pod["spec"]["containers"][1]["env"] = proxy_env;
+        pod
+    }
+
+    /// The IPv6 restore fails after the IPv4 one succeeded (an injected fault): the ADD fails and the IPv4 rules
+    /// are removed again, also over rules of ours from an earlier ADD.
+    #[test]
+    fn a_failed_ipv6_restore_leaves_no_ipv4_rule() {
+        for flavour in FLAVOURS {
+            let backend = match flavour {
+                Flavour::Legacy => "legacy",
+                Flavour::Nft => "nft",
+            };
+            let fx = fixture("v6fail");
+            fx.srv
+                .add_pod(pod_with(
+                    "dual",
+                    json!({}),
+                    json!([{"name": "ISTIO_DUAL_STACK", "value": "true"}]),
+                ))
+                .unwrap();
+            let net = PodNet::new("v6fail", true);
+            let ok = add_with(&fx, "dual", net.pod.path(), None, backend);
+            assert!(ok.success, "{ok:?}");
+            assert!(!istio_lines(&net.pod.save(flavour, Family::V6)).is_empty());
+            let path_var = faulty_tools(
+                &fx,
+                "v6fail",
+                &[flavour.restore_binary(Family::V6)],
+                // Every restore that adds rules fails; removals (the rollback) pass through.
+                "in=$(mktemp)\ncat > \"$in\"\nif grep -q '^-A ' \"$in\"; then\n  : > \"$DIR/injected\"\n  rm -f \"$in\"\n  echo 'ip6tables-restore: line 2 failed (injected)' >&2\n  exit 1\nfi\n\"$REAL\" \"$@\" < \"$in\"\nrc=$?\nrm -f \"$in\"\nexit $rc",
+            );
+            // A different capture, so the IPv4 rules are replaced (not left unchanged) before IPv6 fails.
+            fx.srv.remove_pod("default", "dual");
+            fx.srv
+                .add_pod(pod_with(
+                    "dual",
+                    json!({"traffic.sidecar.istio.io/excludeOutboundPorts": "7777"}),
+                    json!([{"name": "ISTIO_DUAL_STACK", "value": "true"}]),
+                ))
+                .unwrap();
+            let out = add_with(&fx, "dual", net.pod.path(), Some(path_var), backend);
+            assert!(!out.success, "{flavour:?}: {out:?}");
+            let msg = out.json()["msg"].as_str().unwrap_or_default().to_string();
+            assert!(
+                msg.contains("ip6tables") && msg.contains("injected"),
+                "{msg}"
+            );
+            no_istio_anywhere(&net.pod);
+            assert!(lock_files_of(net.pod.path()).is_empty());
+            assert!(processes_in(net.pod.path()).is_empty());
+        }
+    }
+
+    /// iptables-restore fails in the nat table after the mangle table was loaded (a TPROXY target injected into
+    /// nat, which the kernel refuses): legacy commits table by table, nft as a whole; either way nothing of ours
+    /// stays, nor the ruleset's rules in built-in chains, in a fresh netns and over rules of ours.
+    #[test]
+    fn a_failure_in_a_later_table_rolls_back_the_earlier_ones() {
+        for flavour in FLAVOURS {
+            let backend = match flavour {
+                Flavour::Legacy => "legacy",
+                Flavour::Nft => "nft",
+            };
+            let fx = fixture("laterfail");
+            fx.srv
+                .add_pod(pod_with(
+                    "tproxy",
+                    json!({"sidecar.istio.io/interceptionMode": "TPROXY"}),
+                    json!([]),
+                ))
+                .unwrap();
+            fx.srv.add_pod(sample_pod("default", "basic")).unwrap();
+            // Every restore that adds rules gets the bad rule in nat; removals (the rollback) pass through.
+            let script = "in=$(mktemp)\ncat > \"$in\"\nif grep -q '^-A ' \"$in\"; then\n  : > \"$DIR/injected\"\n  sed -i '/^\\* nat$/,/^COMMIT$/ s|^COMMIT$|-A ISTIO_OUTPUT -p tcp -j TPROXY --on-port 15006 --tproxy-mark 0x539/0xffffffff\\nCOMMIT|' \"$in\"\nfi\n\"$REAL\" \"$@\" < \"$in\"\nrc=$?\nrm -f \"$in\"\nexit $rc";
+            let path_var = faulty_tools(
+                &fx,
+                "laterfail",
+                &[flavour.restore_binary(Family::V4)],
+                script,
+            );
+            let marker = fx.run_dir.join("laterfail").join("injected");
+
+            let net = PodNet::new("laterfail", false);
+            let out = add_with(
+                &fx,
+                "tproxy",
+                net.pod.path(),
+                Some(path_var.clone()),
+                backend,
+            );
+            assert!(!out.success, "{flavour:?}: {out:?}");
+            assert!(marker.exists(), "the fault was not injected: {out:?}");
+            let msg = out.json()["msg"].as_str().unwrap_or_default().to_string();
+            assert!(
+                msg.contains("iptables")
+                    && !msg.contains("removing the rules already applied failed"),
+                "{msg}"
+            );
+            no_istio_anywhere(&net.pod);
+            let mangle = by_table(&net.pod.save(flavour, Family::V4))
+                .remove("mangle")
+                .unwrap_or_default();
+            assert!(
+                mangle.iter().all(|l| !l.starts_with("-A ")),
+                "{flavour:?}: {mangle:?}"
+            );
+
+            // Over rules of ours already there.
+            std::fs::remove_file(&marker).unwrap();
+            let net = PodNet::new("laterfail", false);
+            let ok = add_with(&fx, "basic", net.pod.path(), None, backend);
+            assert!(ok.success, "{ok:?}");
+            let out = add_with(&fx, "tproxy", net.pod.path(), Some(path_var), backend);
+            assert!(!out.success && marker.exists(), "{flavour:?}: {out:?}");
+            no_istio_anywhere(&net.pod);
+            assert!(processes_in(net.pod.path()).is_empty());
+        }
     }
 }

@@ -1,25 +1,17 @@
 //! Root tests with real traffic through the rules: a pod netns joined to a peer netns (the outside world) by a
-//! veth, Istio's plugin goldens loaded, listeners standing in for Envoy (15001 outbound, 15006 inbound, as uid
+//! veth, the capture of Istio's plugin cases programmed with each backend, listeners standing in for Envoy (15001 outbound, 15006 inbound, as uid
 //! 1337) that report SO_ORIGINAL_DST, and clients connecting as the app (uid 1000) or as the proxy (uid 1337).
 
 use std::net::{IpAddr, SocketAddr};
 
-use cni_plugin::apply::{self, Flavour};
+use cni_plugin::apply;
 use cni_plugin::config::BackendChoice;
-use cni_plugin::rules::{RouteSetup, Ruleset, TproxyRoute};
-use meshcni_tests::netns::{basic_dual_stack_ruleset, plugin_golden, PodNet};
+use meshcni_tests::netns::{plugin_target, PodNet};
 use meshcni_tests::netprobe;
 use meshcni_tests::traffic::{assert_landed, As, ListenOpts, Listener, Probe, Proto};
 
 const PROXY_UID: u32 = 1337;
 const APP_UID: u32 = 1000;
-
-fn choice(f: Flavour) -> BackendChoice {
-    match f {
-        Flavour::Legacy => BackendChoice::Legacy,
-        Flavour::Nft => BackendChoice::Nft,
-    }
-}
 
 fn sa(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
     SocketAddr::new(ip.into(), port)
@@ -74,7 +66,7 @@ fn check_redirect(probe: &Probe, net: &PodNet, pod: IpAddr, peer: IpAddr, localh
     assert_landed(&r, "app", None);
 }
 
-fn basic_golden_redirects_real_traffic(flavour: Flavour) {
+fn basic_golden_redirects_real_traffic(backend: BackendChoice) {
     let probe = netprobe!();
     let net = PodNet::new("traffic", false);
     let _world = start_world(&probe, &net, false, false);
@@ -95,34 +87,30 @@ fn basic_golden_redirects_real_traffic(flavour: Flavour) {
         None,
     );
 
-    let rs = Ruleset {
-        v4: plugin_golden("basic"),
-        v6: None,
-        routes: RouteSetup::default(),
-    };
-    apply::apply_ruleset(net.pod.path(), choice(flavour), &rs).unwrap();
+    let rs = plugin_target("basic", false);
+    apply::program(net.pod.path(), backend, &rs).unwrap();
     check_redirect(&probe, &net, pod, peer, "127.0.0.1".parse().unwrap());
     // A second ADD changes nothing in the behaviour.
-    apply::apply_ruleset(net.pod.path(), choice(flavour), &rs).unwrap();
+    apply::program(net.pod.path(), backend, &rs).unwrap();
     check_redirect(&probe, &net, pod, peer, "127.0.0.1".parse().unwrap());
 }
 
 #[test]
 fn basic_golden_redirects_real_traffic_legacy() {
-    basic_golden_redirects_real_traffic(Flavour::Legacy);
+    basic_golden_redirects_real_traffic(BackendChoice::Legacy);
 }
 
 #[test]
 fn basic_golden_redirects_real_traffic_nft() {
-    basic_golden_redirects_real_traffic(Flavour::Nft);
+    basic_golden_redirects_real_traffic(BackendChoice::Nft);
 }
 
-fn ipv6_pod_redirects_real_traffic(flavour: Flavour) {
+fn ipv6_pod_redirects_real_traffic(backend: BackendChoice) {
     let probe = netprobe!();
     let net = PodNet::new("traffic6", true);
     let _world = start_world(&probe, &net, true, false);
-    let rs = basic_dual_stack_ruleset();
-    apply::apply_ruleset(net.pod.path(), choice(flavour), &rs).unwrap();
+    let rs = plugin_target("basic", true);
+    apply::program(net.pod.path(), backend, &rs).unwrap();
     check_redirect(
         &probe,
         &net,
@@ -134,15 +122,15 @@ fn ipv6_pod_redirects_real_traffic(flavour: Flavour) {
 
 #[test]
 fn ipv6_pod_redirects_real_traffic_legacy() {
-    ipv6_pod_redirects_real_traffic(Flavour::Legacy);
+    ipv6_pod_redirects_real_traffic(BackendChoice::Legacy);
 }
 
 #[test]
 fn ipv6_pod_redirects_real_traffic_nft() {
-    ipv6_pod_redirects_real_traffic(Flavour::Nft);
+    ipv6_pod_redirects_real_traffic(BackendChoice::Nft);
 }
 
-fn tproxy_golden_keeps_the_original_destination(flavour: Flavour) {
+fn tproxy_golden_keeps_the_original_destination(backend: BackendChoice) {
     let probe = netprobe!();
     let net = PodNet::new("tproxy", false);
     let _world = start_world(&probe, &net, false, true);
@@ -150,19 +138,8 @@ fn tproxy_golden_keeps_the_original_destination(flavour: Flavour) {
         IpAddr::from(net.addrs.pod_v4),
         IpAddr::from(net.addrs.peer_v4),
     );
-    let rs = Ruleset {
-        v4: plugin_golden("tproxy"),
-        v6: None,
-        routes: RouteSetup {
-            ipv6_loopback_addr: false,
-            tproxy: Some(TproxyRoute {
-                mark: 1337,
-                table: 133,
-                ipv6: false,
-            }),
-        },
-    };
-    apply::apply_ruleset(net.pod.path(), choice(flavour), &rs).unwrap();
+    let rs = plugin_target("tproxy", false);
+    apply::program(net.pod.path(), backend, &rs).unwrap();
     // Inbound: delivered to the transparent listener on 15006 without NAT: the accepted socket's own address
     // is the original destination.
     let r = probe.must_connect(&net.peer, sa(pod, 8080), As::Root);
@@ -187,15 +164,15 @@ fn tproxy_golden_keeps_the_original_destination(flavour: Flavour) {
 
 #[test]
 fn tproxy_golden_keeps_the_original_destination_legacy() {
-    tproxy_golden_keeps_the_original_destination(Flavour::Legacy);
+    tproxy_golden_keeps_the_original_destination(BackendChoice::Legacy);
 }
 
 #[test]
 fn tproxy_golden_keeps_the_original_destination_nft() {
-    tproxy_golden_keeps_the_original_destination(Flavour::Nft);
+    tproxy_golden_keeps_the_original_destination(BackendChoice::Nft);
 }
 
-fn dns_golden_captures_dns(flavour: Flavour) {
+fn dns_golden_captures_dns(backend: BackendChoice) {
     let probe = netprobe!();
     let net = PodNet::new("dns", false);
     let any: IpAddr = "0.0.0.0".parse().unwrap();
@@ -216,12 +193,8 @@ fn dns_golden_captures_dns(flavour: Flavour) {
         ),
         probe.listen(&net.peer, "peer-dns-tcp", sa(peer, 53), ListenOpts::root()),
     ];
-    let rs = Ruleset {
-        v4: plugin_golden("dns"),
-        v6: None,
-        routes: RouteSetup::default(),
-    };
-    apply::apply_ruleset(net.pod.path(), choice(flavour), &rs).unwrap();
+    let rs = plugin_target("dns", false);
+    apply::program(net.pod.path(), backend, &rs).unwrap();
     let udp = |user| {
         probe
             .connect_with(&net.pod, sa(peer, 53), user, Proto::Udp)
@@ -239,12 +212,12 @@ fn dns_golden_captures_dns(flavour: Flavour) {
 
 #[test]
 fn dns_golden_captures_dns_legacy() {
-    dns_golden_captures_dns(Flavour::Legacy);
+    dns_golden_captures_dns(BackendChoice::Legacy);
 }
 
 #[test]
 fn dns_golden_captures_dns_nft() {
-    dns_golden_captures_dns(Flavour::Nft);
+    dns_golden_captures_dns(BackendChoice::Nft);
 }
 
 #[test]

@@ -17,9 +17,8 @@
 //! (`/proc/thread-self/net/ip_tables_names`, read on the netns thread) holds no legacy rule at all; a save that
 //! auto-detection read anyway is reused instead of trying a restore bound to fail.
 //!
-//! The restore processes can be started before the ruleset is known ([`FirewallBackend::prepare`]): they wait
-//! for their input on a pipe, so the fork/exec and dynamic loading overlap the pod lookup. A restore that is
-//! given no input (closed pipe, or killed) changes nothing.
+//! The backend renders its payloads itself from the typed [`Capture`] (`rules::render_iptables`, Istio's text byte
+//! for byte) and checks them ([`Payload`]) before any process is started.
 //!
 //! "Identical" is decided on iptables-save's canonical text: the ruleset is loaded into a scratch netns with the
 //! same binary and saved back, which gives exactly the text the pod netns shows for the same rules.
@@ -29,32 +28,17 @@ use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use crate::rules::iptables::Family;
+
 use super::exec::{self, ExecError, Running};
 use super::text::{compose, Owned, Tables};
-use super::{
-    sandbox, Applied, ApplyError, BackendKind, FamilyOutcome, FirewallBackend, Payload,
-    ValidRuleset,
-};
+use super::{sandbox, Applied, ApplyError, Backend, BackendKind, Capture, FamilyOutcome};
+use crate::rules::render_iptables;
 
 /// Upper bound for one iptables process (from the moment it is given its input).
 pub const TOOL_TIMEOUT: Duration = Duration::from_secs(30);
 /// The environment variable iptables ≥ 1.8.6 reads for its lock file.
 pub const XTABLES_LOCKFILE_ENV: &str = "XTABLES_LOCKFILE";
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Family {
-    V4,
-    V6,
-}
-
-impl std::fmt::Display for Family {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Family::V4 => "IPv4",
-            Family::V6 => "IPv6",
-        })
-    }
-}
 
 /// Which iptables flavour.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -80,19 +64,12 @@ impl Flavour {
 
     /// `iptables-legacy-save`, `ip6tables-nft-save`, ...
     pub fn save_binary(self, family: Family) -> String {
-        format!("{}-{}-save", base(family), self.suffix())
+        format!("{}-{}-save", family.tool_base(), self.suffix())
     }
 
     /// `iptables-legacy-restore`, `ip6tables-nft-restore`, ...
     pub fn restore_binary(self, family: Family) -> String {
-        format!("{}-{}-restore", base(family), self.suffix())
-    }
-}
-
-fn base(family: Family) -> &'static str {
-    match family {
-        Family::V4 => "iptables",
-        Family::V6 => "ip6tables",
+        format!("{}-{}-restore", family.tool_base(), self.suffix())
     }
 }
 
@@ -112,6 +89,59 @@ pub fn legacy_tables(family: Family) -> std::io::Result<Vec<String>> {
         Ok(text) => Ok(text.split_whitespace().map(str::to_string).collect()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
         Err(e) => Err(e),
+    }
+}
+
+/// One family's restore payload, parsed and checked.
+#[derive(Debug, Clone)]
+pub struct Payload {
+    /// The payload exactly as rendered; this is what a first apply feeds to iptables-restore.
+    pub text: String,
+    pub tables: Tables,
+}
+
+impl Payload {
+    pub fn new(family: Family, text: &str) -> Result<Self, ApplyError> {
+        let invalid = |reason: String| ApplyError::InvalidRuleset { family, reason };
+        let tables = Tables::parse(text).map_err(|e| invalid(e.to_string()))?;
+        if !tables.has_rules() {
+            return Err(invalid("it holds no rule".into()));
+        }
+        tables.validate_payload().map_err(invalid)?;
+        Ok(Payload {
+            text: text.to_string(),
+            tables,
+        })
+    }
+}
+
+/// The payloads of a capture: IPv4, and IPv6 when enabled.
+#[derive(Debug, Clone)]
+pub struct Payloads {
+    pub v4: Payload,
+    pub v6: Option<Payload>,
+}
+
+impl Payloads {
+    /// Renders and checks the payloads of `capture`.
+    pub fn render(capture: &Capture) -> Result<Self, ApplyError> {
+        let rendered = render_iptables(&capture.config);
+        tracing::debug!(v4 = %rendered.v4, v6 = ?rendered.v6, "rendered iptables payloads");
+        Ok(Payloads {
+            v4: Payload::new(Family::V4, &rendered.v4)?,
+            v6: rendered
+                .v6
+                .as_deref()
+                .map(|t| Payload::new(Family::V6, t))
+                .transpose()?,
+        })
+    }
+
+    fn get(&self, family: Family) -> Option<&Payload> {
+        match family {
+            Family::V4 => Some(&self.v4),
+            Family::V6 => self.v6.as_ref(),
+        }
     }
 }
 
@@ -219,8 +249,6 @@ enum Known {
 pub struct IptablesRestore {
     tools: Tools,
     known: RefCell<[Known; 2]>,
-    /// Restores started by [`FirewallBackend::prepare`], waiting for their input.
-    pending: RefCell<[Option<Running>; 2]>,
 }
 
 impl IptablesRestore {
@@ -232,7 +260,6 @@ impl IptablesRestore {
                 lockfile: lockfile.map(Path::to_path_buf),
             },
             known: RefCell::new([Known::Unknown, Known::Unknown]),
-            pending: RefCell::new([None, None]),
         }
     }
 
@@ -273,27 +300,8 @@ impl IptablesRestore {
         }
     }
 
-    /// Kills the restore started in advance for `family`, if any (it was given no input: nothing changes).
-    fn dismiss(&self, family: Family) {
-        if let Some(running) = self.pending.borrow_mut()[Self::slot(family)].take() {
-            running.kill();
-        }
-    }
-
-    fn dismiss_all(&self) {
-        for family in [Family::V4, Family::V6] {
-            self.dismiss(family);
-        }
-    }
-
-    /// Loads the payload with the restore started in advance, or a new one.
     fn restore_payload(&self, family: Family, payload: &Payload) -> Result<(), ApplyError> {
-        let pending = self.pending.borrow_mut()[Self::slot(family)].take();
-        let running = match pending {
-            Some(r) => r,
-            None => self.tools.spawn_restore(family)?,
-        };
-        self.tools.finish_restore(family, running, &payload.text)
+        self.tools.restore(family, &payload.text)
     }
 
     fn apply_family(&self, family: Family, payload: &Payload) -> Result<FamilyOutcome, ApplyError> {
@@ -301,7 +309,6 @@ impl IptablesRestore {
         if let Known::Saved(text) = &known {
             let live = self.tools.parse_save(family, text)?;
             if !Owned::from_save(&live, &Default::default()).is_empty() {
-                self.dismiss(family);
                 return self.reconcile(family, payload, &live);
             }
         }
@@ -377,68 +384,49 @@ impl IptablesRestore {
     }
 }
 
-impl Drop for IptablesRestore {
-    fn drop(&mut self) {
-        self.dismiss_all();
-    }
-}
-
-impl FirewallBackend for IptablesRestore {
-    fn kind(&self) -> BackendKind {
-        self.tools.flavour.kind()
-    }
-
-    fn prepare(&self, families: &[Family]) {
-        for &family in families {
-            let slot = Self::slot(family);
-            if self.pending.borrow()[slot].is_some() {
-                continue;
-            }
-            match self.tools.spawn_restore(family) {
-                Ok(running) => self.pending.borrow_mut()[slot] = Some(running),
-                // Not fatal here: the restore is started again when needed and its error reported then.
-                Err(e) => {
-                    tracing::debug!(%family, error = %e, "cannot start iptables-restore in advance")
-                }
-            }
-        }
-    }
-
-    fn apply(&self, rules: &ValidRuleset) -> Result<Applied, ApplyError> {
-        let families = rules.families();
-        for family in [Family::V4, Family::V6] {
-            if !families.contains(&family) {
-                self.dismiss(family);
-            }
-        }
-        let v4 = match self.apply_family(Family::V4, &rules.v4) {
+impl IptablesRestore {
+    fn apply_payloads(&self, payloads: &Payloads) -> Result<Applied, ApplyError> {
+        let v4 = match self.apply_family(Family::V4, &payloads.v4) {
             Ok(o) => o,
-            Err(failed) => return Err(self.roll_back(rules, &[Family::V4], failed)),
+            Err(failed) => return Err(self.roll_back(payloads, &[Family::V4], failed)),
         };
-        let v6 = match &rules.v6 {
+        let v6 = match &payloads.v6 {
             None => None,
             Some(p6) => match self.apply_family(Family::V6, p6) {
                 Ok(o) => Some(o),
                 Err(failed) => {
                     tracing::warn!(error = %failed, "IPv6 rules failed; removing the IPv4 rules again");
-                    return Err(self.roll_back(rules, &[Family::V4, Family::V6], failed));
+                    return Err(self.roll_back(payloads, &[Family::V4, Family::V6], failed));
                 }
             },
         };
         self.log_final_state(Family::V4);
-        if rules.v6.is_some() {
+        if payloads.v6.is_some() {
             self.log_final_state(Family::V6);
         }
         Ok(Applied { v4, v6 })
     }
 
-    fn remove(&self, rules: &ValidRuleset) -> Result<bool, ApplyError> {
-        self.dismiss_all();
-        let mut removed = self.remove_family(Family::V4, &rules.v4)?;
-        if let Some(p6) = &rules.v6 {
+    fn remove_payloads(&self, payloads: &Payloads) -> Result<bool, ApplyError> {
+        let mut removed = self.remove_family(Family::V4, &payloads.v4)?;
+        if let Some(p6) = &payloads.v6 {
             removed |= self.remove_family(Family::V6, p6)?;
         }
         Ok(removed)
+    }
+}
+
+impl Backend for IptablesRestore {
+    fn kind(&self) -> BackendKind {
+        self.tools.flavour.kind()
+    }
+
+    fn apply(&self, capture: &Capture) -> Result<Applied, ApplyError> {
+        self.apply_payloads(&Payloads::render(capture)?)
+    }
+
+    fn remove(&self, capture: &Capture) -> Result<bool, ApplyError> {
+        self.remove_payloads(&Payloads::render(capture)?)
     }
 }
 
@@ -448,21 +436,18 @@ impl IptablesRestore {
     /// left alone: its restore cannot have changed anything and its state cannot be read.
     fn roll_back(
         &self,
-        rules: &ValidRuleset,
+        payloads: &Payloads,
         attempted: &[Family],
         failed: ApplyError,
     ) -> ApplyError {
-        self.dismiss_all();
         let unusable_family = attempted.last().filter(|_| failed.is_unusable());
         for &family in attempted {
             if Some(&family) == unusable_family {
                 continue;
             }
-            let payload = match family {
-                Family::V4 => Some(&rules.v4),
-                Family::V6 => rules.v6.as_ref(),
+            let Some(payload) = payloads.get(family) else {
+                continue;
             };
-            let Some(payload) = payload else { continue };
             if let Err(rollback) = self.remove_family(family, payload) {
                 return ApplyError::RollbackFailed {
                     failed: Box::new(failed),

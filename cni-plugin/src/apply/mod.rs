@@ -1,11 +1,14 @@
 //! Programming one pod netns: firewall backends behind one trait (netavark style: the backend is chosen once and
-//! logged by name), the routes that go with the rules, and the two entry points [`program`] (from a `Redirect`)
-//! and [`apply_ruleset`] (from a literal [`Ruleset`]).
+//! logged by name), the routes that go with the rules, and the one entry point [`program`].
 //!
-//! Everything happens on one dedicated thread inside the pod netns ([`Netns::run`]); that thread also gets a
-//! private mount namespace for the iptables children ([`sandbox`]) and a pod-scoped xtables lock file.
-//! Nothing is applied before the whole ruleset has been validated, and a failed ADD leaves no rule behind: if the
-//! IPv6 restore fails after IPv4 succeeded, or the routes fail, our rules are removed again.
+//! A backend takes the typed [`Capture`] (the capture configuration and its routes) and renders its own payload:
+//! the iptables backends render Istio's iptables-restore text, the native nftables backend its netlink batch.
+//! Text is an output of a backend, never the interface between the core and the backends.
+//!
+//! Everything happens on one dedicated thread inside the pod netns ([`Netns::run`]); for the iptables backends that
+//! thread also gets a private mount namespace for their children ([`sandbox`]) and a pod-scoped xtables lock file.
+//! Nothing is applied before the whole configuration has been validated, and a failed ADD leaves no rule behind:
+//! if the IPv6 restore fails after IPv4 succeeded, or the routes fail, our rules are removed again.
 
 pub mod exec;
 pub mod iptables;
@@ -17,13 +20,11 @@ use std::fs::OpenOptions;
 use std::net::IpAddr;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
 
 use crate::config::BackendChoice;
 use crate::netns::{Netns, NetnsError, NetnsId};
 use crate::redirect::Redirect;
-use crate::rules::{self, CaptureConfig, RouteSetup, Ruleset};
+use crate::rules::{self, CaptureConfig, RouteSetup};
 
 pub use iptables::{Family, Flavour, IptablesRestore};
 pub use routes::{Netlink, RouteError, RoutesOutcome};
@@ -36,6 +37,8 @@ pub enum ApplyError {
     Netns(#[from] NetnsError),
     #[error("invalid {family} ruleset: {reason}")]
     InvalidRuleset { family: Family, reason: String },
+    #[error("invalid capture configuration: {0}")]
+    InvalidConfig(#[from] rules::CaptureConfigError),
     #[error("invalid route setup: {0}")]
     InvalidRoutes(String),
     #[error("no pod IP in netns {path}: no address other than loopback and link-local (found {addrs:?})")]
@@ -66,8 +69,6 @@ pub enum ApplyError {
         restore: Box<ApplyError>,
         save: Box<ApplyError>,
     },
-    #[error("programming aborted before any rule was applied")]
-    Aborted,
 }
 
 impl ApplyError {
@@ -88,6 +89,8 @@ impl ApplyError {
 pub enum BackendKind {
     IptablesLegacy,
     IptablesNft,
+    /// Native nftables over netfilter netlink: one transaction, no program run.
+    Nftables,
 }
 
 impl BackendKind {
@@ -95,6 +98,7 @@ impl BackendKind {
         match self {
             BackendKind::IptablesLegacy => "iptables-legacy",
             BackendKind::IptablesNft => "iptables-nft",
+            BackendKind::Nftables => "nftables",
         }
     }
 }
@@ -123,70 +127,22 @@ pub struct Applied {
     pub v6: Option<FamilyOutcome>,
 }
 
-/// A firewall backend. Its methods run on the netns thread, in the pod's netns. A later native nftables backend
-/// (one netlink batch) implements the same trait.
-pub trait FirewallBackend {
-    fn kind(&self) -> BackendKind;
-
-    fn name(&self) -> &'static str {
-        self.kind().name()
-    }
-
-    /// Starts, before the ruleset is known, whatever programming `families` will need (the iptables backends
-    /// start their restore processes, which then wait for their input). Dropping the backend undoes it; nothing
-    /// is changed in the netns until [`FirewallBackend::apply`].
-    fn prepare(&self, _families: &[Family]) {}
-
-    /// Programs the ruleset, idempotently (see `iptables.rs`). On error nothing of ours is left.
-    fn apply(&self, rules: &ValidRuleset) -> Result<Applied, ApplyError>;
-
-    /// Removes our chains and rules. Returns whether there was anything to remove.
-    fn remove(&self, rules: &ValidRuleset) -> Result<bool, ApplyError>;
-}
-
-/// One family's restore payload, parsed and checked.
-#[derive(Debug, Clone)]
-pub struct Payload {
-    /// The payload exactly as rendered; this is what a first apply feeds to iptables-restore.
-    pub text: String,
-    pub tables: text::Tables,
-}
-
-impl Payload {
-    fn new(family: Family, text: &str) -> Result<Self, ApplyError> {
-        let invalid = |reason: String| ApplyError::InvalidRuleset { family, reason };
-        let tables = text::Tables::parse(text).map_err(|e| invalid(e.to_string()))?;
-        if !tables.has_rules() {
-            return Err(invalid("it holds no rule".into()));
-        }
-        tables.validate_payload().map_err(invalid)?;
-        Ok(Payload {
-            text: text.to_string(),
-            tables,
-        })
-    }
-}
-
-/// A [`Ruleset`] that passed validation: what the backends accept.
-#[derive(Debug, Clone)]
-pub struct ValidRuleset {
-    pub v4: Payload,
-    pub v6: Option<Payload>,
+/// What a backend programs: the typed capture configuration and the routes that go with it, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Capture {
+    pub config: CaptureConfig,
     pub routes: RouteSetup,
 }
 
 /// Routing tables the TPROXY rule must not point to: unspec, default, main, local.
 const RESERVED_TABLES: [u32; 4] = [0, 253, 254, 255];
 
-impl ValidRuleset {
-    pub fn new(rs: &Ruleset) -> Result<Self, ApplyError> {
-        let v4 = Payload::new(Family::V4, &rs.v4)?;
-        let v6 = rs
-            .v6
-            .as_deref()
-            .map(|t| Payload::new(Family::V6, t))
-            .transpose()?;
-        if let Some(tp) = &rs.routes.tproxy {
+impl Capture {
+    /// Validates the configuration (istio-iptables' own checks) and derives its routes.
+    pub fn new(config: CaptureConfig) -> Result<Self, ApplyError> {
+        config.validate()?;
+        let routes = config.route_setup();
+        if let Some(tp) = &routes.tproxy {
             if tp.mark == 0 {
                 return Err(ApplyError::InvalidRoutes(
                     "TPROXY mark 0 would match every unmarked packet".into(),
@@ -198,29 +154,38 @@ impl ValidRuleset {
                     tp.table
                 )));
             }
-            if tp.ipv6 && v6.is_none() {
-                return Err(ApplyError::InvalidRoutes(
-                    "IPv6 TPROXY routes requested without IPv6 rules".into(),
-                ));
-            }
         }
-        Ok(ValidRuleset {
-            v4,
-            v6,
-            routes: rs.routes.clone(),
-        })
+        Ok(Capture { config, routes })
     }
 
+    /// The families the rules are programmed in: IPv4, and IPv6 when enabled.
     pub fn families(&self) -> Vec<Family> {
         let mut f = vec![Family::V4];
-        if self.v6.is_some() {
+        if self.config.enable_ipv6 {
             f.push(Family::V6);
         }
         f
     }
 }
 
-/// What [`program`] / [`apply_ruleset`] did.
+/// A firewall backend. Its methods run on the netns thread, in the pod's netns. Each renders its own payload
+/// from the typed [`Capture`].
+pub trait Backend {
+    fn kind(&self) -> BackendKind;
+
+    fn name(&self) -> &'static str {
+        self.kind().name()
+    }
+
+    /// Programs the rules of `capture`, idempotently: a second call with the same capture leaves one copy, a call
+    /// with a different one replaces ours. On error nothing of ours is left.
+    fn apply(&self, capture: &Capture) -> Result<Applied, ApplyError>;
+
+    /// Removes our rules. Returns whether there was anything to remove.
+    fn remove(&self, capture: &Capture) -> Result<bool, ApplyError>;
+}
+
+/// What [`program`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Programmed {
     pub netns: NetnsId,
@@ -228,20 +193,28 @@ pub struct Programmed {
     pub v4: FamilyOutcome,
     pub v6: Option<FamilyOutcome>,
     pub routes: RoutesOutcome,
-    pub sandbox: Sandbox,
+    /// The iptables backends' mount sandbox (`None` for native nftables, which runs no program).
+    pub sandbox: Option<Sandbox>,
+    /// The capture that was programmed.
+    pub capture: Capture,
 }
 
-/// The backend for this netns: the configured one, or Istio's detection over `families`. Runs on the netns thread
-/// (inside the sandbox).
+/// The backend for this netns: the configured one, or Istio's iptables detection over `families`. Runs on the
+/// netns thread (inside the sandbox for the iptables backends).
 pub fn select_backend(
     choice: BackendChoice,
     families: &[Family],
     lockfile: Option<&Path>,
-) -> Result<Box<dyn FirewallBackend>, ApplyError> {
+) -> Result<Box<dyn Backend>, ApplyError> {
     Ok(match choice {
         BackendChoice::Legacy => Box::new(iptables::legacy_with_state(families, lockfile)),
         BackendChoice::Nft => Box::new(IptablesRestore::new(Flavour::Nft, lockfile)),
         BackendChoice::Auto => Box::new(iptables::detect(families, lockfile)?),
+        BackendChoice::Nftables => {
+            return Err(ApplyError::InvalidRoutes(
+                "native nftables is not wired yet".into(),
+            ))
+        }
     })
 }
 
@@ -288,28 +261,71 @@ impl Drop for LockFile {
     }
 }
 
-/// The families a netns can be programmed in, known before the pod is: IPv4 always, IPv6 when the netns has a
-/// usable IPv6 address (only then can [`rules::ipv6_enabled`] say yes, whatever the pod's dual-stack setting).
-pub fn possible_families(addrs: &[IpAddr]) -> Vec<Family> {
-    let mut families = vec![Family::V4];
-    if rules::ipv6_enabled(addrs, true) == Some(true) {
-        families.push(Family::V6);
-    }
-    families
+/// What to program in a pod netns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// A pod's redirect: IPv6 is enabled or not from the netns addresses, as Istio's `getLocalIP` decides.
+    Redirect(Redirect),
+    /// A capture configuration as it is (IPv6 as its `enable_ipv6` says).
+    Config(CaptureConfig),
 }
 
-/// On the netns thread, sandbox entered, backend chosen: applies the rules (falling back from nft to legacy in
-/// auto mode when nft proves unusable), then the routes; when the routes fail, the rules are removed again.
-fn apply_with(
+/// Programs `target` in the netns at `netns_path`: the one programming path of the plugin, its repair and its
+/// tests. Opens the netns (refusing the host's), then on a dedicated thread inside it: derives and validates the
+/// capture, chooses the backend (logged by name), applies the rules, then the routes; when the routes fail the
+/// rules are removed again.
+pub fn program(
+    netns_path: &Path,
+    choice: BackendChoice,
+    target: &Target,
+) -> Result<Programmed, ApplyError> {
+    let netns = Netns::open(netns_path)?;
+    netns.ensure_not_host()?;
+    let lock = match choice {
+        BackendChoice::Nftables => None,
+        _ => Some(LockFile::create(netns.id())?),
+    };
+    let lock_path = lock.as_ref().map(LockFile::path);
+    let span = tracing::Span::current();
+    netns.run(|| {
+        let _entered = span.enter();
+        on_netns_thread(&netns, choice, lock_path, target)
+    })?
+}
+
+/// The capture of `target` in this netns (the calling thread's).
+fn capture_of(netns: &Netns, netlink: &Netlink, target: &Target) -> Result<Capture, ApplyError> {
+    let config = match target {
+        Target::Config(config) => config.clone(),
+        Target::Redirect(redirect) => {
+            let addrs = netlink.addresses()?;
+            let enable_ipv6 =
+                rules::ipv6_enabled(&addrs, redirect.dual_stack()).ok_or_else(|| {
+                    ApplyError::NoPodIp {
+                        path: netns.path().to_path_buf(),
+                        addrs: addrs.clone(),
+                    }
+                })?;
+            CaptureConfig::from_redirect(redirect, enable_ipv6)
+        }
+    };
+    Capture::new(config)
+}
+
+fn on_netns_thread(
     netns: &Netns,
     choice: BackendChoice,
-    lock_path: &Path,
-    backend: Box<dyn FirewallBackend>,
-    rules: &ValidRuleset,
-    netlink: Option<Netlink>,
-    sandbox: Sandbox,
+    lock_path: Option<&Path>,
+    target: &Target,
 ) -> Result<Programmed, ApplyError> {
-    let (backend, applied) = match backend.apply(rules) {
+    let netlink = Netlink::open()?;
+    let capture = capture_of(netns, &netlink, target)?;
+    tracing::debug!(config = ?capture.config, routes = ?capture.routes, "capture");
+    let families = capture.families();
+    let sandbox = lock_path.map(|lock| sandbox::enter(Some(lock)));
+    let backend = select_backend(choice, &families, lock_path)?;
+    tracing::info!(backend = backend.name(), netns = %netns.path().display(), "firewall backend selected");
+    let (backend, applied) = match backend.apply(&capture) {
         Ok(applied) => (backend, applied),
         Err(nft)
             if choice == BackendChoice::Auto
@@ -318,9 +334,9 @@ fn apply_with(
         {
             tracing::warn!(error = %nft, "iptables-nft does not work in this netns; using iptables-legacy");
             drop(backend);
-            let legacy = iptables::legacy_with_state(&rules.families(), Some(lock_path));
-            match legacy.apply(rules) {
-                Ok(applied) => (Box::new(legacy) as Box<dyn FirewallBackend>, applied),
+            let legacy = iptables::legacy_with_state(&families, lock_path);
+            match legacy.apply(&capture) {
+                Ok(applied) => (Box::new(legacy) as Box<dyn Backend>, applied),
                 Err(legacy) => {
                     return Err(ApplyError::NoUsableIptables {
                         legacy: legacy.to_string(),
@@ -331,21 +347,12 @@ fn apply_with(
         }
         Err(e) => return Err(e),
     };
-    let routes = if rules.routes == RouteSetup::default() {
-        Ok(RoutesOutcome::default())
-    } else {
-        match netlink {
-            Some(nl) => Ok(nl),
-            None => Netlink::open(),
-        }
-        .and_then(|nl| nl.configure(&rules.routes))
-    };
-    let routes = match routes {
+    let routes = match netlink.configure(&capture.routes) {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(error = %e, "routes failed; removing the rules again");
             let failed = ApplyError::Routes(e);
-            return Err(match backend.remove(rules) {
+            return Err(match backend.remove(&capture) {
                 Ok(_) => failed,
                 Err(rollback) => ApplyError::RollbackFailed {
                     failed: Box::new(failed),
@@ -361,324 +368,71 @@ fn apply_with(
         v6: applied.v6,
         routes,
         sandbox,
+        capture,
     })
-}
-
-/// Opens the netns, refusing the host's, and programs a validated ruleset on its thread.
-fn in_pod_netns(
-    netns_path: &Path,
-    choice: BackendChoice,
-    rules: &ValidRuleset,
-) -> Result<Programmed, ApplyError> {
-    let netns = Netns::open(netns_path)?;
-    netns.ensure_not_host()?;
-    let lock = LockFile::create(netns.id())?;
-    let lock_path = lock.path();
-    netns.run(|| -> Result<Programmed, ApplyError> {
-        let sandbox = sandbox::enter(Some(lock_path));
-        let backend = select_backend(choice, &rules.families(), Some(lock_path))?;
-        tracing::info!(backend = backend.name(), netns = %netns.path().display(), "firewall backend selected");
-        apply_with(&netns, choice, lock_path, backend, rules, None, sandbox)
-    })?
-}
-
-/// Programs a literal ruleset in the netns at `netns_path` (tests, and the plugin once it has rendered one).
-/// The ruleset is validated before the netns is even opened.
-pub fn apply_ruleset(
-    netns_path: &Path,
-    choice: BackendChoice,
-    ruleset: &Ruleset,
-) -> Result<Programmed, ApplyError> {
-    let rules = ValidRuleset::new(ruleset)?;
-    in_pod_netns(netns_path, choice, &rules)
-}
-
-/// Programs the redirect of a pod: reads the netns addresses (IPv6 enabled or not, as Istio's `getLocalIP`),
-/// renders the rules, validates them, applies them and the routes, all on the netns thread. The same as
-/// [`Prepared::start`] followed by [`Prepared::program`].
-pub fn program(
-    netns_path: &Path,
-    choice: BackendChoice,
-    redirect: &Redirect,
-) -> Result<Programmed, ApplyError> {
-    Prepared::start(netns_path, choice).program(redirect)
-}
-
-/// The programming of one pod netns, started before the pod's redirect is known, so that the preparation
-/// overlaps the pod lookup.
-///
-/// [`Prepared::start`] returns at once; a thread opens the netns (refusing the host's), creates the pod's lock
-/// file and enters the netns on a dedicated thread, which reads the addresses, enters the sandbox, chooses the
-/// backend and lets it prepare (the iptables backends start their `iptables-restore` processes, IPv6 only when
-/// the netns has an IPv6 address; they wait for their input). Nothing is changed in the netns until
-/// [`Prepared::program`] hands over the redirect: the rules are then rendered and validated, and only then
-/// loaded.
-///
-/// [`Prepared::abort`] (or dropping it) stops everything: the restores are killed before they read a line and
-/// reaped, and errors of the preparation are not reported (a pod that is not redirected must not fail because
-/// of its netns, as with Istio, which never opens it).
-#[derive(Debug)]
-pub struct Prepared {
-    netns_path: PathBuf,
-    /// Hands the redirect to the netns thread; dropped to abort.
-    tx: Option<mpsc::SyncSender<Redirect>>,
-    aborted: Arc<AtomicBool>,
-    worker: Option<std::thread::JoinHandle<Result<Programmed, ApplyError>>>,
-    /// The thread could not even be started.
-    failed: Option<ApplyError>,
-}
-
-impl Prepared {
-    /// Starts preparing the netns at `netns_path`; never blocks, never fails (errors come with `program`).
-    pub fn start(netns_path: &Path, choice: BackendChoice) -> Prepared {
-        let (tx, rx) = mpsc::sync_channel::<Redirect>(1);
-        let aborted = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&aborted);
-        let path = netns_path.to_path_buf();
-        // The caller's span (pod, container id) goes with the work, so its logs carry the same fields.
-        let span = tracing::Span::current();
-        let spawned = std::thread::Builder::new()
-            .name("netns-prepare".into())
-            .spawn(move || prepare_and_program(&path, choice, rx, &flag, span));
-        let (tx, worker, failed) = match spawned {
-            Ok(worker) => (Some(tx), Some(worker), None),
-            Err(source) => (
-                None,
-                None,
-                Some(ApplyError::Netns(NetnsError::Thread {
-                    path: netns_path.to_path_buf(),
-                    source,
-                })),
-            ),
-        };
-        Prepared {
-            netns_path: netns_path.to_path_buf(),
-            tx,
-            aborted,
-            worker,
-            failed,
-        }
-    }
-
-    /// Renders the pod's rules on the netns thread, validates them, and applies them with the prepared backend.
-    /// A failure of the preparation (netns gone, host netns, no pod IP, ...) is reported here.
-    pub fn program(mut self, redirect: &Redirect) -> Result<Programmed, ApplyError> {
-        if let Some(e) = self.failed.take() {
-            return Err(e);
-        }
-        if let Some(tx) = self.tx.take() {
-            // An error means the thread already ended (its preparation failed): its result says why.
-            let _ = tx.send(redirect.clone());
-        }
-        let Some(worker) = self.worker.take() else {
-            return Err(ApplyError::Aborted);
-        };
-        worker.join().unwrap_or_else(|payload| {
-            Err(ApplyError::Netns(NetnsError::Panicked {
-                path: self.netns_path.clone(),
-                message: crate::panic_message(payload.as_ref()),
-            }))
-        })
-    }
-
-    /// Stops the preparation: kills and reaps the processes it started, changes nothing, reports nothing.
-    pub fn abort(mut self) {
-        self.stop();
-    }
-
-    fn stop(&mut self) {
-        self.aborted.store(true, Ordering::SeqCst);
-        drop(self.tx.take());
-        if let Some(worker) = self.worker.take() {
-            match worker.join() {
-                Ok(Err(ApplyError::Aborted)) => {}
-                Ok(Err(e)) => {
-                    tracing::debug!(error = %e, "preparation failed; ignored: the netns is not programmed")
-                }
-                Ok(Ok(_)) => {}
-                Err(payload) => {
-                    tracing::warn!(message = %crate::panic_message(payload.as_ref()), "preparation panicked; ignored")
-                }
-            }
-        }
-    }
-}
-
-impl Drop for Prepared {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-/// The thread behind [`Prepared`]: opens the netns and holds it (and the lock file) while the netns thread works.
-fn prepare_and_program(
-    path: &Path,
-    choice: BackendChoice,
-    rx: mpsc::Receiver<Redirect>,
-    aborted: &AtomicBool,
-    span: tracing::Span,
-) -> Result<Programmed, ApplyError> {
-    let _entered = span.enter();
-    let netns = Netns::open(path)?;
-    netns.ensure_not_host()?;
-    let lock = LockFile::create(netns.id())?;
-    let lock_path = lock.path();
-    netns.run(|| {
-        let _entered = span.enter();
-        on_netns_thread(&netns, choice, lock_path, rx, aborted)
-    })?
-}
-
-fn on_netns_thread(
-    netns: &Netns,
-    choice: BackendChoice,
-    lock_path: &Path,
-    rx: mpsc::Receiver<Redirect>,
-    aborted: &AtomicBool,
-) -> Result<Programmed, ApplyError> {
-    let stop = || aborted.load(Ordering::SeqCst);
-    let netlink = Netlink::open()?;
-    let addrs = netlink.addresses()?;
-    let no_pod_ip = || ApplyError::NoPodIp {
-        path: netns.path().to_path_buf(),
-        addrs: addrs.clone(),
-    };
-    if rules::ipv6_enabled(&addrs, true).is_none() {
-        // No pod IP: nothing to prepare; it is an error only for a pod that is to be redirected.
-        return match rx.recv() {
-            Ok(_) => Err(no_pod_ip()),
-            Err(_) => Err(ApplyError::Aborted),
-        };
-    }
-    let families = possible_families(&addrs);
-    if stop() {
-        return Err(ApplyError::Aborted);
-    }
-    let sandbox = sandbox::enter(Some(lock_path));
-    let backend = select_backend(choice, &families, Some(lock_path))?;
-    if stop() {
-        return Err(ApplyError::Aborted);
-    }
-    backend.prepare(&families);
-    tracing::debug!(
-        backend = backend.name(),
-        ?families,
-        "netns prepared; waiting for the pod's redirect"
-    );
-    // A closed channel means abort: returning drops the backend, which kills its waiting restores.
-    let Ok(redirect) = rx.recv() else {
-        return Err(ApplyError::Aborted);
-    };
-    let enable_ipv6 = rules::ipv6_enabled(&addrs, redirect.dual_stack()).ok_or_else(no_pod_ip)?;
-    let cfg = CaptureConfig::from_redirect(&redirect, enable_ipv6);
-    let ruleset = rules::render_iptables(&cfg);
-    tracing::debug!(?ruleset, enable_ipv6, "rendered ruleset");
-    let rules = ValidRuleset::new(&ruleset)?;
-    tracing::info!(backend = backend.name(), netns = %netns.path().display(), "firewall backend selected");
-    apply_with(
-        netns,
-        choice,
-        lock_path,
-        backend,
-        &rules,
-        Some(netlink),
-        sandbox,
-    )
-}
-
-/// The interface addresses of the netns at `netns_path` (for [`rules::ipv6_enabled`]).
-pub fn netns_addresses(netns_path: &Path) -> Result<Vec<IpAddr>, ApplyError> {
-    let netns = Netns::open(netns_path)?;
-    Ok(netns.run(|| Netlink::open().and_then(|nl| nl.addresses()))??)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rules::TproxyRoute;
-
-    const MINI: &str = "*nat\n-N ISTIO_OUTPUT\n-A OUTPUT -j ISTIO_OUTPUT\nCOMMIT\n";
+    use crate::redirect::InterceptionMode;
+    use crate::rules::{OwnerGroup, OwnerGroups, PortSelector};
 
     #[test]
-    fn rulesets_are_validated_before_anything() {
-        let ok = Ruleset {
-            v4: MINI.into(),
-            v6: None,
-            routes: RouteSetup::default(),
+    fn captures_are_validated_before_anything() {
+        let ok = Capture::new(CaptureConfig::default()).unwrap();
+        assert_eq!(ok.families(), [Family::V4]);
+        assert_eq!(ok.routes, RouteSetup::default());
+        let v6 = Capture::new(CaptureConfig {
+            enable_ipv6: true,
+            ..CaptureConfig::default()
+        })
+        .unwrap();
+        assert_eq!(v6.families(), [Family::V4, Family::V6]);
+        assert!(v6.routes.ipv6_loopback_addr);
+
+        let too_many = CaptureConfig {
+            owner_groups_include: OwnerGroups::Only(vec![OwnerGroup::Id(1); 65]),
+            ..CaptureConfig::default()
         };
-        assert_eq!(ValidRuleset::new(&ok).unwrap().families(), [Family::V4]);
+        let e = Capture::new(too_many).unwrap_err();
+        assert!(e.to_string().contains("65 owner groups"), "{e}");
 
-        let empty = Ruleset::default();
-        let e = ValidRuleset::new(&empty).unwrap_err();
-        assert!(
-            e.to_string().contains("IPv4") && e.to_string().contains("no rule"),
-            "{e}"
-        );
-
-        let bad_v6 = Ruleset {
-            v6: Some("*nat\n-A OUTPUT -j ISTIO_OUTPUT\n".into()),
-            ..ok.clone()
+        let tproxy = |mark, table| CaptureConfig {
+            interception_mode: InterceptionMode::Tproxy,
+            inbound_ports_include: PortSelector::All,
+            inbound_tproxy_mark: mark,
+            inbound_tproxy_route_table: table,
+            ..CaptureConfig::default()
         };
-        let e = ValidRuleset::new(&bad_v6).unwrap_err();
-        assert!(e.to_string().contains("IPv6"), "{e}");
-
-        for (tp, what) in [
-            (
-                TproxyRoute {
-                    mark: 0,
-                    table: 133,
-                    ipv6: false,
-                },
-                "mark 0",
-            ),
-            (
-                TproxyRoute {
-                    mark: 1337,
-                    table: 254,
-                    ipv6: false,
-                },
-                "254",
-            ),
-            (
-                TproxyRoute {
-                    mark: 1337,
-                    table: 133,
-                    ipv6: true,
-                },
-                "without IPv6",
-            ),
-        ] {
-            let rs = Ruleset {
-                routes: RouteSetup {
-                    ipv6_loopback_addr: false,
-                    tproxy: Some(tp),
-                },
-                ..ok.clone()
-            };
-            let e = ValidRuleset::new(&rs).unwrap_err();
+        assert!(Capture::new(tproxy(1337, 133))
+            .unwrap()
+            .routes
+            .tproxy
+            .is_some());
+        for (cfg, what) in [(tproxy(0, 133), "mark 0"), (tproxy(1337, 254), "254")] {
+            let e = Capture::new(cfg).unwrap_err();
             assert!(e.to_string().contains(what), "{e}");
         }
     }
 
     #[test]
     fn the_host_netns_is_refused_before_anything() {
-        let ok = Ruleset {
-            v4: MINI.into(),
-            v6: None,
-            routes: RouteSetup::default(),
-        };
-        for path in ["/proc/self/ns/net", "/proc/thread-self/ns/net"] {
-            let e = apply_ruleset(Path::new(path), BackendChoice::Nft, &ok).unwrap_err();
-            assert!(
-                matches!(e, ApplyError::Netns(NetnsError::HostNetns { .. })),
-                "{e}"
-            );
-            assert!(e.to_string().contains(path), "{e}");
+        let target = Target::Config(CaptureConfig::default());
+        for choice in [BackendChoice::Nft, BackendChoice::Nftables] {
+            for path in ["/proc/self/ns/net", "/proc/thread-self/ns/net"] {
+                let e = program(Path::new(path), choice, &target).unwrap_err();
+                assert!(
+                    matches!(e, ApplyError::Netns(NetnsError::HostNetns { .. })),
+                    "{e}"
+                );
+                assert!(e.to_string().contains(path), "{e}");
+            }
+            // init's netns: refused as the host's, or not even opened where /proc/1 is off limits.
+            let e = program(Path::new("/proc/1/ns/net"), choice, &target).unwrap_err();
+            assert!(matches!(e, ApplyError::Netns(_)), "{e}");
+            assert!(e.to_string().contains("/proc/1/ns/net"), "{e}");
         }
-        // init's netns: refused as the host's, or not even opened where /proc/1 is off limits.
-        let e = apply_ruleset(Path::new("/proc/1/ns/net"), BackendChoice::Nft, &ok).unwrap_err();
-        assert!(matches!(e, ApplyError::Netns(_)), "{e}");
-        assert!(e.to_string().contains("/proc/1/ns/net"), "{e}");
     }
 
     #[test]

@@ -8,6 +8,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use crate::rules::iptables::Table as KnownTable;
+
 /// Prefix of the chains Istio creates.
 pub const OWN_CHAIN_PREFIX: &str = "ISTIO_";
 
@@ -61,20 +63,13 @@ pub struct Tables {
     pub tables: Vec<Table>,
 }
 
-/// Built-in chains of the tables iptables knows.
+/// Built-in chains of the table named `table`, if iptables knows the table.
 pub fn builtin_chains(table: &str) -> Option<&'static [&'static str]> {
-    Some(match table {
-        "filter" => &["INPUT", "FORWARD", "OUTPUT"],
-        "nat" => &["PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"],
-        "mangle" => &["PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"],
-        "raw" => &["PREROUTING", "OUTPUT"],
-        "security" => &["INPUT", "FORWARD", "OUTPUT"],
-        _ => return None,
-    })
+    KnownTable::from_name(table).map(KnownTable::builtin_chains)
 }
 
 fn is_builtin(table: &str, chain: &str) -> bool {
-    builtin_chains(table).is_some_and(|b| b.contains(&chain))
+    KnownTable::from_name(table).is_some_and(|t| t.has_builtin_chain(chain))
 }
 
 /// Splits a rule line into words the way iptables-restore does: whitespace separated, double quotes group.

@@ -12,6 +12,11 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
+pub mod model;
+
+use model::is_builtin_chain_or_target;
+pub use model::{Family, Table};
+
 use super::{
     CaptureConfig, DnsServer, InterceptionMode, InterfaceName, IpRanges, OwnerGroup, OwnerGroups,
     PortSelector, Ruleset,
@@ -25,36 +30,6 @@ const DNS_PORT: u16 = 53;
 /// Source of the proxy's inbound passthrough connections.
 const PASSTHROUGH_V4: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
 const PASSTHROUGH_V6: Ipv6Addr = Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6);
-
-/// Chains and targets that exist without `-N` (Istio's `BuiltInChainsAndTargetsMap`).
-const BUILTIN: [&str; 8] = [
-    "INPUT",
-    "OUTPUT",
-    "FORWARD",
-    "PREROUTING",
-    "POSTROUTING",
-    "ACCEPT",
-    "RETURN",
-    "DROP",
-];
-
-/// The tables Istio writes, in the order it writes them (sorted by name).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Table {
-    Mangle,
-    Nat,
-    Raw,
-}
-
-impl Table {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Table::Mangle => "mangle",
-            Table::Nat => "nat",
-            Table::Raw => "raw",
-        }
-    }
-}
 
 /// The chains the rules live in or jump to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -86,13 +61,6 @@ impl Chain {
             Chain::IstioDrop => "ISTIO_DROP",
         }
     }
-}
-
-/// An address family, for the rules whose addresses differ between iptables and ip6tables.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Family {
-    V4,
-    V6,
 }
 
 /// A typed value that fills a `{}` slot of a rule template. Implemented only for validated types, never for
@@ -299,10 +267,9 @@ impl Builder {
 fn restore(rules: &[Rule]) -> String {
     let mut tables: BTreeMap<Table, Vec<String>> = BTreeMap::new();
     let mut seen: HashSet<(&str, Table)> = HashSet::new();
-    let is_builtin = |c: &str| BUILTIN.contains(&c);
     for r in rules {
         let chain = r.chain.as_str();
-        if seen.insert((chain, r.table)) && !is_builtin(chain) {
+        if seen.insert((chain, r.table)) && !is_builtin_chain_or_target(chain) {
             tables
                 .entry(r.table)
                 .or_default()
@@ -311,7 +278,10 @@ fn restore(rules: &[Rule]) -> String {
     }
     for r in rules {
         if let [.., jump, target] = r.params.as_slice() {
-            if jump == "-j" && seen.insert((target.as_str(), r.table)) && !is_builtin(target) {
+            if jump == "-j"
+                && seen.insert((target.as_str(), r.table))
+                && !is_builtin_chain_or_target(target)
+            {
                 tables
                     .entry(r.table)
                     .or_default()

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# ADD latency benchmark of istio-cni (root; creates and removes its own netns only). Prints a markdown table: ADD of
-# an injected pod vs. the floor (one iptables-restore per family of the same rules into a fresh netns, measured in the
-# same run, interleaved), ADD of a non-injected pod, and a burst of concurrent ADDs.
+# ADD latency benchmark of istio-cni (root; creates and removes its own netns only). Prints markdown tables: ADD of
+# an injected pod with each backend (iptables-legacy, iptables-nft, native nftables) vs. the floor (one
+# iptables-restore of the same rules into a fresh netns, measured in the same run, interleaved), ADD of a
+# non-injected pod, the plugin's VERSION call (its start-up), and a burst of concurrent ADDs per backend; writes the
+# latencies as an SVG chart to docs/add-latency.svg (SVG=path to change it).
 #
-#   scripts/bench-add.sh [--samples N] [--burst N] [--backend legacy|nft|both]
+#   scripts/bench-add.sh [--samples N] [--burst N] [--backend legacy|nft|nftables|both|all]
 #   BUILD=gnu scripts/bench-add.sh     measure the glibc build instead of the static musl one
 #
 # By default it measures what the image ships: istio-cni built statically for x86_64-unknown-linux-musl (as
@@ -27,4 +29,6 @@ else
   PLUGIN_DIR=$TARGET_DIR/release
 fi
 echo "measuring $PLUGIN_DIR/istio-cni ($BUILD build); load: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
-exec "$TARGET_DIR/release/meshcni-bench" --bin-dir "$PLUGIN_DIR" "$@"
+SVG=${SVG:-docs/add-latency.svg}
+mkdir -p "$(dirname "$SVG")"
+exec "$TARGET_DIR/release/meshcni-bench" --bin-dir "$PLUGIN_DIR" --svg "$SVG" "$@"

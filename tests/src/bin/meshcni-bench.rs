@@ -1,13 +1,19 @@
 //! `meshcni-bench`: ADD latency of the real `istio-cni` binary against the floor measured in the same run.
 //!
 //! Per sample a fresh pod netns (with an address, as after the primary CNI) is made outside the timed part. Timed:
-//! - ADD, injected pod: the whole plugin process (API lookup over HTTPS, decision, rules in the netns);
+//! - ADD, injected pod, per backend (iptables-legacy, iptables-nft, native nftables): the whole plugin process
+//!   (API lookup over HTTPS, decision, rules in the netns);
 //! - ADD, non-injected pod: the plugin process that looks the pod up and passes it through;
-//! - floor: one `iptables-restore --noflush` per family of the same rules into a fresh netns, spawned the same way.
+//! - VERSION: the plugin's own start-up and exit;
+//! - floor: one `iptables-restore --noflush` (legacy or nft) of the same rules into a fresh netns, spawned the
+//!   same way: what the iptables backends cannot go below, and what the native backend is compared with.
 //!
-//! Then a burst of concurrent ADDs (each its own pod and netns): wall time, slowest, failures.
+//! The three are interleaved so that drift affects them alike. Then, per backend, a burst of concurrent ADDs
+//! (each its own pod and netns): wall time, slowest, failures, against the bound the CPU time of one ADD gives
+//! (`burst × median CPU time / cores`). Results as a markdown table on stdout, and an SVG chart (`--svg`).
 //! Run it through `scripts/bench-add.sh` (release build, root). Touches only netns it creates.
 
+use std::fmt::Write as _;
 use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
@@ -20,7 +26,6 @@ use cni_plugin::pod::PodInfo;
 use cni_plugin::redirect::Redirect;
 use cni_plugin::rules::{render_iptables, CaptureConfig};
 use meshcni_tests::apiserver::{sample_pod, ApiServer};
-use meshcni_tests::chain::Invocation;
 use serde_json::json;
 
 const HELP: &str = "\
@@ -29,7 +34,8 @@ meshcni-bench: ADD latency of istio-cni vs. the iptables-restore floor (root; cr
 OPTIONS:
     --samples N      samples per measurement (default 40)
     --burst N        concurrent ADDs in the burst (default 50)
-    --backend B      legacy, nft or both (default both)
+    --backend B      legacy, nft, nftables or all (default all; both = legacy and nft)
+    --svg FILE       also write the latencies as an SVG chart to FILE
     --bin-dir DIR    where istio-cni is (default: this binary's directory)
     -h, --help       this help
 ";
@@ -39,13 +45,21 @@ struct Args {
     burst: usize,
     backends: Vec<BackendChoice>,
     bin_dir: PathBuf,
+    svg: Option<PathBuf>,
 }
+
+const ALL: [BackendChoice; 3] = [
+    BackendChoice::Legacy,
+    BackendChoice::Nft,
+    BackendChoice::Nftables,
+];
 
 fn parse_args() -> Result<Args, String> {
     let mut a = Args {
         samples: 40,
         burst: 50,
-        backends: vec![BackendChoice::Nft, BackendChoice::Legacy],
+        backends: ALL.to_vec(),
+        svg: None,
         bin_dir: std::env::current_exe()
             .ok()
             .and_then(|p| p.parent().map(Path::to_path_buf))
@@ -58,13 +72,18 @@ fn parse_args() -> Result<Args, String> {
             "--samples" => a.samples = val()?.parse().map_err(|e| format!("--samples: {e}"))?,
             "--burst" => a.burst = val()?.parse().map_err(|e| format!("--burst: {e}"))?,
             "--bin-dir" => a.bin_dir = PathBuf::from(val()?),
+            "--svg" => a.svg = Some(PathBuf::from(val()?)),
             "--backend" => {
                 a.backends = match val()?.as_str() {
                     "legacy" => vec![BackendChoice::Legacy],
                     "nft" => vec![BackendChoice::Nft],
-                    "both" => vec![BackendChoice::Nft, BackendChoice::Legacy],
+                    "nftables" => vec![BackendChoice::Nftables],
+                    "both" => vec![BackendChoice::Legacy, BackendChoice::Nft],
+                    "all" => ALL.to_vec(),
                     other => {
-                        return Err(format!("--backend {other:?}: expected legacy, nft or both"))
+                        return Err(format!(
+                            "--backend {other:?}: expected legacy, nft, nftables, both or all"
+                        ))
                     }
                 }
             }
@@ -168,31 +187,100 @@ impl Drop for Setup {
     }
 }
 
-fn add(s: &Setup, backend: BackendChoice, pod: &str, netns: &str) -> Result<Duration, String> {
+fn backend_key(backend: BackendChoice) -> &'static str {
+    match backend {
+        BackendChoice::Legacy => "legacy",
+        BackendChoice::Nft => "nft",
+        BackendChoice::Nftables => "nftables",
+        BackendChoice::Auto => "auto",
+    }
+}
+
+fn backend_name(backend: BackendChoice) -> &'static str {
+    match backend {
+        BackendChoice::Legacy => "iptables-legacy",
+        BackendChoice::Nft => "iptables-nft",
+        BackendChoice::Nftables => "nftables (native)",
+        BackendChoice::Auto => "auto",
+    }
+}
+
+/// One plugin run, timed: wall time and the child's CPU time (user + system).
+struct Timed {
+    wall: Duration,
+    cpu: Duration,
+}
+
+fn children_cpu() -> Duration {
+    // SAFETY: getrusage only writes the struct it is given.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// Runs the plugin with `env` and `stdin` and waits. The CPU time is right only when no other child of this
+/// process ends meanwhile (the sequential samples; not the burst).
+fn run_plugin(plugin: &Path, env: &[(&str, String)], stdin: &[u8]) -> Result<Timed, String> {
+    let cpu0 = children_cpu();
+    let start = Instant::now();
+    let mut child = Command::new(plugin)
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("spawn {}: {e}", plugin.display()))?;
+    if let Some(mut s) = child.stdin.take() {
+        let _ = s.write_all(stdin);
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("{}: {e}", plugin.display()))?;
+    let wall = start.elapsed();
+    let cpu = children_cpu().saturating_sub(cpu0);
+    if !out.status.success() {
+        return Err(format!(
+            "{} failed: {} {}",
+            plugin.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(Timed { wall, cpu })
+}
+
+fn add(s: &Setup, backend: BackendChoice, pod: &str, netns: &str) -> Result<Timed, String> {
     let conf = json!({
         "cniVersion": "1.0.0", "name": "k8s-pod-network", "type": "istio-cni",
         "cni_agent_run_dir": s.run_dir, "plugin_log_level": "warn",
-        "iptables_backend": match backend { BackendChoice::Legacy => "legacy", _ => "nft" },
+        "iptables_backend": backend_key(backend),
         "prevResult": {"cniVersion": "1.0.0", "ips": [{"address": "10.77.0.2/16"}], "dns": {}}
     });
-    let inv = Invocation::new(&s.plugin)
-        .env("CNI_COMMAND", "ADD")
-        .env("CNI_CONTAINERID", format!("bench{pod}"))
-        .env("CNI_NETNS", netns)
-        .env("CNI_IFNAME", "eth0")
-        .env("CNI_PATH", "/opt/cni/bin")
-        .env(
+    let env = [
+        ("CNI_COMMAND", "ADD".to_string()),
+        ("CNI_CONTAINERID", format!("bench{pod}")),
+        ("CNI_NETNS", netns.to_string()),
+        ("CNI_IFNAME", "eth0".to_string()),
+        ("CNI_PATH", "/opt/cni/bin".to_string()),
+        (
             "CNI_ARGS",
             format!("K8S_POD_NAMESPACE=bench;K8S_POD_NAME={pod}"),
-        )
-        .stdin(serde_json::to_vec(&conf).map_err(|e| e.to_string())?);
-    let start = Instant::now();
-    let out = inv.run_with_timeout(Duration::from_secs(60));
-    let el = start.elapsed();
-    if !out.success {
-        return Err(format!("ADD {pod} failed: {} {}", out.stdout, out.stderr));
-    }
-    Ok(el)
+        ),
+    ];
+    let stdin = serde_json::to_vec(&conf).map_err(|e| e.to_string())?;
+    run_plugin(&s.plugin, &env, &stdin).map_err(|e| format!("ADD {pod}: {e}"))
+}
+
+/// The plugin's `VERSION` call: its start-up and exit, nothing else.
+fn version(s: &Setup) -> Result<Timed, String> {
+    run_plugin(
+        &s.plugin,
+        &[("CNI_COMMAND", "VERSION".to_string())],
+        br#"{"cniVersion":"1.0.0"}"#,
+    )
 }
 
 fn ms(d: Duration) -> f64 {
@@ -203,13 +291,6 @@ fn percentile(v: &mut [Duration], p: f64) -> Duration {
     v.sort();
     let idx = ((v.len() as f64 - 1.0) * p).round() as usize;
     v[idx.min(v.len() - 1)]
-}
-
-fn measure(
-    n: usize,
-    mut f: impl FnMut(usize) -> Result<Duration, String>,
-) -> Result<Vec<Duration>, String> {
-    (0..n).map(&mut f).collect()
 }
 
 fn run(a: &Args) -> Result<bool, String> {
@@ -248,77 +329,247 @@ fn run(a: &Args) -> Result<bool, String> {
         setup.srv.add_pod(p).map_err(|e| e.to_string())?;
     }
 
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut ok = true;
-    println!("| backend | ADD injected p50 (p90) | floor p50 (p90) | ratio p50 | ADD non-injected p50 (p90) | burst {} wall / slowest / failures |", a.burst);
-    println!("|---|---|---|---|---|---|");
+    let mut chart = Vec::new();
+
+    // The backend-independent measurements, interleaved with the iptables-nft floor.
+    warm_up(&setup, BackendChoice::Nft, &rules.v4)?;
+    let (mut plain, mut ver, mut nft_floor) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..a.samples {
+        let ns = BenchNetns::new(i)?;
+        plain.push(add(&setup, BackendChoice::Nft, "plain", &ns.path())?.wall);
+        ver.push(version(&setup)?.wall);
+        let ns = BenchNetns::new(i + 1000)?;
+        nft_floor.push(restore_in(&ns.path(), "iptables-nft-restore", &rules.v4)?);
+    }
+    let (p50, p90) = (percentile(&mut plain, 0.5), percentile(&mut plain, 0.9));
+    let (v50, v90) = (percentile(&mut ver, 0.5), percentile(&mut ver, 0.9));
+    let nf50 = percentile(&mut nft_floor, 0.5);
+    println!(
+        "| measurement | p50 (p90) |\n|---|---|\n| ADD non-injected | {:.2} ms ({:.2}) |\n| VERSION (start-up) | {:.2} ms ({:.2}) |\n| iptables-nft floor | {:.2} ms |\n",
+        ms(p50), ms(p90), ms(v50), ms(v90), ms(nf50)
+    );
+    chart.push(Bar::new("non-injected ADD", &mut plain, None));
+    chart.push(Bar::new("VERSION", &mut ver, None));
+    ok &= ms(p50) <= 5.0;
+
+    println!("| backend | ADD injected p50 (p90) | floor p50 (p90) | ratio p50 | ratio to iptables-nft floor | CPU p50 | burst {} wall / bound / slowest / failures |", a.burst);
+    println!("|---|---|---|---|---|---|---|");
     for &backend in &a.backends {
-        let (restore, name) = match backend {
-            BackendChoice::Legacy => ("iptables-legacy-restore", "iptables-legacy"),
-            _ => ("iptables-nft-restore", "iptables-nft"),
+        let restore = match backend {
+            BackendChoice::Legacy => "iptables-legacy-restore",
+            _ => "iptables-nft-restore",
         };
-        // Warm-up (page cache, kernel modules), not counted.
-        {
-            let ns = BenchNetns::new(9000)?;
-            add(&setup, backend, "injected", &ns.path())?;
-            let ns2 = BenchNetns::new(9001)?;
-            restore_in(&ns2.path(), restore, &rules.v4)?;
-        }
-        // Interleave the three measurements so drift affects them alike.
-        let (mut inj, mut floor, mut plain) = (Vec::new(), Vec::new(), Vec::new());
-        measure(a.samples, |i| {
+        warm_up(&setup, backend, &rules.v4)?;
+        let (mut inj, mut cpu, mut floor) = (Vec::new(), Vec::new(), Vec::new());
+        for i in 0..a.samples {
             let ns = BenchNetns::new(i)?;
-            inj.push(add(&setup, backend, "injected", &ns.path())?);
+            let t = add(&setup, backend, "injected", &ns.path())?;
+            inj.push(t.wall);
+            cpu.push(t.cpu);
             let ns = BenchNetns::new(i + 1000)?;
             floor.push(restore_in(&ns.path(), restore, &rules.v4)?);
-            let ns = BenchNetns::new(i + 2000)?;
-            plain.push(add(&setup, backend, "plain", &ns.path())?);
-            Ok(Duration::ZERO)
-        })?;
-        // Burst: all netns first, then every ADD at once.
-        let nss: Vec<BenchNetns> = (0..a.burst)
-            .map(|i| BenchNetns::new(3000 + i))
-            .collect::<Result<_, _>>()?;
-        let start = Instant::now();
-        let results: Vec<Result<Duration, String>> = std::thread::scope(|sc| {
-            let hs: Vec<_> = nss
-                .iter()
-                .enumerate()
-                .map(|(i, ns)| {
-                    let setup = &setup;
-                    sc.spawn(move || add(setup, backend, &format!("burst-{i}"), &ns.path()))
-                })
-                .collect();
-            hs.into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err("burst thread panicked".into()))
-                })
-                .collect()
-        });
-        let wall = start.elapsed();
-        drop(nss);
-        let failures: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
-        let slowest = results
-            .iter()
-            .filter_map(|r| r.as_ref().ok())
-            .max()
-            .copied()
-            .unwrap_or_default();
-        for f in &failures {
-            eprintln!("burst failure: {f}");
         }
+        let burst = burst(&setup, backend, a.burst)?;
         let (i50, i90) = (percentile(&mut inj, 0.5), percentile(&mut inj, 0.9));
         let (f50, f90) = (percentile(&mut floor, 0.5), percentile(&mut floor, 0.9));
-        let (p50, p90) = (percentile(&mut plain, 0.5), percentile(&mut plain, 0.9));
+        let c50 = percentile(&mut cpu, 0.5);
         let ratio = ms(i50) / ms(f50);
+        let ratio_nft = ms(i50) / ms(nf50);
+        let bound = c50.mul_f64(1.3 * a.burst as f64 / cores as f64);
         println!(
-            "| {name} | {:.2} ms ({:.2}) | {:.2} ms ({:.2}) | {:.2}x | {:.2} ms ({:.2}) | {:.0} ms / {:.0} ms / {} |",
-            ms(i50), ms(i90), ms(f50), ms(f90), ratio, ms(p50), ms(p90), ms(wall), ms(slowest), failures.len()
+            "| {} | {:.2} ms ({:.2}) | {:.2} ms ({:.2}) | {:.2}x | {:.2}x | {:.2} ms | {:.0} ms / {:.0} ms / {:.0} ms / {} |",
+            backend_name(backend), ms(i50), ms(i90), ms(f50), ms(f90), ratio, ratio_nft, ms(c50),
+            ms(burst.wall), ms(bound), ms(burst.slowest), burst.failures
         );
-        ok &= ratio <= 1.3 && ms(p50) <= 5.0 && failures.is_empty();
+        let floor_label = restore.trim_end_matches("-restore");
+        chart.push(Bar::new(
+            &format!("{} ADD", backend_name(backend)),
+            &mut inj,
+            Some((format!("{floor_label} floor"), f50)),
+        ));
+        ok &= burst.failures == 0
+            && match backend {
+                BackendChoice::Nftables => ratio_nft <= 1.0,
+                _ => ratio <= 1.3,
+            };
     }
-    println!("\nsamples per measurement: {}; targets: ADD <= 1.3x floor, non-injected <= 5 ms, burst 0 failures", a.samples);
+    println!(
+        "\nsamples per measurement: {}; cores: {cores}; targets: iptables ADD <= 1.3x its floor, native nftables ADD <= 1.0x the iptables-nft floor, non-injected <= 5 ms, burst 0 failures",
+        a.samples
+    );
+    if let Some(path) = &a.svg {
+        std::fs::write(path, svg(&chart, a.samples))
+            .map_err(|e| format!("writing {}: {e}", path.display()))?;
+        eprintln!("chart written to {}", path.display());
+    }
     Ok(ok)
+}
+
+/// One ADD and one floor restore, not counted (page cache, kernel modules, the API stub's first TLS session).
+fn warm_up(setup: &Setup, backend: BackendChoice, rules: &str) -> Result<(), String> {
+    let ns = BenchNetns::new(9000)?;
+    add(setup, backend, "injected", &ns.path())?;
+    let ns2 = BenchNetns::new(9001)?;
+    let restore = match backend {
+        BackendChoice::Legacy => "iptables-legacy-restore",
+        _ => "iptables-nft-restore",
+    };
+    restore_in(&ns2.path(), restore, rules)?;
+    Ok(())
+}
+
+struct Burst {
+    wall: Duration,
+    slowest: Duration,
+    failures: usize,
+}
+
+/// `n` ADDs at once, each its own pod and netns (all made before the clock starts).
+fn burst(setup: &Setup, backend: BackendChoice, n: usize) -> Result<Burst, String> {
+    let nss: Vec<BenchNetns> = (0..n)
+        .map(|i| BenchNetns::new(3000 + i))
+        .collect::<Result<_, _>>()?;
+    let start = Instant::now();
+    let results: Vec<Result<Timed, String>> = std::thread::scope(|sc| {
+        let hs: Vec<_> = nss
+            .iter()
+            .enumerate()
+            .map(|(i, ns)| sc.spawn(move || add(setup, backend, &format!("burst-{i}"), &ns.path())))
+            .collect();
+        hs.into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err("burst thread panicked".into()))
+            })
+            .collect()
+    });
+    let wall = start.elapsed();
+    drop(nss);
+    let mut failures = 0;
+    for f in results.iter().filter_map(|r| r.as_ref().err()) {
+        eprintln!("burst failure ({}): {f}", backend_name(backend));
+        failures += 1;
+    }
+    let slowest = results
+        .iter()
+        .filter_map(|r| r.as_ref().ok().map(|t| t.wall))
+        .max()
+        .unwrap_or_default();
+    Ok(Burst {
+        wall,
+        slowest,
+        failures,
+    })
+}
+
+/// One bar of the chart: p50 with a p10..p90 whisker, and the floor it is compared with, if any.
+struct Bar {
+    label: String,
+    p10: f64,
+    p50: f64,
+    p90: f64,
+    floor: Option<(String, f64)>,
+}
+
+impl Bar {
+    fn new(label: &str, samples: &mut [Duration], floor: Option<(String, Duration)>) -> Bar {
+        Bar {
+            label: label.to_string(),
+            p10: ms(percentile(samples, 0.1)),
+            p50: ms(percentile(samples, 0.5)),
+            p90: ms(percentile(samples, 0.9)),
+            floor: floor.map(|(l, d)| (l, ms(d))),
+        }
+    }
+}
+
+/// A horizontal bar chart of the latencies (ms), the floors marked as red ticks on their bars.
+fn svg(bars: &[Bar], samples: usize) -> String {
+    let (left, width, row, top) = (190.0, 520.0, 34.0, 40.0);
+    let max = bars
+        .iter()
+        .flat_map(|b| [b.p90, b.floor.as_ref().map_or(0.0, |f| f.1)])
+        .fold(1.0_f64, f64::max)
+        * 1.1;
+    let x = |v: f64| left + v / max * width;
+    let height = top + row * bars.len() as f64 + 50.0;
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{height}" font-family="sans-serif" font-size="12">"#,
+        w = left + width + 60.0
+    );
+    let _ = writeln!(
+        o,
+        r#"<text x="10" y="20" font-size="14">istio-cni ADD latency, p50 with p10–p90 ({samples} samples each); red tick: floor</text>"#
+    );
+    for (i, b) in bars.iter().enumerate() {
+        let y = top + row * i as f64;
+        let _ = writeln!(o, r#"<text x="10" y="{:.1}">{}</text>"#, y + 16.0, b.label);
+        let _ = writeln!(
+            o,
+            r##"<rect x="{left}" y="{:.1}" width="{:.1}" height="20" fill="#4a7ebb"/>"##,
+            y + 2.0,
+            x(b.p50) - left
+        );
+        let _ = writeln!(
+            o,
+            r#"<line x1="{:.1}" x2="{:.1}" y1="{:.1}" y2="{:.1}" stroke="black"/>"#,
+            x(b.p10),
+            x(b.p90),
+            y + 12.0,
+            y + 12.0
+        );
+        let _ = writeln!(
+            o,
+            r#"<text x="{:.1}" y="{:.1}">{:.2} ms</text>"#,
+            x(b.p90) + 4.0,
+            y + 16.0,
+            b.p50
+        );
+        if let Some((label, f)) = &b.floor {
+            let _ = writeln!(
+                o,
+                r#"<line x1="{:.1}" x2="{:.1}" y1="{:.1}" y2="{:.1}" stroke="red" stroke-width="3"><title>{label}: {f:.2} ms</title></line>"#,
+                x(*f),
+                x(*f),
+                y,
+                y + 24.0
+            );
+        }
+    }
+    let axis_y = top + row * bars.len() as f64 + 10.0;
+    let _ = writeln!(
+        o,
+        r#"<line x1="{left}" x2="{:.1}" y1="{axis_y}" y2="{axis_y}" stroke="black"/>"#,
+        left + width
+    );
+    let step = if max > 20.0 {
+        5.0
+    } else if max > 8.0 {
+        2.0
+    } else {
+        1.0
+    };
+    let mut t = 0.0;
+    while t <= max {
+        let _ = writeln!(
+            o,
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{t}</text>"#,
+            x(t),
+            axis_y + 16.0
+        );
+        t += step;
+    }
+    let _ = writeln!(
+        o,
+        r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">ms</text></svg>"#,
+        left + width / 2.0,
+        axis_y + 34.0
+    );
+    o
 }
 
 fn main() -> ExitCode {

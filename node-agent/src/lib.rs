@@ -6,5 +6,6 @@
 pub mod agent;
 pub mod config;
 pub mod install;
+pub mod podcache;
 pub mod server;
 pub mod watch;

@@ -1,8 +1,16 @@
-//! The agent's loop: reconcile, publish readiness and metrics, then wait for a relevant inotify event, a timer
-//! (retry, back-off end, periodic resync) or SIGTERM/SIGINT, which removes everything of ours before exiting.
+//! The agent: a set of supervised tasks on one runtime, until SIGTERM/SIGINT, which removes everything of ours.
+//!
+//! - the installer: reconcile, publish readiness and metrics, then wait for a relevant inotify event or a timer
+//!   (retry, back-off end, periodic resync). The reconcile itself (file copies, fsyncs) runs on a blocking thread,
+//!   so nothing else ever waits behind it;
+//! - the HTTP servers (health, metrics);
+//! - later the pod watch and the plugin's socket.
+//!
+//! A task that fails (an error or a panic) is logged and restarted after a back-off; the others go on.
 
+use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::signal::unix::{signal, SignalKind};
@@ -34,6 +42,8 @@ pub enum AgentError {
     },
     #[error("cleanup on shutdown failed: {0}")]
     Cleanup(#[source] InstallError),
+    #[error("{0}")]
+    Task(String),
 }
 
 fn watch_targets(cfg: &Config) -> Vec<(std::path::PathBuf, Target)> {
@@ -76,23 +86,21 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
         source,
     })?;
 
-    let mut installer = Installer::new(cfg.clone())?;
-    let filter = Filter {
-        binaries: installer.binary_names(),
-        kubeconfig: cni_plugin::config::KUBECONFIG_NAME.to_string(),
-        ca_file: cfg
-            .ca_file
-            .file_name()
-            .and_then(|n| n.to_str())
-            .map(String::from),
-    };
-    // The watch starts before the first reconcile, so no change after the reconcile's reads is missed.
-    let mut watcher = Watcher::new(&watch_targets(&cfg), filter)?;
+    let installer = Arc::new(Mutex::new(Installer::new(cfg.clone())?));
+    // The first watch is set up here so that a directory that cannot be watched stops the agent before anything
+    // is written; the watch starts before the first reconcile, so no change after the reconcile's reads is missed.
+    let first_watcher = Arc::new(Mutex::new(Some(new_watcher(&cfg, &installer)?)));
+    let mut tasks = Vec::new();
     for (listener, endpoints) in listeners {
         if let Ok(addr) = listener.local_addr() {
             tracing::info!(%addr, ?endpoints, "serving");
         }
-        tokio::spawn(server::serve(listener, shared.clone(), endpoints));
+        // A listener cannot be re-created by a restart (its port is bound once, at start): serve() runs forever.
+        tasks.push(tokio::spawn(server::serve(
+            listener,
+            shared.clone(),
+            endpoints,
+        )));
     }
     tracing::info!(
         conf_dir = %cfg.conf_dir.display(),
@@ -102,7 +110,99 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
         node = %cfg.node_name,
         "node agent started"
     );
+    {
+        let (cfg, installer, shared) = (cfg.clone(), installer.clone(), shared.clone());
+        tasks.push(tokio::spawn(supervise("installer", move || {
+            let watcher = lock(&first_watcher).take();
+            installer_task(cfg.clone(), installer.clone(), shared.clone(), watcher)
+        })));
+    }
 
+    tokio::select! {
+        _ = sigterm.recv() => tracing::info!("SIGTERM: cleaning up"),
+        _ = sigint.recv() => tracing::info!("SIGINT: cleaning up"),
+    }
+    for t in &tasks {
+        t.abort();
+    }
+    shared.set_ready(false);
+    // The installer task may be in the middle of a reconcile on its blocking thread: the lock waits for it.
+    let cleanup = tokio::task::spawn_blocking(move || lock(&installer).cleanup()).await;
+    match cleanup {
+        Ok(r) => r.map_err(AgentError::Cleanup)?,
+        Err(e) => return Err(AgentError::Task(format!("cleanup panicked: {e}"))),
+    }
+    tracing::info!("cleanup complete");
+    Ok(())
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic during a reconcile leaves the installer as consistent as a crash would (every write is atomic); the
+    // next reconcile repairs.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn new_watcher(cfg: &Config, installer: &Mutex<Installer>) -> Result<Watcher, AgentError> {
+    let filter = Filter {
+        binaries: lock(installer).binary_names(),
+        kubeconfig: cni_plugin::config::KUBECONFIG_NAME.to_string(),
+        ca_file: cfg
+            .ca_file
+            .file_name()
+            .and_then(|n| n.to_str())
+            .map(String::from),
+    };
+    Ok(Watcher::new(&watch_targets(cfg), filter)?)
+}
+
+/// First restart delay of a failed task; doubles up to [`MAX_RESTART`], back to the first after a long run.
+pub const FIRST_RESTART: Duration = Duration::from_millis(200);
+pub const MAX_RESTART: Duration = Duration::from_secs(30);
+
+/// Runs the task `make` builds, forever: when it ends (an error, a panic, or even success), it is logged and a new
+/// one is started after a back-off. Aborting the supervisor aborts its task.
+pub async fn supervise<F, Fut, E>(name: &'static str, mut make: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), E>> + Send + 'static,
+    E: std::fmt::Display + Send + 'static,
+{
+    /// Aborting the supervisor aborts the task it runs (a dropped JoinHandle would leave it running).
+    struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+    impl<T> Drop for AbortOnDrop<T> {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    let mut delay = FIRST_RESTART;
+    loop {
+        let started = Instant::now();
+        let mut task = AbortOnDrop(tokio::spawn(make()));
+        match (&mut task.0).await {
+            Ok(Ok(())) => tracing::warn!(task = name, "task ended; restarting it"),
+            Ok(Err(e)) => tracing::error!(task = name, error = %e, "task failed; restarting it"),
+            Err(e) if e.is_cancelled() => return,
+            Err(e) => tracing::error!(task = name, error = %e, "task panicked; restarting it"),
+        }
+        if started.elapsed() > MAX_RESTART {
+            delay = FIRST_RESTART;
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(MAX_RESTART);
+    }
+}
+
+/// The installer: reconcile, then wait for a change or a timer; forever.
+async fn installer_task(
+    cfg: Config,
+    installer: Arc<Mutex<Installer>>,
+    shared: Arc<Shared>,
+    watcher: Option<Watcher>,
+) -> Result<(), AgentError> {
+    let mut watcher = match watcher {
+        Some(w) => w,
+        None => new_watcher(&cfg, &installer)?,
+    };
     let mut retry = FIRST_RETRY;
     let mut last_status: Option<Status> = None;
     loop {
@@ -111,7 +211,19 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
                 tracing::warn!(error = %e, "cannot re-establish a watch; retrying");
             }
         }
-        let next = reconcile_once(&mut installer, &shared, &mut last_status, &mut retry);
+        let next = {
+            let (installer, shared) = (installer.clone(), shared.clone());
+            let mut state = (last_status.take(), retry);
+            let (next, state) = tokio::task::spawn_blocking(move || {
+                let next =
+                    reconcile_once(&mut lock(&installer), &shared, &mut state.0, &mut state.1);
+                (next, state)
+            })
+            .await
+            .map_err(|e| AgentError::Task(format!("reconcile panicked: {e}")))?;
+            (last_status, retry) = state;
+            next
+        };
         let wake = if watcher.is_complete() {
             next
         } else {
@@ -123,14 +235,8 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
                 tracing::debug!(targets = ?change.targets, overflow = change.overflow, "change detected");
             }
             _ = tokio::time::sleep_until(wake.into()) => {}
-            _ = sigterm.recv() => { tracing::info!("SIGTERM: cleaning up"); break; }
-            _ = sigint.recv() => { tracing::info!("SIGINT: cleaning up"); break; }
         }
     }
-    shared.set_ready(false);
-    installer.cleanup().map_err(AgentError::Cleanup)?;
-    tracing::info!("cleanup complete");
-    Ok(())
 }
 
 /// One reconcile with its bookkeeping; returns when to reconcile next without an event.
@@ -191,4 +297,52 @@ fn reconcile_once(
     }
     *last_status = Some(report.status);
     next
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[tokio::test]
+    async fn a_failing_or_panicking_task_is_restarted_and_abort_stops_it() {
+        struct SetOnDrop(Arc<AtomicUsize>);
+        impl Drop for SetOnDrop {
+            fn drop(&mut self) {
+                self.0.store(1, Ordering::SeqCst);
+            }
+        }
+        let runs = Arc::new(AtomicUsize::new(0));
+        let dropped = Arc::new(AtomicUsize::new(0));
+        let (counter, flag) = (runs.clone(), dropped.clone());
+        let sup = tokio::spawn(supervise("test", move || {
+            let (counter, flag) = (counter.clone(), flag.clone());
+            async move {
+                match counter.fetch_add(1, Ordering::SeqCst) {
+                    0 => Err("first run fails".to_string()),
+                    1 => panic!("second run panics"),
+                    _ => {
+                        // Third run: stays up until aborted.
+                        let _guard = SetOnDrop(flag);
+                        std::future::pending::<()>().await;
+                        Ok(())
+                    }
+                }
+            }
+        }));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while runs.load(Ordering::SeqCst) < 3 {
+            assert!(Instant::now() < deadline, "not restarted: {runs:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        sup.abort();
+        let _ = sup.await;
+        tokio::time::sleep(FIRST_RESTART * 3).await;
+        assert_eq!(runs.load(Ordering::SeqCst), 3, "restarted after abort");
+        assert_eq!(
+            dropped.load(Ordering::SeqCst),
+            1,
+            "the running task was not aborted"
+        );
+    }
 }

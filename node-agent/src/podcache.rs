@@ -177,10 +177,14 @@ pub async fn watch(client: Client, node: String, cache: Arc<PodCache>) {
     loop {
         tracing::info!(%node, "watching the pods of this node");
         let started = std::time::Instant::now();
-        let result = cache.feed(watcher::watcher(api.clone(), config.clone())).await;
+        let result = cache
+            .feed(watcher::watcher(api.clone(), config.clone()))
+            .await;
         match result {
             Ok(()) => tracing::warn!(%node, "the pod watch ended; starting a new one"),
-            Err(e) => tracing::warn!(%node, error = %e, "the pod watch failed; the cache is unsynced until a new one has listed the pods"),
+            Err(e) => {
+                tracing::warn!(%node, error = %e, "the pod watch failed; the cache is unsynced until a new one has listed the pods")
+            }
         }
         if started.elapsed() > MAX_REWATCH {
             delay = FIRST_REWATCH;
@@ -240,9 +244,15 @@ mod tests {
         c.apply(Event::Init);
         c.apply(Event::InitDone);
         c.apply(Event::Apply(pod("ns", "a", "u1", false)));
-        assert!(!hit(c.lookup("ns", "a")).info.containers.contains("istio-proxy"));
+        assert!(!hit(c.lookup("ns", "a"))
+            .info
+            .containers
+            .contains("istio-proxy"));
         c.apply(Event::Apply(pod("ns", "a", "u1", true)));
-        assert!(hit(c.lookup("ns", "a")).info.containers.contains("istio-proxy"));
+        assert!(hit(c.lookup("ns", "a"))
+            .info
+            .containers
+            .contains("istio-proxy"));
         c.apply(Event::Delete(pod("ns", "a", "u1", true)));
         assert_eq!(c.lookup("ns", "a"), Lookup::Miss);
         assert!(c.is_empty());

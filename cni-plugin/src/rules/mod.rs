@@ -20,9 +20,6 @@ mod golden_tests;
 
 pub use iptables::render_iptables;
 
-/// Istio's limit on the owner groups whose traffic is captured (they end up in one iptables rule).
-pub const MAX_OWNER_GROUPS_INCLUDE: usize = 64;
-
 /// A group in an owner match: a numeric gid or a group name.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OwnerGroup {
@@ -195,19 +192,6 @@ impl Default for CaptureConfig {
     }
 }
 
-/// A [`CaptureConfig`] that istio-iptables would refuse.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum CaptureConfigError {
-    #[error("{count} owner groups to capture, more than the {MAX_OWNER_GROUPS_INCLUDE} allowed")]
-    TooManyOwnerGroups { count: usize },
-    #[error(
-        "host IPv4 loopback CIDR {cidr} must be a loopback address with a prefix length of 8 to 32"
-    )]
-    LoopbackCidr { cidr: Ipv4Net },
-    #[error("DNS server {server} is listed as IPv{family} but is not")]
-    DnsServerFamily { server: String, family: u8 },
-}
-
 impl CaptureConfig {
     /// The configuration the plugin derives for a redirect, as Istio's `sidecar_iptables_linux.go` does.
     /// `enable_ipv6` comes from the pod netns addresses (see [`ipv6_enabled`]).
@@ -234,34 +218,6 @@ impl CaptureConfig {
             enable_ipv6,
             ..CaptureConfig::default()
         }
-    }
-
-    /// istio-iptables' own checks (`Config.Validate`) plus the families of the DNS servers.
-    /// [`CaptureConfig::from_redirect`] always passes.
-    pub fn validate(&self) -> Result<(), CaptureConfigError> {
-        if let OwnerGroups::Only(groups) = &self.owner_groups_include {
-            if groups.len() > MAX_OWNER_GROUPS_INCLUDE {
-                return Err(CaptureConfigError::TooManyOwnerGroups {
-                    count: groups.len(),
-                });
-            }
-        }
-        let cidr = self.host_ipv4_loopback_cidr;
-        if !cidr.addr().is_loopback() || cidr.prefix_len() < 8 {
-            return Err(CaptureConfigError::LoopbackCidr { cidr });
-        }
-        for (servers, v4, family) in [
-            (&self.dns_servers_v4, true, 4),
-            (&self.dns_servers_v6, false, 6),
-        ] {
-            if let Some(bad) = servers.iter().find(|s| s.addr().is_ipv4() != v4) {
-                return Err(CaptureConfigError::DnsServerFamily {
-                    server: bad.to_string(),
-                    family,
-                });
-            }
-        }
-        Ok(())
     }
 
     /// Whether the TPROXY policy routes are needed (Istio's `configureTProxyRoutes` condition).
@@ -449,7 +405,6 @@ mod tests {
         assert_eq!(c.inbound_ports_exclude, [15020, 15021, 15090]);
         assert_eq!(c.outbound_ports_exclude, [15020]);
         assert_eq!(c.outbound_ip_ranges_include, IpRanges::All);
-        assert_eq!(c.validate(), Ok(()));
         assert_eq!(
             c.route_setup(),
             RouteSetup {
@@ -483,31 +438,6 @@ mod tests {
         assert_eq!(c.route_setup().tproxy, None);
         c.enable_ipv6 = true;
         assert!(c.route_setup().ipv6_loopback_addr);
-    }
-
-    #[test]
-    fn validate_catches_what_istio_iptables_refuses() {
-        let mut c = CaptureConfig {
-            owner_groups_include: OwnerGroups::Only(vec![OwnerGroup::Id(1); 65]),
-            ..CaptureConfig::default()
-        };
-        assert_eq!(
-            c.validate(),
-            Err(CaptureConfigError::TooManyOwnerGroups { count: 65 })
-        );
-        c.owner_groups_include = OwnerGroups::Only(vec![OwnerGroup::Id(1); 64]);
-        assert_eq!(c.validate(), Ok(()));
-        c.host_ipv4_loopback_cidr = "10.0.0.1/32".parse().unwrap();
-        assert!(c.validate().is_err());
-        c.host_ipv4_loopback_cidr = "127.0.0.1/7".parse().unwrap();
-        assert!(c.validate().is_err());
-        c.host_ipv4_loopback_cidr = "127.0.0.1/8".parse().unwrap();
-        assert_eq!(c.validate(), Ok(()));
-        c.dns_servers_v4 = vec!["::1".parse().unwrap()];
-        assert!(matches!(
-            c.validate(),
-            Err(CaptureConfigError::DnsServerFamily { family: 4, .. })
-        ));
     }
 
     #[test]

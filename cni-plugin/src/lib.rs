@@ -3,6 +3,8 @@
 
 pub mod apply;
 pub mod cni;
+#[doc(hidden)]
+pub mod compat;
 pub mod config;
 pub mod error;
 pub mod kube;

@@ -291,36 +291,10 @@ pub fn veth(a: &TestNetns, a_if: &str, b: &TestNetns, b_if: &str) {
     ]);
 }
 
-/// Istio's compatibility corpus: `MESHCNI_COMPAT_DIR`, else `shared/compat/istio` found walking up from this
-/// crate. Panics when neither exists (the tests must not silently skip).
-pub fn compat_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("MESHCNI_COMPAT_DIR") {
-        let d = PathBuf::from(d);
-        assert!(
-            d.is_dir(),
-            "MESHCNI_COMPAT_DIR={} is not a directory",
-            d.display()
-        );
-        return d;
-    }
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .ancestors()
-        .map(|a| a.join("shared/compat/istio"))
-        .find(|p| p.is_dir())
-        .unwrap_or_else(|| {
-            panic!(
-                "shared/compat/istio not found above {}; set MESHCNI_COMPAT_DIR",
-                env!("CARGO_MANIFEST_DIR")
-            )
-        })
-}
-
 /// A plugin golden (`plugin/<name>.txt.golden`): an IPv4 iptables-restore payload.
 pub fn plugin_golden(name: &str) -> String {
-    let path = compat_dir()
-        .join("plugin")
-        .join(format!("{name}.txt.golden"));
-    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    let bytes = cni_plugin::compat::read(&format!("plugin/{name}.txt.golden"));
+    String::from_utf8(bytes).unwrap_or_else(|e| panic!("plugin golden {name}: {e}"))
 }
 
 /// The IPv6 counterpart of an IPv4 plugin golden, rendered by hand as Istio does (loopback addresses swapped:

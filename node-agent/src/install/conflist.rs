@@ -380,24 +380,7 @@ pub fn target_name(source_name: &str) -> String {
 mod tests {
     use super::*;
 
-    /// The Istio corpus: `shared/` sits beside the workspace (CI clones the repo next to it).
-    fn golden_dir() -> std::path::PathBuf {
-        let dir = std::path::PathBuf::from(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../shared/compat/istio"
-        ));
-        assert!(
-            dir.is_dir(),
-            "Istio compat corpus not found at {}",
-            dir.display()
-        );
-        dir
-    }
-
-    fn read(rel: &str) -> Vec<u8> {
-        let p = golden_dir().join(rel);
-        std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-    }
+    use cni_plugin::compat::read;
 
     /// The settings Istio's unit tests used for install/*.golden (from install/istio-cni.conf).
     fn unit_settings() -> EntrySettings {

@@ -40,28 +40,45 @@ pub struct LegacyKubernetes {
     pub exclude_namespaces: Option<Vec<String>>,
 }
 
-/// The conflist entry exactly as it is written (by the agent) and read (by the plugin). Unknown keys are ignored.
+/// The conflist entry: one schema, read by the plugin (then validated into [`PluginConfig`]) and written by the node
+/// agent, so a key the agent writes is a field here. Istio's keys come first, in the order of Istio's plugin config
+/// struct (the agent's standalone file lists them in this order, byte-identical to Istio's), then the legacy keys,
+/// then ours. As in Go, `cniVersion` and `name` are left out when unset, Istio's own keys never (unset is `null`,
+/// as Go writes a nil `exclude_namespaces`), legacy keys and ours are left out when unset. Unknown keys are ignored
+/// when reading, as Istio does (the runtime passes the whole network configuration).
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
 pub struct PluginEntry {
-    #[serde(rename = "type", default)]
-    pub plugin_type: String,
+    #[serde(
+        rename = "cniVersion",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub cni_version: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(rename = "type", default)]
+    pub plugin_type: String,
+    /// Not used by the plugin; Istio writes `{}`. Any value is accepted.
+    #[serde(default)]
+    pub ipam: Option<serde_json::Value>,
+    /// Not used by the plugin; Istio writes `{}`. Any value is accepted.
+    #[serde(default)]
+    pub dns: Option<serde_json::Value>,
+    #[serde(default)]
     pub plugin_log_level: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub cni_agent_run_dir: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub ambient_enabled: Option<bool>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub enablement_selectors: Option<serde_json::Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub exclude_namespaces: Option<Vec<String>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub pod_namespace: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub native_nftables: Option<bool>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub enable_ambient_detection_retry: Option<bool>,
     /// Legacy key for the log level.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -75,6 +92,64 @@ pub struct PluginEntry {
     /// Ours: how long transient pod lookup failures are retried.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_lookup_timeout_seconds: Option<u64>,
+}
+
+impl PluginEntry {
+    /// Every key of the entry, in declaration order, as serde names them.
+    pub fn keys() -> &'static [&'static str] {
+        serde_keys::of::<PluginEntry>()
+    }
+
+    /// The keys this entry serialises and their values, in declaration order: what Go's encoder writes for
+    /// Istio's struct (nested objects are values, for the caller to render).
+    pub fn fields(&self) -> Vec<(&'static str, serde_json::Value)> {
+        let mut map = match serde_json::to_value(self) {
+            Ok(serde_json::Value::Object(map)) => map,
+            // Provably unreachable: a derived struct of strings, booleans, integers and JSON values.
+            other => unreachable!("PluginEntry serialises to a JSON object, got {other:?}"),
+        };
+        Self::keys()
+            .iter()
+            .filter_map(|k| map.remove(*k).map(|v| (*k, v)))
+            .collect()
+    }
+}
+
+/// The field names serde derives for a struct, in declaration order (serde passes them to `deserialize_struct`).
+mod serde_keys {
+    use serde::de::{self, Deserialize, Deserializer, Visitor};
+
+    struct Keys<'a>(&'a mut &'static [&'static str]);
+
+    impl<'de> Deserializer<'de> for Keys<'_> {
+        type Error = de::value::Error;
+
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Self::Error> {
+            Err(de::Error::custom("not a struct"))
+        }
+
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _name: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Self::Error> {
+            *self.0 = fields;
+            Err(de::Error::custom("keys taken"))
+        }
+
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf option unit
+            unit_struct newtype_struct seq tuple tuple_struct map enum identifier ignored_any
+        }
+    }
+
+    /// The keys of `T`; empty when `T` is not a derived struct.
+    pub fn of<T: for<'de> Deserialize<'de>>() -> &'static [&'static str] {
+        let mut keys: &'static [&'static str] = &[];
+        let _ = T::deserialize(Keys(&mut keys));
+        keys
+    }
 }
 
 /// Log level of the plugin.
@@ -314,6 +389,70 @@ mod tests {
                 "{e}"
             );
         }
+    }
+
+    #[test]
+    fn keys_are_istios_in_istios_order_then_legacy_then_ours() {
+        assert_eq!(
+            PluginEntry::keys(),
+            [
+                "cniVersion",
+                "name",
+                "type",
+                "ipam",
+                "dns",
+                "plugin_log_level",
+                "cni_agent_run_dir",
+                "ambient_enabled",
+                "enablement_selectors",
+                "exclude_namespaces",
+                "pod_namespace",
+                "native_nftables",
+                "enable_ambient_detection_retry",
+                "log_level",
+                "kubernetes",
+                "iptables_backend",
+                "pod_lookup_timeout_seconds",
+            ]
+        );
+    }
+
+    /// Every key of the entry Istio's installer writes is a field, written back with the same value, and nothing
+    /// else is written: the schema is Istio's.
+    #[test]
+    fn istios_written_entry_is_exactly_the_schema() {
+        let golden: serde_json::Value =
+            serde_json::from_slice(&crate::compat::read("install/istio-cni.conf")).unwrap();
+        let entry: PluginEntry = serde_json::from_value(golden.clone()).unwrap();
+        assert_eq!(serde_json::to_value(&entry).unwrap(), golden);
+        let keys: Vec<&str> = entry.fields().iter().map(|(k, _)| *k).collect();
+        let golden_keys: Vec<&str> = golden
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(keys.len(), golden_keys.len());
+        assert!(keys.iter().all(|k| golden_keys.contains(k)), "{keys:?}");
+        assert_eq!(keys, PluginEntry::keys()[..keys.len()]);
+        // An unset entry writes Istio's keys as null and nothing of the legacy keys or ours.
+        let unset: Vec<&str> = PluginEntry::default()
+            .fields()
+            .iter()
+            .map(|(k, _)| *k)
+            .collect();
+        assert_eq!(unset, PluginEntry::keys()[2..13]);
+    }
+
+    #[test]
+    fn tolerant_of_what_the_plugin_does_not_use() {
+        let c = PluginConfig::from_json(&json!({
+            "cniVersion": "1.0.0", "name": "k8s-pod-network", "type": "istio-cni",
+            "ipam": "anything", "dns": {"nameservers": ["10.0.0.10"]}, "enablement_selectors": 5,
+            "prevResult": {"ips": []}, "runtimeConfig": {}
+        }))
+        .unwrap();
+        assert_eq!(c.log_level, LogLevel::Info);
     }
 
     #[test]

@@ -11,8 +11,8 @@ use crate::cni::{
 };
 use crate::config::{LogLevel, PluginConfig};
 use crate::error::PluginError;
-use crate::kube::{self, LookupPolicy};
-use crate::pod::{decide, Decision, PodInfo};
+use crate::lookup::{self, LookupPolicy, PodRef};
+use crate::pod::{decide, Decision};
 use crate::redirect::Redirect;
 
 /// What an ADD decided; returned for tests and logs.
@@ -95,15 +95,8 @@ pub fn add(req: &Request, cfg: &PluginConfig) -> Result<AddOutcome, PluginError>
         deadline: cfg.pod_lookup_timeout,
         ..LookupPolicy::default()
     };
-    let pod =
-        kube::get_pod_blocking(&cfg.kubeconfig, namespace, name, &policy).map_err(|source| {
-            PluginError::Kube {
-                namespace: namespace.into(),
-                name: name.into(),
-                source: Box::new(source),
-            }
-        })?;
-    let pi = PodInfo::from_pod(&pod);
+    let pi = lookup::pod(&cfg.kubeconfig, &PodRef::new(namespace, name), &policy)
+        .map_err(PluginError::Lookup)?;
     if let Decision::Skip(reason) = decide(&pi) {
         info!(%reason, "no redirect");
         return Ok(AddOutcome::Skipped(reason.to_string()));

@@ -1,10 +1,11 @@
 //! The pod as the plugin sees it, and the injection decision. Pure: no I/O.
 //!
-//! Reproduces Istio's `ExtractPodInfo` and the skip checks of `doAddRun` (cni/pkg/plugin), in Istio's order.
+//! Reproduces the skip checks of Istio's `doAddRun` (cni/pkg/plugin), in Istio's order. (Istio's `ExtractPodInfo`,
+//! the Pod object to [`PodInfo`], is in [`crate::lookup::response`].)
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use k8s_openapi::api::core::v1::{Container, Pod};
+use serde::{Deserialize, Serialize};
 
 /// Name of the sidecar container.
 pub const ISTIO_PROXY: &str = "istio-proxy";
@@ -15,8 +16,9 @@ pub const INJECT_KEY: &str = "sidecar.istio.io/inject";
 /// `sidecar.istio.io/status`: written by the injector.
 pub const STATUS_KEY: &str = "sidecar.istio.io/status";
 
-/// What the plugin needs to know of a pod.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// What the plugin needs to know of a pod: what a lookup returns (built from a Pod object by
+/// [`crate::lookup::response`]). Serde, so that the node agent's pod cache can answer with the same value.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PodInfo {
     /// Names of all containers, init containers included (native sidecars are init containers).
     pub containers: BTreeSet<String>,
@@ -28,45 +30,6 @@ pub struct PodInfo {
     pub proxy_env: BTreeMap<String, String>,
     pub proxy_uid: Option<i64>,
     pub proxy_gid: Option<i64>,
-}
-
-impl PodInfo {
-    /// Extracts what matters from a Pod object, as Istio's `ExtractPodInfo`.
-    pub fn from_pod(pod: &Pod) -> Self {
-        let mut pi = PodInfo {
-            labels: pod.metadata.labels.clone().unwrap_or_default(),
-            annotations: pod.metadata.annotations.clone().unwrap_or_default(),
-            ..Default::default()
-        };
-        let Some(spec) = pod.spec.as_ref() else {
-            return pi;
-        };
-        let init = spec.init_containers.iter().flatten();
-        for c in init.chain(spec.containers.iter()) {
-            pi.add_container(c);
-        }
-        pi
-    }
-
-    fn add_container(&mut self, c: &Container) {
-        self.containers.insert(c.name.clone());
-        if c.name != ISTIO_PROXY {
-            return;
-        }
-        for e in c.env.iter().flatten() {
-            self.proxy_env
-                .insert(e.name.clone(), e.value.clone().unwrap_or_default());
-        }
-        if let Some(args) = c.args.as_ref() {
-            if args.len() >= 2 && args[0] == "proxy" {
-                self.proxy_type = Some(args[1].clone());
-            }
-        }
-        if let Some(sc) = c.security_context.as_ref() {
-            self.proxy_uid = sc.run_as_user;
-            self.proxy_gid = sc.run_as_group;
-        }
-    }
 }
 
 /// Why a pod gets no redirect.
@@ -155,7 +118,7 @@ mod tests {
     use serde_json::json;
 
     fn pod(v: serde_json::Value) -> PodInfo {
-        PodInfo::from_pod(&serde_json::from_value(v).unwrap())
+        PodInfo::from(&serde_json::from_value::<k8s_openapi::api::core::v1::Pod>(v).unwrap())
     }
 
     fn injected() -> PodInfo {
@@ -167,6 +130,17 @@ mod tests {
                  "securityContext": {"runAsUser": 1000670000, "runAsGroup": 7}}
             ]}
         }))
+    }
+
+    #[test]
+    fn pod_info_round_trips_through_json_and_must_be_complete() {
+        let pi = injected();
+        let text = serde_json::to_string(&pi).unwrap();
+        assert_eq!(serde_json::from_str::<PodInfo>(&text).unwrap(), pi);
+        // A value without what the decision reads is refused, never taken as a pod without annotations.
+        let mut v = serde_json::to_value(&pi).unwrap();
+        v.as_object_mut().unwrap().remove("annotations");
+        assert!(serde_json::from_value::<PodInfo>(v).is_err());
     }
 
     #[test]

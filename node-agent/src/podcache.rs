@@ -57,7 +57,7 @@ fn entry(pod: &Pod) -> Option<(Key, CachedPod)> {
         (namespace, name),
         CachedPod {
             uid,
-            info: PodInfo::from_pod(pod),
+            info: PodInfo::from(pod),
         },
     ))
 }

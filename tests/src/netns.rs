@@ -296,34 +296,10 @@ pub fn veth(a: &TestNetns, a_if: &str, b: &TestNetns, b_if: &str) {
     ]);
 }
 
-/// Istio's compatibility corpus: `MESHCNI_COMPAT_DIR`, else `shared/compat/istio` found walking up from this
-/// crate. Panics when neither exists (the tests must not silently skip).
-pub fn compat_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("MESHCNI_COMPAT_DIR") {
-        let d = PathBuf::from(d);
-        assert!(
-            d.is_dir(),
-            "MESHCNI_COMPAT_DIR={} is not a directory",
-            d.display()
-        );
-        return d;
-    }
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .ancestors()
-        .map(|a| a.join("shared/compat/istio"))
-        .find(|p| p.is_dir())
-        .unwrap_or_else(|| {
-            panic!(
-                "shared/compat/istio not found above {}; set MESHCNI_COMPAT_DIR",
-                env!("CARGO_MANIFEST_DIR")
-            )
-        })
-}
-
 /// The pod of a plugin case (`plugin/cases.json`, as the plugin's golden test reads it): containers test,
 /// istio-proxy and istio-validate, with the case's annotations, proxy env and proxy uid/gid.
 pub fn plugin_case_pod(name: &str) -> PodInfo {
-    let path = compat_dir().join("plugin").join("cases.json");
+    let path = cni_plugin::compat::path("plugin/cases.json");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let cases: serde_json::Value =
         serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));

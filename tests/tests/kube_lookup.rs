@@ -1,4 +1,4 @@
-//! `cni_plugin::kube::get_pod_blocking` against the HTTPS API server stub: success, permanent failures (at once,
+//! `cni_plugin::lookup::pod` against the HTTPS API server stub: success, permanent failures (at once,
 //! one request), transient failures (retried), TLS failures (whole chain shown), kubeconfig problems (no request),
 //! the proxy environment (ignored), the stub inside a private netns, and the stub's binary.
 
@@ -9,7 +9,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use cni_plugin::kube::{get_pod_blocking, KubeError, LookupPolicy};
+use cni_plugin::lookup::{self, LookupErrorKind, LookupPolicy, PodRef};
+use cni_plugin::pod::PodInfo;
 use meshcni_tests::apiserver::{sample_pod, ApiServer, Fault};
 
 /// A fresh temp dir, removed on drop.
@@ -87,23 +88,28 @@ impl DeadPort {
     }
 }
 
-fn container_names(pod: &k8s_openapi::api::core::v1::Pod) -> Vec<String> {
-    pod.spec
-        .as_ref()
-        .map(|s| s.containers.iter().map(|c| c.name.clone()).collect())
-        .unwrap_or_default()
+/// The `app` label, which `sample_pod` sets to the pod's name.
+fn app_label(pod: &PodInfo) -> Option<&str> {
+    pod.labels.get("app").map(String::as_str)
 }
 
 #[test]
 fn found_pod_is_returned_with_one_request() {
     let (srv, _dir, kc) = setup("found");
-    let pod = get_pod_blocking(&kc, "default", "web-1", &policy(Duration::from_secs(10)))
-        .expect("lookup");
-    assert_eq!(pod.metadata.name.as_deref(), Some("web-1"));
-    assert_eq!(pod.metadata.namespace.as_deref(), Some("default"));
-    assert_eq!(container_names(&pod), vec!["app", "istio-proxy"]);
-    let info = cni_plugin::pod::PodInfo::from_pod(&pod);
-    assert_eq!(info.proxy_uid, Some(1337));
+    let pod = lookup::pod(
+        &kc,
+        &PodRef::new("default", "web-1"),
+        &policy(Duration::from_secs(10)),
+    )
+    .expect("lookup");
+    let object: k8s_openapi::api::core::v1::Pod =
+        serde_json::from_value(sample_pod("default", "web-1")).expect("sample pod");
+    assert_eq!(pod, PodInfo::from(&object));
+    assert_eq!(
+        pod.containers.iter().collect::<Vec<_>>(),
+        ["app", "istio-proxy"]
+    );
+    assert_eq!(pod.proxy_uid, Some(1337));
     assert_eq!(srv.pod_requests("default", "web-1"), 1);
     assert_eq!(srv.total_requests(), 1);
 }
@@ -125,16 +131,25 @@ fn kubeconfig_written_as_json_works_too() {
     });
     let kc = dir.join("kubeconfig.json");
     std::fs::write(&kc, serde_json::to_vec_pretty(&json).expect("json")).expect("write");
-    get_pod_blocking(&kc, "default", "web-1", &policy(Duration::from_secs(10))).expect("lookup");
+    lookup::pod(
+        &kc,
+        &PodRef::new("default", "web-1"),
+        &policy(Duration::from_secs(10)),
+    )
+    .expect("lookup");
     assert_eq!(srv.pod_requests("default", "web-1"), 1);
 }
 
 #[test]
 fn not_found_fails_at_once() {
     let (srv, _dir, kc) = setup("404");
-    let e = get_pod_blocking(&kc, "default", "gone", &policy(Duration::from_secs(30)))
-        .expect_err("404");
-    assert!(matches!(e, KubeError::NotFound { .. }), "{e:?}");
+    let e = lookup::pod(
+        &kc,
+        &PodRef::new("default", "gone"),
+        &policy(Duration::from_secs(30)),
+    )
+    .expect_err("404");
+    assert!(matches!(e.kind, LookupErrorKind::NotFound), "{e:?}");
     assert!(!e.is_transient());
     assert_eq!(e.http_status(), Some(404));
     assert!(
@@ -149,10 +164,19 @@ fn not_found_fails_at_once() {
 #[test]
 fn removed_pod_is_not_found() {
     let (srv, _dir, kc) = setup("removed");
-    get_pod_blocking(&kc, "default", "web-1", &policy(Duration::from_secs(10))).expect("lookup");
+    lookup::pod(
+        &kc,
+        &PodRef::new("default", "web-1"),
+        &policy(Duration::from_secs(10)),
+    )
+    .expect("lookup");
     assert!(srv.remove_pod("default", "web-1"));
-    let e = get_pod_blocking(&kc, "default", "web-1", &policy(Duration::from_secs(10)))
-        .expect_err("404");
+    let e = lookup::pod(
+        &kc,
+        &PodRef::new("default", "web-1"),
+        &policy(Duration::from_secs(10)),
+    )
+    .expect_err("404");
     assert_eq!(e.http_status(), Some(404), "{e}");
     assert_eq!(srv.pod_requests("default", "web-1"), 2);
 }
@@ -164,8 +188,12 @@ fn wrong_token_gets_401_at_once_naming_the_token() {
     spec.token = "expired-token".into();
     let kc = dir.join("kubeconfig-bad-token");
     spec.write(&kc).expect("write");
-    let e = get_pod_blocking(&kc, "default", "web-1", &policy(Duration::from_secs(30)))
-        .expect_err("401");
+    let e = lookup::pod(
+        &kc,
+        &PodRef::new("default", "web-1"),
+        &policy(Duration::from_secs(30)),
+    )
+    .expect_err("401");
     assert!(!e.is_transient());
     assert_eq!(e.http_status(), Some(401));
     let s = e.to_string();
@@ -181,8 +209,12 @@ fn wrong_token_gets_401_at_once_naming_the_token() {
 fn forbidden_gets_403_at_once_naming_rbac() {
     let (srv, _dir, kc) = setup("403");
     srv.push_fault(Fault::Status(403));
-    let e = get_pod_blocking(&kc, "default", "web-1", &policy(Duration::from_secs(30)))
-        .expect_err("403");
+    let e = lookup::pod(
+        &kc,
+        &PodRef::new("default", "web-1"),
+        &policy(Duration::from_secs(30)),
+    )
+    .expect_err("403");
     assert!(!e.is_transient());
     assert_eq!(e.http_status(), Some(403));
     let s = e.to_string();
@@ -199,8 +231,12 @@ fn forbidden_gets_403_at_once_naming_rbac() {
 fn other_client_errors_are_not_retried() {
     let (srv, _dir, kc) = setup("400");
     srv.push_fault(Fault::Status(400));
-    let e = get_pod_blocking(&kc, "default", "web-1", &policy(Duration::from_secs(30)))
-        .expect_err("400");
+    let e = lookup::pod(
+        &kc,
+        &PodRef::new("default", "web-1"),
+        &policy(Duration::from_secs(30)),
+    )
+    .expect_err("400");
     assert!(!e.is_transient());
     assert!(e.to_string().contains("HTTP 400"), "{e}");
     assert_eq!(srv.pod_requests("default", "web-1"), 1);
@@ -210,9 +246,13 @@ fn other_client_errors_are_not_retried() {
 fn two_500s_then_ok_succeeds_on_the_third_request() {
     let (srv, _dir, kc) = setup("500");
     srv.push_faults(2, Fault::Status(500));
-    let pod = get_pod_blocking(&kc, "default", "web-1", &policy(Duration::from_secs(30)))
-        .expect("lookup");
-    assert_eq!(pod.metadata.name.as_deref(), Some("web-1"));
+    let pod = lookup::pod(
+        &kc,
+        &PodRef::new("default", "web-1"),
+        &policy(Duration::from_secs(30)),
+    )
+    .expect("lookup");
+    assert_eq!(app_label(&pod), Some("web-1"));
     assert_eq!(srv.pod_requests("default", "web-1"), 3);
     assert_eq!(srv.pending_faults(), 0);
 }
@@ -221,7 +261,12 @@ fn two_500s_then_ok_succeeds_on_the_third_request() {
 fn too_many_requests_then_ok() {
     let (srv, _dir, kc) = setup("429");
     srv.push_fault(Fault::Status(429));
-    get_pod_blocking(&kc, "default", "web-1", &policy(Duration::from_secs(30))).expect("lookup");
+    lookup::pod(
+        &kc,
+        &PodRef::new("default", "web-1"),
+        &policy(Duration::from_secs(30)),
+    )
+    .expect("lookup");
     assert_eq!(srv.pod_requests("default", "web-1"), 2);
 }
 
@@ -238,7 +283,12 @@ fn non_status_error_body_then_ok() {
         headers: vec![("retry-after".into(), "0".into())],
         body: String::new(),
     });
-    get_pod_blocking(&kc, "default", "web-1", &policy(Duration::from_secs(30))).expect("lookup");
+    lookup::pod(
+        &kc,
+        &PodRef::new("default", "web-1"),
+        &policy(Duration::from_secs(30)),
+    )
+    .expect("lookup");
     assert_eq!(srv.pod_requests("default", "web-1"), 3);
 }
 
@@ -246,11 +296,15 @@ fn non_status_error_body_then_ok() {
 fn persistent_503_gives_up_at_the_deadline_with_the_last_status() {
     let (srv, _dir, kc) = setup("503");
     srv.push_faults(10_000, Fault::Status(503));
-    let e = get_pod_blocking(&kc, "default", "web-1", &policy(Duration::from_millis(500)))
-        .expect_err("deadline");
+    let e = lookup::pod(
+        &kc,
+        &PodRef::new("default", "web-1"),
+        &policy(Duration::from_millis(500)),
+    )
+    .expect_err("deadline");
     assert!(e.is_transient(), "{e}");
     assert_eq!(e.http_status(), Some(503));
-    let KubeError::DeadlineExceeded { attempts, .. } = &e else {
+    let LookupErrorKind::DeadlineExceeded { attempts, .. } = &e.kind else {
         panic!("expected DeadlineExceeded, got {e:?}");
     };
     assert!(*attempts >= 2, "{e}");
@@ -267,7 +321,12 @@ fn persistent_503_gives_up_at_the_deadline_with_the_last_status() {
 fn dropped_connection_is_retried() {
     let (srv, _dir, kc) = setup("drop");
     srv.push_fault(Fault::Drop);
-    get_pod_blocking(&kc, "default", "web-1", &policy(Duration::from_secs(30))).expect("lookup");
+    lookup::pod(
+        &kc,
+        &PodRef::new("default", "web-1"),
+        &policy(Duration::from_secs(30)),
+    )
+    .expect("lookup");
     assert_eq!(srv.pod_requests("default", "web-1"), 2);
 }
 
@@ -279,7 +338,7 @@ fn a_request_without_answer_times_out_and_is_retried() {
         request_timeout: Duration::from_millis(300),
         ..policy(Duration::from_secs(30))
     };
-    get_pod_blocking(&kc, "default", "web-1", &p).expect("lookup");
+    lookup::pod(&kc, &PodRef::new("default", "web-1"), &p).expect("lookup");
     assert_eq!(srv.pod_requests("default", "web-1"), 2);
 }
 
@@ -292,9 +351,12 @@ fn a_request_timeout_never_exceeds_the_deadline() {
         request_timeout: Duration::from_secs(20),
         ..policy(Duration::from_millis(400))
     };
-    let e = get_pod_blocking(&kc, "default", "web-1", &p).expect_err("deadline");
+    let e = lookup::pod(&kc, &PodRef::new("default", "web-1"), &p).expect_err("deadline");
     assert!(e.is_transient(), "{e}");
-    assert!(matches!(e, KubeError::DeadlineExceeded { .. }), "{e:?}");
+    assert!(
+        matches!(e.kind, LookupErrorKind::DeadlineExceeded { .. }),
+        "{e:?}"
+    );
     assert!(e.to_string().contains("no answer"), "{e}");
 }
 
@@ -307,14 +369,21 @@ fn connection_refused_is_retried_until_the_deadline() {
     spec.server = format!("https://127.0.0.1:{}", dead.port);
     let kc = dir.join("kubeconfig");
     spec.write(&kc).expect("write");
-    let e = get_pod_blocking(&kc, "default", "web-1", &policy(Duration::from_secs(1)))
-        .expect_err("refused");
+    let e = lookup::pod(
+        &kc,
+        &PodRef::new("default", "web-1"),
+        &policy(Duration::from_secs(1)),
+    )
+    .expect_err("refused");
     assert!(e.is_transient(), "{e}");
-    let KubeError::DeadlineExceeded { attempts, last, .. } = &e else {
+    let LookupErrorKind::DeadlineExceeded { attempts, last, .. } = &e.kind else {
         panic!("expected DeadlineExceeded, got {e:?}");
     };
     assert!(*attempts >= 2, "retried: {e}");
-    assert!(matches!(**last, KubeError::Transport { .. }), "{last:?}");
+    assert!(
+        matches!(**last, LookupErrorKind::Transport { .. }),
+        "{last:?}"
+    );
     let s = e.to_string();
     assert!(
         s.to_lowercase().contains("connection refused"),
@@ -331,9 +400,16 @@ fn connection_refused_is_retried_until_the_deadline() {
 fn missing_kubeconfig_fails_at_once_naming_it() {
     let dir = TempDir::new("missing");
     let kc = dir.join("no-such-kubeconfig");
-    let e = get_pod_blocking(&kc, "default", "web-1", &policy(Duration::from_secs(30)))
-        .expect_err("missing");
-    assert!(matches!(e, KubeError::KubeconfigUnreadable { .. }), "{e:?}");
+    let e = lookup::pod(
+        &kc,
+        &PodRef::new("default", "web-1"),
+        &policy(Duration::from_secs(30)),
+    )
+    .expect_err("missing");
+    assert!(
+        matches!(e.kind, LookupErrorKind::KubeconfigUnreadable { .. }),
+        "{e:?}"
+    );
     assert!(!e.is_transient());
     assert!(e.to_string().contains(&kc.display().to_string()), "{e}");
 }
@@ -369,11 +445,15 @@ fn invalid_kubeconfigs_fail_at_once_without_a_request() {
     for (name, text) in cases {
         let kc = dir.join(name);
         std::fs::write(&kc, &text).expect("write");
-        let e = get_pod_blocking(&kc, "default", "web-1", &policy(Duration::from_secs(30)))
-            .expect_err(name);
+        let e = lookup::pod(
+            &kc,
+            &PodRef::new("default", "web-1"),
+            &policy(Duration::from_secs(30)),
+        )
+        .expect_err(name);
         assert!(!e.is_transient(), "{name}: {e}");
         assert!(
-            matches!(e, KubeError::KubeconfigInvalid { .. }),
+            matches!(e.kind, LookupErrorKind::KubeconfigInvalid { .. }),
             "{name}: {e:?}"
         );
         assert!(
@@ -387,8 +467,12 @@ fn invalid_kubeconfigs_fail_at_once_without_a_request() {
 #[test]
 fn unreadable_kubeconfig_directory_fails_naming_it() {
     let dir = TempDir::new("dir-as-kubeconfig");
-    let e = get_pod_blocking(&dir.0, "default", "web-1", &policy(Duration::from_secs(30)))
-        .expect_err("dir");
+    let e = lookup::pod(
+        &dir.0,
+        &PodRef::new("default", "web-1"),
+        &policy(Duration::from_secs(30)),
+    )
+    .expect_err("dir");
     assert!(!e.is_transient());
     assert!(e.to_string().contains(&dir.0.display().to_string()), "{e}");
 }
@@ -402,8 +486,16 @@ fn invalid_pod_reference_makes_no_request() {
         ("Default", "web-1"),
         ("", "web-1"),
     ] {
-        let e = get_pod_blocking(&kc, ns, name, &policy(Duration::from_secs(30))).expect_err(name);
-        assert!(matches!(e, KubeError::InvalidPodRef { .. }), "{e:?}");
+        let e = lookup::pod(
+            &kc,
+            &PodRef::new(ns, name),
+            &policy(Duration::from_secs(30)),
+        )
+        .expect_err(name);
+        assert!(
+            matches!(e.kind, LookupErrorKind::InvalidPodRef { .. }),
+            "{e:?}"
+        );
         assert!(!e.is_transient());
     }
     assert_eq!(srv.total_requests(), 0);
@@ -417,9 +509,13 @@ fn wrong_ca_is_a_permanent_tls_error_showing_the_cause() {
     spec.ca_pem = Some(other.ca_pem().to_string());
     let kc = dir.join("kubeconfig-wrong-ca");
     spec.write(&kc).expect("write");
-    let e = get_pod_blocking(&kc, "default", "web-1", &policy(Duration::from_secs(30)))
-        .expect_err("tls");
-    assert!(matches!(e, KubeError::Tls { .. }), "{e:?}");
+    let e = lookup::pod(
+        &kc,
+        &PodRef::new("default", "web-1"),
+        &policy(Duration::from_secs(30)),
+    )
+    .expect_err("tls");
+    assert!(matches!(e.kind, LookupErrorKind::Tls { .. }), "{e:?}");
     assert!(!e.is_transient());
     let s = e.to_string();
     assert!(
@@ -453,9 +549,13 @@ fn expired_server_certificate_is_a_permanent_tls_error() {
     let dir = TempDir::new("expired");
     let kc = dir.join("kubeconfig");
     srv.write_kubeconfig(&kc).expect("write");
-    let e = get_pod_blocking(&kc, "default", "web-1", &policy(Duration::from_secs(30)))
-        .expect_err("expired");
-    assert!(matches!(e, KubeError::Tls { .. }), "{e:?}");
+    let e = lookup::pod(
+        &kc,
+        &PodRef::new("default", "web-1"),
+        &policy(Duration::from_secs(30)),
+    )
+    .expect_err("expired");
+    assert!(matches!(e.kind, LookupErrorKind::Tls { .. }), "{e:?}");
     assert!(e.to_string().contains("certificate expired"), "{e}");
     assert_eq!(srv.total_requests(), 0);
 }
@@ -468,7 +568,12 @@ fn insecure_skip_tls_verify_is_honoured() {
     spec.insecure_skip_tls_verify = true;
     let kc = dir.join("kubeconfig-skip-tls");
     spec.write(&kc).expect("write");
-    get_pod_blocking(&kc, "default", "web-1", &policy(Duration::from_secs(10))).expect("lookup");
+    lookup::pod(
+        &kc,
+        &PodRef::new("default", "web-1"),
+        &policy(Duration::from_secs(10)),
+    )
+    .expect("lookup");
     assert_eq!(srv.pod_requests("default", "web-1"), 1);
 }
 
@@ -481,7 +586,7 @@ fn stub_answers_namespace_version_and_unknown_paths() {
         .build()
         .expect("rt");
     rt.block_on(async {
-        let config = cni_plugin::kube::load_config(&kc, Duration::from_secs(5))
+        let config = cni_plugin::lookup::kubeconfig::load_config(&kc, Duration::from_secs(5))
             .await
             .expect("config");
         let client = kube::Client::try_from(config).expect("client");
@@ -523,14 +628,13 @@ fn proxy_env_child() {
         std::env::var("HTTPS_PROXY").is_ok(),
         "the parent sets HTTPS_PROXY"
     );
-    let pod = get_pod_blocking(
+    let pod = lookup::pod(
         Path::new(&kc),
-        "default",
-        "web-1",
+        &PodRef::new("default", "web-1"),
         &policy(Duration::from_secs(5)),
     )
     .unwrap_or_else(|e| panic!("lookup with HTTPS_PROXY set: {e}"));
-    assert_eq!(pod.metadata.name.as_deref(), Some("web-1"));
+    assert_eq!(app_label(&pod), Some("web-1"));
 }
 
 fn run_child(kc: &Path, proxy: &str) -> std::process::Output {
@@ -652,8 +756,12 @@ fn stub_in_a_netns_is_reachable_there_only() {
 
     let kc2 = kc.clone();
     let got = in_netns(&ns.path(), move || {
-        get_pod_blocking(&kc2, "default", "web-1", &policy(Duration::from_secs(10)))
-            .map(|p| p.metadata.name)
+        lookup::pod(
+            &kc2,
+            &PodRef::new("default", "web-1"),
+            &policy(Duration::from_secs(10)),
+        )
+        .map(|p| app_label(&p).map(str::to_string))
     });
     assert_eq!(
         got.expect("lookup inside the netns"),
@@ -663,8 +771,12 @@ fn stub_in_a_netns_is_reachable_there_only() {
 
     // From the host netns the same address is the host's loopback: whatever is there (most likely nothing), it
     // is not our server, so the lookup fails and the server sees no request.
-    get_pod_blocking(&kc, "default", "web-1", &policy(Duration::from_millis(300)))
-        .expect_err("from the host");
+    lookup::pod(
+        &kc,
+        &PodRef::new("default", "web-1"),
+        &policy(Duration::from_millis(300)),
+    )
+    .expect_err("from the host");
     assert_eq!(srv.total_requests(), 1);
 }
 
@@ -732,13 +844,13 @@ fn binary_serves_a_pod_dir_until_sigterm() {
         .contains("BEGIN CERTIFICATE"));
 
     let p = policy(Duration::from_secs(10));
-    let pod = get_pod_blocking(&kc, "demo", "web-1", &p).expect("pod from the dir");
-    assert_eq!(pod.metadata.namespace.as_deref(), Some("demo"));
+    let pod = lookup::pod(&kc, &PodRef::new("demo", "web-1"), &p).expect("pod from the dir");
+    assert_eq!(app_label(&pod), Some("web-1"));
     // The dir is re-read on each request: a new file is served, a removed one is gone.
     std::fs::write(pod_file("web-2"), sample_pod("demo", "web-2").to_string()).expect("pod file");
-    get_pod_blocking(&kc, "demo", "web-2", &p).expect("new pod from the dir");
+    lookup::pod(&kc, &PodRef::new("demo", "web-2"), &p).expect("new pod from the dir");
     std::fs::remove_file(pod_file("web-1")).expect("rm");
-    let e = get_pod_blocking(&kc, "demo", "web-1", &p).expect_err("removed");
+    let e = lookup::pod(&kc, &PodRef::new("demo", "web-1"), &p).expect_err("removed");
     assert_eq!(e.http_status(), Some(404), "{e}");
 
     let mut proc_ = proc_;

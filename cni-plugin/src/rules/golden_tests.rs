@@ -1,11 +1,10 @@
 //! Istio's goldens (`shared/compat/istio/`): capture-iptables/ from capture-cases.json, and plugin/ from
 //! plugin/cases.json through the whole pod -> redirect -> config -> render path. Compared table by table.
 //!
-//! The corpus is found by walking up from this crate to a `shared/compat/istio` directory, or at
-//! `$MESHCNI_COMPAT_DIR` (the `istio` directory itself or its parent). Not finding it is a failure.
+//! The corpus is found by [`crate::compat`] (`$MESHCNI_COMPAT_DIR` or walking up). Not finding it is a failure.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde_json::{Map, Value};
 
@@ -13,32 +12,6 @@ use super::*;
 use crate::pod::{decide, Decision, PodInfo};
 
 const CASES_FILE: &str = "capture-cases.json";
-
-fn compat_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("MESHCNI_COMPAT_DIR") {
-        let dir = PathBuf::from(dir);
-        for candidate in [dir.clone(), dir.join("istio")] {
-            if candidate.join(CASES_FILE).is_file() {
-                return candidate;
-            }
-        }
-        panic!(
-            "MESHCNI_COMPAT_DIR={} holds no {CASES_FILE} (nor istio/{CASES_FILE})",
-            dir.display()
-        );
-    }
-    let start = Path::new(env!("CARGO_MANIFEST_DIR"));
-    for dir in start.ancestors() {
-        let candidate = dir.join("shared").join("compat").join("istio");
-        if candidate.join(CASES_FILE).is_file() {
-            return candidate;
-        }
-    }
-    panic!(
-        "Istio compat corpus not found: no shared/compat/istio/{CASES_FILE} above {}; set MESHCNI_COMPAT_DIR",
-        start.display()
-    );
-}
 
 fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
@@ -347,7 +320,7 @@ fn capture_config(cfg: &Map<String, Value>) -> CaptureConfig {
 
 #[test]
 fn capture_iptables_goldens() {
-    let dir = compat_dir();
+    let dir = crate::compat::istio_dir();
     let cases = read_json(&dir.join(CASES_FILE));
     let base = cases["base"]
         .as_object()
@@ -443,7 +416,7 @@ fn plugin_pod(case: &Value) -> PodInfo {
 
 #[test]
 fn plugin_goldens() {
-    let dir = compat_dir().join("plugin");
+    let dir = crate::compat::istio_dir().join("plugin");
     let cases = read_json(&dir.join("cases.json"));
     let mut compared = 0;
     let mut failures = Vec::new();

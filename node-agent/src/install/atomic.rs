@@ -154,12 +154,6 @@ fn read_full(f: &mut File, buf: &mut [u8]) -> io::Result<usize> {
     Ok(n)
 }
 
-/// Is `name` a temp file of ours (or of Istio's installer) for the file `target_name`?
-pub fn is_temp_for(name: &str, target_name: &str) -> bool {
-    name.strip_prefix(target_name)
-        .is_some_and(|rest| rest.starts_with(TEMP_MARK))
-}
-
 /// Removes temp files left in `dir` by a crash, for targets accepted by `is_target`. Returns what was removed.
 pub fn remove_stale_temps(dir: &Path, is_target: impl Fn(&str) -> bool) -> Vec<PathBuf> {
     let mut removed = Vec::new();
@@ -264,7 +258,6 @@ mod tests {
         let removed = remove_stale_temps(&d, |t| t == "istio-cni" || t.ends_with(".conflist"));
         assert_eq!(removed.len(), 2);
         assert!(d.join("istio-cni").exists() && d.join("bridge.tmp.1.1").exists());
-        assert!(is_temp_for("a.conf.tmp.3.4", "a.conf") && !is_temp_for("a.conf", "a.conf"));
         fs::remove_dir_all(&d).unwrap();
     }
 }

@@ -1,6 +1,7 @@
 //! The CNI network configuration: our entry, inserting it into (and removing it from) the primary conflist, and
 //! choosing the primary file as kubelet and Istio do. Pure: bytes and values in, bytes and values out.
 
+use cni_plugin::config::PluginEntry;
 use serde_json::{json, Map, Value};
 
 use super::gojson;
@@ -35,59 +36,56 @@ pub struct EntrySettings {
 }
 
 impl EntrySettings {
-    /// Istio writes a nil slice (`null`) when no namespace is excluded.
-    fn exclude_value(&self) -> Value {
-        if self.exclude_namespaces.is_empty() {
-            Value::Null
-        } else {
-            json!(self.exclude_namespaces)
+    /// Our entry in the plugin's own schema, as Istio's installer fills it; `cni_version` only for the standalone
+    /// file (Istio drops it inside a list). Every field is named here, none left to a default.
+    pub fn plugin_entry(&self, cni_version: Option<&str>) -> PluginEntry {
+        PluginEntry {
+            cni_version: cni_version.map(str::to_string),
+            name: Some(PLUGIN_TYPE.to_string()),
+            plugin_type: PLUGIN_TYPE.to_string(),
+            ipam: Some(json!({})),
+            dns: Some(json!({})),
+            plugin_log_level: Some(self.plugin_log_level.clone()),
+            cni_agent_run_dir: Some(self.cni_agent_run_dir.clone()),
+            ambient_enabled: Some(false),
+            enablement_selectors: Some(json!([])),
+            // Istio writes a nil slice (`null`) when no namespace is excluded.
+            exclude_namespaces: (!self.exclude_namespaces.is_empty())
+                .then(|| self.exclude_namespaces.clone()),
+            pod_namespace: Some(self.pod_namespace.clone()),
+            native_nftables: Some(self.native_nftables),
+            enable_ambient_detection_retry: Some(false),
+            log_level: None,
+            kubernetes: None,
+            iptables_backend: None,
+            pod_lookup_timeout_seconds: None,
         }
     }
 
-    /// The fields of Istio's plugin config struct, in its declaration order, with `cniVersion` (standalone file).
-    fn ordered_fields(&self) -> Vec<(&'static str, Value)> {
-        vec![
-            ("cniVersion", json!(CNI_VERSION)),
-            ("name", json!(PLUGIN_TYPE)),
-            ("type", json!(PLUGIN_TYPE)),
-            ("ipam", json!({})),
-            ("dns", json!({})),
-            ("plugin_log_level", json!(self.plugin_log_level)),
-            ("cni_agent_run_dir", json!(self.cni_agent_run_dir)),
-            ("ambient_enabled", json!(false)),
-            ("enablement_selectors", json!([])),
-            ("exclude_namespaces", self.exclude_value()),
-            ("pod_namespace", json!(self.pod_namespace)),
-            ("native_nftables", json!(self.native_nftables)),
-            ("enable_ambient_detection_retry", json!(false)),
-        ]
-    }
-
-    /// Our entry as it appears inside a list (Istio drops its `cniVersion` there).
+    /// Our entry as it appears inside a list.
     pub fn entry(&self) -> Value {
-        let map: Map<String, Value> = self
-            .ordered_fields()
-            .into_iter()
-            .filter(|(k, _)| *k != "cniVersion")
-            .map(|(k, v)| (k.to_string(), v))
-            .collect();
-        Value::Object(map)
+        object(self.plugin_entry(None).fields())
     }
 
-    /// The whole file written in standalone mode (`CHAINED_CNI_PLUGIN=false`), byte-identical to Istio's.
+    /// The whole file written in standalone mode (`CHAINED_CNI_PLUGIN=false`), byte-identical to Istio's: the
+    /// struct's keys in its order, as Go writes a struct.
     pub fn standalone_file(&self) -> Vec<u8> {
-        gojson::render_ordered(&self.ordered_fields())
+        gojson::render_ordered(&self.plugin_entry(Some(CNI_VERSION)).fields())
     }
 
     /// The standalone file as a JSON value (for comparing with what is on disk).
     pub fn standalone_value(&self) -> Value {
-        Value::Object(
-            self.ordered_fields()
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), v))
-                .collect(),
-        )
+        object(self.plugin_entry(Some(CNI_VERSION)).fields())
     }
+}
+
+fn object(fields: Vec<(&str, Value)>) -> Value {
+    Value::Object(
+        fields
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+    )
 }
 
 /// Parses a CNI configuration file's bytes; `file` names it in errors.
@@ -380,24 +378,7 @@ pub fn target_name(source_name: &str) -> String {
 mod tests {
     use super::*;
 
-    /// The Istio corpus: `shared/` sits beside the workspace (CI clones the repo next to it).
-    fn golden_dir() -> std::path::PathBuf {
-        let dir = std::path::PathBuf::from(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../shared/compat/istio"
-        ));
-        assert!(
-            dir.is_dir(),
-            "Istio compat corpus not found at {}",
-            dir.display()
-        );
-        dir
-    }
-
-    fn read(rel: &str) -> Vec<u8> {
-        let p = golden_dir().join(rel);
-        std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-    }
+    use cni_plugin::compat::read;
 
     /// The settings Istio's unit tests used for install/*.golden (from install/istio-cni.conf).
     fn unit_settings() -> EntrySettings {
@@ -435,20 +416,59 @@ mod tests {
         );
     }
 
+    /// What the agent writes (standalone file, entry, entry inside a rendered list), the plugin reads back as the
+    /// same typed entry and as the settings it was made from.
     #[test]
-    fn entry_is_what_the_plugin_reads() {
-        let settings = e2e_settings();
-        let cfg = cni_plugin::config::PluginConfig::from_json(&settings.entry()).unwrap();
-        assert_eq!(cfg.exclude_namespaces, vec!["istio-system".to_string()]);
-        assert_eq!(cfg.agent_run_dir, std::path::PathBuf::from("/tmp"));
-        assert_eq!(
-            cfg.kubeconfig,
-            std::path::PathBuf::from("/tmp").join(cni_plugin::config::KUBECONFIG_NAME)
-        );
-        assert!(!cfg.ambient_enabled);
-        let cfg = cni_plugin::config::PluginConfig::from_json(&unit_settings().entry()).unwrap();
-        assert_eq!(cfg.pod_namespace, "my-namespace");
-        assert!(cfg.exclude_namespaces.is_empty());
+    fn agent_to_plugin_round_trips() {
+        use cni_plugin::config::{PluginConfig, KUBECONFIG_NAME};
+        let custom = EntrySettings {
+            plugin_log_level: "warn".into(),
+            cni_agent_run_dir: "/var/run/istio-cni".into(),
+            exclude_namespaces: vec!["kube-system".into(), "istio-system".into()],
+            pod_namespace: "istio-system".into(),
+            native_nftables: true,
+        };
+        for settings in [unit_settings(), e2e_settings(), custom] {
+            let file = settings.standalone_file();
+            let from_file: PluginEntry = serde_json::from_slice(&file).unwrap();
+            assert_eq!(from_file, settings.plugin_entry(Some(CNI_VERSION)));
+            let in_list: PluginEntry = serde_json::from_value(settings.entry()).unwrap();
+            assert_eq!(in_list, settings.plugin_entry(None));
+            let calico = "install-e2e/pre/calico.conflist";
+            let list = insert_entry(
+                calico,
+                &parse(calico, &read(calico)).unwrap(),
+                &settings.entry(),
+            )
+            .unwrap();
+            let rendered = parse("rendered", &render(&list)).unwrap();
+            let last = rendered["plugins"]
+                .as_array()
+                .unwrap()
+                .last()
+                .unwrap()
+                .clone();
+            assert_eq!(
+                serde_json::from_value::<PluginEntry>(last.clone()).unwrap(),
+                in_list
+            );
+
+            for value in [
+                serde_json::from_slice::<Value>(&file).unwrap(),
+                settings.entry(),
+                last,
+            ] {
+                let cfg = PluginConfig::from_json(&value).unwrap();
+                assert_eq!(cfg.log_level.directive(), settings.plugin_log_level);
+                let run_dir = std::path::PathBuf::from(&settings.cni_agent_run_dir);
+                assert_eq!(cfg.kubeconfig, run_dir.join(KUBECONFIG_NAME));
+                assert_eq!(cfg.agent_run_dir, run_dir);
+                assert_eq!(cfg.exclude_namespaces, settings.exclude_namespaces);
+                assert_eq!(cfg.pod_namespace, settings.pod_namespace);
+                assert_eq!(cfg.native_nftables, settings.native_nftables);
+                assert!(!cfg.ambient_enabled);
+            }
+        }
     }
 
     fn check_golden(input: &str, golden: &str) {

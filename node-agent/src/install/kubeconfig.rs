@@ -117,14 +117,7 @@ fn plain_safe(s: &str) -> bool {
 mod tests {
     use super::*;
 
-    fn corpus(rel: &str) -> Vec<u8> {
-        let p = std::path::PathBuf::from(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../shared/compat/istio"
-        ))
-        .join(rel);
-        std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-    }
+    use cni_plugin::compat::read as corpus;
 
     fn server(host: &str) -> ApiServer {
         ApiServer {

@@ -21,16 +21,8 @@ pub const TOKEN: &str = "eyJhbGciOiJSUzI1NiJ9.first-token.sig";
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
-/// The Istio compatibility corpus (`shared/` beside the workspace).
-pub fn corpus(rel: &str) -> PathBuf {
-    let p = PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../shared/compat/istio"
-    ))
-    .join(rel);
-    assert!(p.exists(), "missing corpus file {}", p.display());
-    p
-}
+/// A file of the Istio compatibility corpus.
+pub use cni_plugin::compat::path as corpus;
 
 pub fn read_json(path: &Path) -> Value {
     let bytes = fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));

@@ -22,7 +22,8 @@ use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use cni_plugin::config::BackendChoice;
-use cni_plugin::pod::PodInfo;
+use cni_plugin::lookup::response::interpret;
+use cni_plugin::lookup::PodRef;
 use cni_plugin::redirect::Redirect;
 use cni_plugin::rules::{render_iptables, CaptureConfig};
 use meshcni_tests::apiserver::{sample_pod, ApiServer};
@@ -313,8 +314,11 @@ fn run(a: &Args) -> Result<bool, String> {
     };
     let injected = sample_pod("bench", "injected");
     let rules = {
-        let pod = serde_json::from_value(injected.clone()).map_err(|e| e.to_string())?;
-        let redirect = Redirect::from_pod(&PodInfo::from_pod(&pod)).map_err(|e| e.to_string())?;
+        // What the plugin makes of the API server's answer.
+        let answer = injected.to_string();
+        let pod = interpret(200, answer.as_bytes(), &PodRef::new("bench", "injected"))
+            .map_err(|e| format!("{e:?}"))?;
+        let redirect = Redirect::from_pod(&pod).map_err(|e| e.to_string())?;
         render_iptables(&CaptureConfig::from_redirect(&redirect, false))
     };
     setup.srv.add_pod(injected).map_err(|e| e.to_string())?;

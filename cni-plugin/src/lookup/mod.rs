@@ -1,0 +1,345 @@
+//! The plugin's pod lookup: one HTTPS GET of the Pod from the API server named in the plugin's kubeconfig, with a
+//! bounded retry policy, returning the [`PodInfo`] the decision needs. [`PodInfo`] and [`PodRef`] are serde types
+//! so that another source of pods (the node agent's cache) can answer with the same values.
+//!
+//! Istio's plugin retries every error 30 times, one second apart. We are stricter and faster:
+//!
+//! * **Transient** errors are retried with exponential backoff (default 50 ms doubling to 1 s, with a little
+//!   jitter) until the caller's deadline: connection refused/reset/aborted, a connection closed before the answer
+//!   (also a TLS handshake the server abandons half-way), a request that got no answer within the per-request
+//!   timeout, HTTP 5xx, 429 (honouring `Retry-After`) and 408.
+//! * **Permanent** errors fail at once: 404 (the pod is gone), 401/403 (the token or RBAC is wrong; retrying only
+//!   hammers the API server), any other 4xx, a missing/unreadable/invalid kubeconfig, an invalid namespace or pod
+//!   name, a Pod object that does not decode or is not the one asked for, and **TLS verification failures** (unknown
+//!   CA, expired or not-yet-valid certificate, wrong name): a CA mismatch does not fix itself within a CNI call's
+//!   deadline, and hiding it behind 30 s of retries only delays the diagnosis. It is reported with the whole error
+//!   chain so the real cause is visible (kube itself shows only "client error (Connect)").
+//! * On the deadline the last error is returned ([`LookupErrorKind::DeadlineExceeded`]); we never fail open. (When
+//!   the deadline cut the last attempt short, the error of the attempt before it is reported: it says more.)
+//!
+//! Proxies are never used: a container runtime's `HTTPS_PROXY`/`https_proxy` leaks into the plugin's environment
+//! and would send the service-account token to a proxy (or break the lookup). A `proxy-url` in the kubeconfig is
+//! ignored too (with a warning). The API server must be reached over `https`: the kubeconfig carries a bearer
+//! token, which must never travel in clear text.
+//!
+//! Files: this one the policy and the retry loop; [`kubeconfig`] the kube `Config`; `client` the GET and the
+//! classification of transport failures; [`response`] what an answer means; [`error`] the error type.
+
+mod client;
+pub mod error;
+pub mod kubeconfig;
+pub mod response;
+
+use std::collections::hash_map::RandomState;
+use std::fmt;
+use std::hash::{BuildHasher, Hasher};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tracing::{debug, info_span, warn};
+
+pub use error::{LookupError, LookupErrorKind};
+
+use crate::pod::PodInfo;
+use client::ApiClient;
+
+/// Default overall deadline of a lookup (all attempts and backoff included).
+pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(30);
+/// Default delay before the first retry.
+pub const DEFAULT_INITIAL_BACKOFF: Duration = Duration::from_millis(50);
+/// Default cap of the delay between two attempts.
+pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(1);
+/// Default timeout of one request (connect, TLS, request and whole response), never beyond the deadline.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The pod to look up: `K8S_POD_NAMESPACE` and `K8S_POD_NAME` from `CNI_ARGS`, not trusted to be well-formed.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct PodRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl PodRef {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        PodRef {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+
+    /// Checks the namespace (DNS-1123 label) and the pod name (DNS-1123 subdomain) before they become a URL path.
+    /// The reason when not.
+    pub fn validate(&self) -> Result<(), &'static str> {
+        let (namespace, name) = (self.namespace.as_str(), self.name.as_str());
+        if namespace.is_empty() {
+            return Err("empty namespace");
+        }
+        if namespace.len() > 63 || !is_dns1123_label(namespace) {
+            return Err(
+                "namespace is not a DNS-1123 label (lowercase alphanumerics and '-', at most 63)",
+            );
+        }
+        if name.is_empty() {
+            return Err("empty pod name");
+        }
+        if name.len() > 253 || !name.split('.').all(is_dns1123_label) {
+            return Err(
+                "pod name is not a DNS-1123 subdomain (lowercase alphanumerics, '-' and '.', at most 253)",
+            );
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for PodRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+fn is_dns1123_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    let edge_ok = |c: &u8| c.is_ascii_lowercase() || c.is_ascii_digit();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.first().is_some_and(edge_ok)
+        && b.last().is_some_and(edge_ok)
+        && b.iter().all(|c| edge_ok(c) || *c == b'-')
+}
+
+/// How long and how often to try.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LookupPolicy {
+    /// Overall budget, from the call until the last attempt ends. At least one attempt is always made.
+    pub deadline: Duration,
+    /// Delay before the first retry; doubles after each failed attempt.
+    pub initial_backoff: Duration,
+    /// Cap of the delay between attempts.
+    pub max_backoff: Duration,
+    /// Timeout of a single attempt (connect, TLS handshake, request, whole response).
+    pub request_timeout: Duration,
+}
+
+impl Default for LookupPolicy {
+    fn default() -> Self {
+        LookupPolicy {
+            deadline: DEFAULT_DEADLINE,
+            initial_backoff: DEFAULT_INITIAL_BACKOFF,
+            max_backoff: DEFAULT_MAX_BACKOFF,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+        }
+    }
+}
+
+impl LookupPolicy {
+    /// Delay before attempt `attempt + 1` after attempt `attempt` (1-based) failed, before jitter:
+    /// `initial_backoff * 2^(attempt-1)`, capped at `max_backoff`.
+    pub fn backoff(&self, attempt: u32) -> Duration {
+        let factor = 1u32
+            .checked_shl(attempt.saturating_sub(1))
+            .unwrap_or(u32::MAX);
+        self.initial_backoff
+            .checked_mul(factor)
+            .unwrap_or(self.max_backoff)
+            .min(self.max_backoff)
+    }
+}
+
+/// Blocking pod lookup (the error is boxed: it is large and rare): builds a current-thread tokio runtime on the calling thread, creates the kube client
+/// inside it and GETs the pod per `policy`. Connections are made from the calling thread (and so in its network
+/// namespace). Must not be called from within a tokio runtime (use [`pod_async`] there).
+pub fn pod(
+    kubeconfig: &Path,
+    pod: &PodRef,
+    policy: &LookupPolicy,
+) -> Result<PodInfo, Box<LookupError>> {
+    let fail = |kind| error(pod, "", kubeconfig, kind);
+    pod.validate()
+        .map_err(|reason| fail(LookupErrorKind::InvalidPodRef { reason }))?;
+    client::block_on(pod_async(kubeconfig, pod, policy))
+        .map_err(|e| fail(LookupErrorKind::Runtime(e)))?
+}
+
+/// The async lookup behind [`pod()`], for callers that already run a tokio runtime.
+pub async fn pod_async(
+    kubeconfig: &Path,
+    pod: &PodRef,
+    policy: &LookupPolicy,
+) -> Result<PodInfo, Box<LookupError>> {
+    let start = Instant::now();
+    pod.validate().map_err(|reason| {
+        error(
+            pod,
+            "",
+            kubeconfig,
+            LookupErrorKind::InvalidPodRef { reason },
+        )
+    })?;
+    let span = info_span!("pod_lookup", namespace = %pod.namespace, pod = %pod.name);
+    let _enter = span.enter();
+
+    let config = kubeconfig::load_config(kubeconfig, policy.request_timeout)
+        .await
+        .map_err(|kind| error(pod, "", kubeconfig, kind))?;
+    let server = config.cluster_url.to_string();
+    let fail = |kind| error(pod, &server, kubeconfig, kind);
+    let client = ApiClient::new(config).map_err(fail)?;
+
+    let mut attempt: u32 = 0;
+    // The error of the attempt before, reported instead of a last attempt that the deadline cut short (that
+    // timeout says nothing about the server).
+    let mut previous: Option<LookupErrorKind> = None;
+    loop {
+        attempt += 1;
+        let remaining = policy.deadline.saturating_sub(start.elapsed());
+        let timeout = policy.request_timeout.min(remaining);
+        debug!(attempt, timeout_ms = timeout.as_millis() as u64, "GET pod");
+        let (result, retry_after) = client.get(pod, timeout).await;
+        let err = match result {
+            Ok(info) => {
+                debug!(attempt, "got pod");
+                return Ok(info);
+            }
+            Err(kind) => fail(kind),
+        };
+        if !err.is_transient() {
+            warn!(attempt, error = %err, "pod lookup failed (not retried)");
+            return Err(err);
+        }
+        let remaining = policy.deadline.saturating_sub(start.elapsed());
+        let delay = jitter(policy.backoff(attempt), attempt)
+            .max(retry_after.unwrap_or_default())
+            .min(remaining);
+        if remaining.is_zero() || delay >= remaining {
+            let cut_short = matches!(err.kind, LookupErrorKind::Timeout { timeout: t } if t < policy.request_timeout);
+            let last = match previous {
+                Some(p) if cut_short => p,
+                _ => err.kind,
+            };
+            let e = fail(LookupErrorKind::DeadlineExceeded {
+                attempts: attempt,
+                elapsed: start.elapsed(),
+                deadline: policy.deadline,
+                last: Box::new(last),
+            });
+            warn!(attempt, error = %e, "pod lookup failed");
+            return Err(e);
+        }
+        warn!(
+            attempt,
+            error = %err,
+            retry_in_ms = delay.as_millis() as u64,
+            "pod lookup failed, retrying"
+        );
+        previous = Some(err.kind);
+        tokio::time::sleep(delay).await;
+    }
+}
+
+fn error(pod: &PodRef, server: &str, kubeconfig: &Path, kind: LookupErrorKind) -> Box<LookupError> {
+    Box::new(LookupError {
+        pod: pod.clone(),
+        server: server.to_string(),
+        kubeconfig: kubeconfig.to_path_buf(),
+        kind,
+    })
+}
+
+/// Takes up to a quarter off `d`, so that many plugins started together do not retry in lockstep.
+fn jitter(d: Duration, attempt: u32) -> Duration {
+    let mut h = RandomState::new().build_hasher();
+    h.write_u32(attempt);
+    let quarter = d / 4;
+    let nanos = u64::try_from(quarter.as_nanos()).unwrap_or(u64::MAX);
+    if nanos == 0 {
+        return d;
+    }
+    d - Duration::from_nanos(h.finish() % nanos)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        let p = LookupPolicy::default();
+        let got: Vec<u128> = (1..=8).map(|a| p.backoff(a).as_millis()).collect();
+        assert_eq!(got, vec![50, 100, 200, 400, 800, 1000, 1000, 1000]);
+        assert_eq!(p.backoff(0).as_millis(), 50);
+        assert_eq!(p.backoff(200), Duration::from_secs(1));
+        assert_eq!(p.backoff(u32::MAX), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn jitter_stays_within_a_quarter() {
+        for a in 1..50 {
+            let d = Duration::from_millis(400);
+            let j = jitter(d, a);
+            assert!(j <= d && j >= Duration::from_millis(300), "{j:?}");
+        }
+        assert_eq!(jitter(Duration::ZERO, 1), Duration::ZERO);
+    }
+
+    #[test]
+    fn pod_ref_validation() {
+        for (ns, name) in [
+            ("default", "web-1"),
+            ("kube-system", "coredns-5d78c9869d-abcde"),
+            ("a", "x.y.z"),
+        ] {
+            assert_eq!(PodRef::new(ns, name).validate(), Ok(()), "{ns}/{name}");
+        }
+        for (ns, name) in [
+            ("", "a"),
+            ("default", ""),
+            ("Default", "a"),
+            ("default", "A"),
+            ("de/fault", "a"),
+            ("default", "a/b"),
+            ("default", "a?b"),
+            ("default", ".."),
+            ("default", "a..b"),
+            ("-ns", "a"),
+            ("ns-", "a"),
+            ("ns.x", "a"),
+            ("default", "a%2fb"),
+        ] {
+            let p = PodRef::new(ns, name);
+            let reason = p.validate().expect_err(&format!("{ns:?}/{name:?}"));
+            let e = error(
+                &p,
+                "",
+                Path::new("/kc"),
+                LookupErrorKind::InvalidPodRef { reason },
+            );
+            assert!(!e.is_transient());
+            let s = e.to_string();
+            assert!(
+                s.contains(&format!("{ns:?}/{name:?}")) && s.contains(reason),
+                "{s}"
+            );
+        }
+        let long_ns = "a".repeat(64);
+        assert!(PodRef::new(long_ns, "a").validate().is_err());
+        let long_name = format!("{}.{}", "a".repeat(63), "b".repeat(190));
+        assert!(PodRef::new("a", long_name).validate().is_err());
+    }
+
+    /// An invalid reference fails before any file is read or runtime is made.
+    #[test]
+    fn invalid_pod_ref_fails_before_the_kubeconfig_is_read() {
+        let e = pod(
+            Path::new("/nonexistent/kubeconfig"),
+            &PodRef::new("default", "a/b"),
+            &LookupPolicy::default(),
+        )
+        .expect_err("invalid");
+        assert!(
+            matches!(e.kind, LookupErrorKind::InvalidPodRef { .. }),
+            "{e:?}"
+        );
+        assert_eq!(e.server, "");
+    }
+}

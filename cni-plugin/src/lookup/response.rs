@@ -1,0 +1,198 @@
+//! What the API server's answer means: a 2xx body becomes the [`PodInfo`] the decision needs (after checking it
+//! is the pod asked for), any other status an error kind with the server's message. Pure.
+
+use k8s_openapi::api::core::v1::{Container, Pod};
+
+use super::{LookupErrorKind, PodRef};
+use crate::pod::{PodInfo, ISTIO_PROXY};
+
+/// What one attempt's HTTP answer means; `status` and `body` as received.
+pub fn interpret(status: u16, body: &[u8], pod: &PodRef) -> Result<PodInfo, LookupErrorKind> {
+    if (200..300).contains(&status) {
+        let obj: Pod = serde_json::from_slice(body).map_err(|e| LookupErrorKind::BadResponse {
+            detail: format!("HTTP {status} with a body that is not a Pod: {e}"),
+        })?;
+        let got_ns = obj.metadata.namespace.as_deref().unwrap_or("");
+        let got_name = obj.metadata.name.as_deref().unwrap_or("");
+        if got_ns != pod.namespace || got_name != pod.name {
+            return Err(LookupErrorKind::BadResponse {
+                detail: format!("HTTP {status} with pod {got_ns:?}/{got_name:?} instead"),
+            });
+        }
+        return Ok(PodInfo::from(&obj));
+    }
+    let message = status_message(body);
+    Err(match status {
+        404 => LookupErrorKind::NotFound,
+        401 | 403 => LookupErrorKind::Denied { status, message },
+        _ => LookupErrorKind::Http { status, message },
+    })
+}
+
+/// The message of a Kubernetes `Status` body, or the (bounded) raw body.
+fn status_message(body: &[u8]) -> String {
+    #[derive(serde::Deserialize)]
+    struct StatusBody {
+        #[serde(default)]
+        message: String,
+        #[serde(default)]
+        reason: String,
+    }
+    if let Ok(s) = serde_json::from_slice::<StatusBody>(body) {
+        if !s.message.is_empty() || !s.reason.is_empty() {
+            return match (s.reason.is_empty(), s.message.is_empty()) {
+                (false, false) => format!("{}: {}", s.reason, s.message),
+                (true, _) => s.message,
+                (_, true) => s.reason,
+            };
+        }
+    }
+    let text = String::from_utf8_lossy(body);
+    let text = text.trim();
+    if text.is_empty() {
+        return "(empty body)".to_string();
+    }
+    const MAX: usize = 512;
+    match text.char_indices().nth(MAX) {
+        Some((i, _)) => format!("{}...", &text[..i]),
+        None => text.to_string(),
+    }
+}
+
+impl From<&Pod> for PodInfo {
+    /// What matters of a Pod object, as Istio's `ExtractPodInfo`.
+    fn from(pod: &Pod) -> Self {
+        let mut pi = PodInfo {
+            labels: pod.metadata.labels.clone().unwrap_or_default(),
+            annotations: pod.metadata.annotations.clone().unwrap_or_default(),
+            ..Default::default()
+        };
+        let Some(spec) = pod.spec.as_ref() else {
+            return pi;
+        };
+        let init = spec.init_containers.iter().flatten();
+        for c in init.chain(spec.containers.iter()) {
+            add_container(&mut pi, c);
+        }
+        pi
+    }
+}
+
+fn add_container(pi: &mut PodInfo, c: &Container) {
+    pi.containers.insert(c.name.clone());
+    if c.name != ISTIO_PROXY {
+        return;
+    }
+    for e in c.env.iter().flatten() {
+        pi.proxy_env
+            .insert(e.name.clone(), e.value.clone().unwrap_or_default());
+    }
+    if let Some(args) = c.args.as_ref() {
+        if args.len() >= 2 && args[0] == "proxy" {
+            pi.proxy_type = Some(args[1].clone());
+        }
+    }
+    if let Some(sc) = c.security_context.as_ref() {
+        pi.proxy_uid = sc.run_as_user;
+        pi.proxy_gid = sc.run_as_group;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::lookup::error::tests::{in_context, KC};
+    use crate::lookup::LookupError;
+
+    fn interp(status: u16, body: &str) -> Result<PodInfo, Box<LookupError>> {
+        interpret(status, body.as_bytes(), &PodRef::new("default", "web-1"))
+            .map_err(|kind| Box::new(in_context(Path::new(KC), kind)))
+    }
+
+    #[test]
+    fn ok_pod_is_decoded_and_must_match() {
+        let body = r#"{"apiVersion":"v1","kind":"Pod","metadata":{"name":"web-1","namespace":"default",
+            "labels":{"app":"web"}},"spec":{"containers":[{"name":"app"},{"name":"istio-proxy"}]}}"#;
+        let pod = interp(200, body).expect("pod");
+        assert_eq!(pod.labels.get("app").map(String::as_str), Some("web"));
+        assert!(pod.containers.contains("app") && pod.containers.contains(ISTIO_PROXY));
+
+        let other =
+            r#"{"apiVersion":"v1","kind":"Pod","metadata":{"name":"web-2","namespace":"default"}}"#;
+        let e = interp(200, other).expect_err("wrong pod");
+        assert!(!e.is_transient());
+        assert!(e.to_string().contains("\"default\"/\"web-2\""), "{e}");
+
+        let e = interp(200, "<html>").expect_err("not json");
+        assert!(
+            matches!(e.kind, LookupErrorKind::BadResponse { .. }),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("HTTP 200"), "{e}");
+    }
+
+    #[test]
+    fn not_found_is_permanent_and_named() {
+        let body = r#"{"kind":"Status","apiVersion":"v1","status":"Failure","message":"pods \"web-1\" not found","reason":"NotFound","code":404}"#;
+        let e = interp(404, body).expect_err("404");
+        assert!(!e.is_transient());
+        assert_eq!(e.http_status(), Some(404));
+        assert!(
+            e.to_string()
+                .contains("pod default/web-1 not found (deleted?)"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn denied_names_token_or_rbac_and_kubeconfig() {
+        let e = interp(
+            401,
+            r#"{"kind":"Status","message":"Unauthorized","reason":"Unauthorized","code":401}"#,
+        )
+        .expect_err("401");
+        assert!(!e.is_transient());
+        let s = e.to_string();
+        assert!(
+            s.contains("HTTP 401") && s.contains("token") && s.contains(KC),
+            "{s}"
+        );
+
+        let e = interp(403, "forbidden by policy").expect_err("403");
+        let s = e.to_string();
+        assert!(
+            s.contains("HTTP 403") && s.contains("RBAC") && s.contains(KC),
+            "{s}"
+        );
+        assert!(s.contains("forbidden by policy"), "{s}");
+    }
+
+    #[test]
+    fn status_classes() {
+        for s in [500, 502, 503, 504, 429, 408] {
+            let e = interp(s, "").expect_err("error");
+            assert!(e.is_transient(), "{s}");
+            assert_eq!(e.http_status(), Some(s));
+            assert!(e.to_string().contains(&format!("HTTP {s}")), "{e}");
+        }
+        for s in [400, 405, 406, 410, 422, 301, 100] {
+            let e = interp(s, "").expect_err("error");
+            assert!(!e.is_transient(), "{s}");
+        }
+    }
+
+    #[test]
+    fn status_message_prefers_status_body_and_bounds_raw_text() {
+        assert_eq!(
+            status_message(br#"{"message":"etcd down","reason":"InternalError"}"#),
+            "InternalError: etcd down"
+        );
+        assert_eq!(status_message(br#"{"message":"m"}"#), "m");
+        assert_eq!(status_message(b"  \n"), "(empty body)");
+        assert_eq!(status_message(b"{}"), "{}");
+        let long = "x".repeat(2000);
+        assert_eq!(status_message(long.as_bytes()).len(), 515);
+    }
+}

@@ -54,7 +54,9 @@ health, metrics = free_port(), free_port()
 env = {"PATH": os.environ.get("PATH", ""), "MOUNTED_CNI_NET_DIR": d["conf"], "MOUNTED_CNI_BIN_DIR": d["bin"],
        "CNI_BINARIES_SOURCE_DIR": d["src"], "CNI_AGENT_RUN_DIR": d["run"], "SERVICE_ACCOUNT_DIR": d["sa"],
        "KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "443", "LOG_LEVEL": "warn",
-       "HEALTH_PORT": str(health), "MONITORING_PORT": str(metrics), "BIND_ADDRESS": "127.0.0.1"}
+       "HEALTH_PORT": str(health), "MONITORING_PORT": str(metrics), "BIND_ADDRESS": "127.0.0.1",
+       # 10.96.0.1 is only a name in the kubeconfig: nothing may connect to it (the pod cache would).
+       "POD_CACHE_ENABLED": "false"}
 log = open(os.path.join(root, "agent.log"), "wb")
 agent = subprocess.Popen([agent_bin], env=env, stdout=log, stderr=log)
 

@@ -95,8 +95,27 @@ pub fn add(req: &Request, cfg: &PluginConfig) -> Result<AddOutcome, PluginError>
         deadline: cfg.pod_lookup_timeout,
         ..LookupPolicy::default()
     };
-    let pi = lookup::pod(&cfg.kubeconfig, &PodRef::new(namespace, name), &policy)
-        .map_err(PluginError::Lookup)?;
+    let pod = PodRef::new(namespace, name);
+    let uid = req.args.k8s_pod_uid.as_deref();
+    // The agent's cache first; on any miss our own GET, so a broken or absent agent never decides for a pod.
+    let pi = match lookup::agent::ask(
+        &cfg.agent_run_dir,
+        &pod,
+        uid,
+        lookup::agent::DEFAULT_DEADLINE,
+    ) {
+        Ok(pi) => {
+            debug!("pod found in the agent's cache");
+            pi
+        }
+        Err(miss) => {
+            match miss {
+                lookup::agent::Miss::NoSocket { .. } => debug!(%miss, "asking the API server"),
+                _ => info!(%miss, "not answered by the agent's cache; asking the API server"),
+            }
+            lookup::pod(&cfg.kubeconfig, &pod, &policy).map_err(PluginError::Lookup)?
+        }
+    };
     if let Decision::Skip(reason) = decide(&pi) {
         info!(%reason, "no redirect");
         return Ok(AddOutcome::Skipped(reason.to_string()));

@@ -4,7 +4,7 @@
 //!   (retry, back-off end, periodic resync). The reconcile itself (file copies, fsyncs) runs on a blocking thread,
 //!   so nothing else ever waits behind it;
 //! - the HTTP servers (health, metrics);
-//! - later the pod watch and the plugin's socket.
+//! - the pod watch (the node-scoped pod cache) and the plugin's socket that answers from it.
 //!
 //! A task that fails (an error or a panic) is logged and restarted after a back-off; the others go on.
 
@@ -17,6 +17,8 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::config::{Config, HEALTH_PORT, MONITORING_PORT};
 use crate::install::{InstallError, Installer, Status};
+use crate::podcache::{self, PodCache};
+use crate::podsock::{self, SocketError};
 use crate::server::{self, Endpoints, ServerError, Shared, RESULT_SUCCESS};
 use crate::watch::{self, Filter, Target, WatchError, Watcher};
 
@@ -44,6 +46,8 @@ pub enum AgentError {
     Cleanup(#[source] InstallError),
     #[error("{0}")]
     Task(String),
+    #[error(transparent)]
+    Socket(#[from] SocketError),
 }
 
 fn watch_targets(cfg: &Config) -> Vec<(std::path::PathBuf, Target)> {
@@ -118,6 +122,38 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
         })));
     }
 
+    let socket = if cfg.pod_cache {
+        let path = podsock::socket_path(&cfg.run_dir);
+        let first = Arc::new(Mutex::new(Some(podsock::bind(&path)?)));
+        let cache = PodCache::new();
+        {
+            let (path, cache) = (path.clone(), cache.clone());
+            tasks.push(tokio::spawn(supervise("pod-cache socket", move || {
+                let (path, cache, first) = (path.clone(), cache.clone(), first.clone());
+                async move {
+                    let listener = match lock(&first).take() {
+                        Some(l) => l,
+                        None => podsock::bind(&path)?,
+                    };
+                    tracing::info!(path = %path.display(), "serving the plugin's pod lookups");
+                    podsock::serve(listener, path, cache).await
+                }
+            })));
+        }
+        let cfg = cfg.clone();
+        tasks.push(tokio::spawn(supervise("pod watch", move || {
+            let (cfg, cache) = (cfg.clone(), cache.clone());
+            async move {
+                let client = podsock::client(&cfg).await?;
+                podcache::watch(client, cfg.node_name.clone(), cache).await;
+                Ok::<(), String>(())
+            }
+        })));
+        Some(path)
+    } else {
+        None
+    };
+
     tokio::select! {
         _ = sigterm.recv() => tracing::info!("SIGTERM: cleaning up"),
         _ = sigint.recv() => tracing::info!("SIGINT: cleaning up"),
@@ -126,6 +162,11 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
         t.abort();
     }
     shared.set_ready(false);
+    if let Some(path) = socket {
+        if let Err(e) = std::fs::remove_file(&path) {
+            tracing::debug!(path = %path.display(), error = %e, "cannot remove the pod-cache socket");
+        }
+    }
     // The installer task may be in the middle of a reconcile on its blocking thread: the lock waits for it.
     let cleanup = tokio::task::spawn_blocking(move || lock(&installer).cleanup()).await;
     match cleanup {

@@ -33,6 +33,8 @@ pub const AMBIENT_ENABLED: &str = "AMBIENT_ENABLED";
 pub const MONITORING_PORT: &str = "MONITORING_PORT";
 pub const HEALTH_PORT: &str = "HEALTH_PORT";
 pub const BIND_ADDRESS: &str = "BIND_ADDRESS";
+/// Ours: serve the plugin's pod lookups from a node-scoped pod watch (`<run dir>/pod-cache.sock`).
+pub const POD_CACHE_ENABLED: &str = "POD_CACHE_ENABLED";
 
 /// Command line and environment, as given.
 #[derive(Debug, Clone, Parser)]
@@ -127,6 +129,11 @@ pub struct Args {
     #[arg(long, env = AMBIENT_ENABLED, value_name = AMBIENT_ENABLED, default_value = "false", value_parser = parse_bool, action = clap::ArgAction::Set)]
     pub ambient_enabled: bool,
 
+    /// Watch the pods of this node and answer the plugin's lookups on `<CNI_AGENT_RUN_DIR>/pod-cache.sock`, so a
+    /// pod start needs no API request (ours; the plugin falls back to its own GET whenever the cache cannot answer).
+    #[arg(long, env = POD_CACHE_ENABLED, value_name = POD_CACHE_ENABLED, default_value = "true", value_parser = parse_bool, action = clap::ArgAction::Set)]
+    pub pod_cache_enabled: bool,
+
     /// Port of the Prometheus metrics server (/metrics); 0 disables it.
     #[arg(long, env = MONITORING_PORT, value_name = MONITORING_PORT, default_value = "15014", value_parser = parse_port_or_zero)]
     pub monitoring_port: u16,
@@ -215,6 +222,7 @@ pub struct Config {
     pub monitoring_port: u16,
     pub health_port: u16,
     pub bind_address: IpAddr,
+    pub pod_cache: bool,
 }
 
 impl Config {
@@ -395,6 +403,7 @@ impl Args {
             monitoring_port: self.monitoring_port,
             health_port: self.health_port,
             bind_address: self.bind_address,
+            pod_cache: self.pod_cache_enabled,
         })
     }
 }

@@ -7,5 +7,6 @@ pub mod agent;
 pub mod config;
 pub mod install;
 pub mod podcache;
+pub mod podsock;
 pub mod server;
 pub mod watch;

@@ -503,6 +503,7 @@ fn help_documents_every_variable() {
         "SERVICE_ACCOUNT_DIR",
         "HEALTH_PORT",
         "BIND_ADDRESS",
+        "POD_CACHE_ENABLED",
     ] {
         assert!(
             help.contains(&format!("[env: {var}=")),

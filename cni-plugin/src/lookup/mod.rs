@@ -25,6 +25,7 @@
 //! Files: this one the policy and the retry loop; [`kubeconfig`] the kube `Config`; `client` the GET and the
 //! classification of transport failures; [`response`] what an answer means; [`error`] the error type.
 
+pub mod agent;
 mod client;
 pub mod error;
 pub mod kubeconfig;

@@ -186,6 +186,8 @@ impl Node {
             ("HEALTH_PORT", health.to_string()),
             ("MONITORING_PORT", metrics.to_string()),
             ("BIND_ADDRESS", "127.0.0.1".to_string()),
+            // 10.110.0.1 is only a name in the kubeconfig: nothing may connect to it (the pod cache would).
+            ("POD_CACHE_ENABLED", "false".to_string()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))

@@ -1,0 +1,373 @@
+//! The node agent's pod cache, asked over a Unix socket before the API server: the agent watches the pods of its
+//! node and answers with the same [`PodInfo`] the API lookup returns, so a pod start costs no API request.
+//!
+//! Protocol, version 1 (documented in README): the plugin connects to `<cni_agent_run_dir>/pod-cache.sock`, writes
+//! one JSON line `{"v":1,"namespace":NS,"name":NAME}` and reads one JSON line back:
+//! `{"v":1,"status":"hit","uid":UID,"pod":{PodInfo}}`, `{"v":1,"status":"miss"}` (synced, no such pod on the
+//! node) or `{"v":1,"status":"unsynced"}` (the agent's watch has not listed every pod, or broke). An answer of a
+//! version the plugin does not know is a miss.
+//!
+//! The plugin trusts an answer only when everything holds; anything else is a [`Miss`] and the plugin does its own
+//! GET, so the first pods after a node boots still work and a broken agent can never decide for a pod:
+//! - the socket is a socket owned by the plugin's own uid, with no access for group or others (anyone else could
+//!   have made it, and answer "no sidecar");
+//! - it answers within the deadline (a few ms), in the protocol, with `hit`;
+//! - the cached pod's UID equals `K8S_POD_UID` when the runtime passes it (a StatefulSet pod recreated under the
+//!   same name is another pod).
+//!
+//! A miss is never "not injected".
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::PodRef;
+use crate::pod::PodInfo;
+
+/// The socket's name in the agent's run dir.
+pub const SOCKET_NAME: &str = "pod-cache.sock";
+/// The protocol version this plugin speaks.
+pub const VERSION: u32 = 1;
+/// How long the plugin waits for the agent, connect to answer: a few ms (an answer takes microseconds; the margin
+/// is for a node busy starting many pods at once). Past it the plugin does its own GET.
+pub const DEFAULT_DEADLINE: Duration = Duration::from_millis(10);
+/// The longest line either side reads.
+pub const MAX_LINE: usize = 256 * 1024;
+
+/// A lookup, as the plugin sends it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    pub v: u32,
+    #[serde(flatten)]
+    pub pod: PodRef,
+}
+
+/// The agent's answer, as it sends it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Response {
+    pub v: u32,
+    #[serde(flatten)]
+    pub answer: Answer,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum Answer {
+    Hit { uid: String, pod: PodInfo },
+    Miss,
+    Unsynced,
+}
+
+impl Response {
+    pub fn new(answer: Answer) -> Self {
+        Response { v: VERSION, answer }
+    }
+}
+
+/// Why the agent's cache could not be used (the plugin then does its own GET). Each says what and with which value.
+#[derive(Debug, thiserror::Error)]
+pub enum Miss {
+    #[error("no agent socket at {path}")]
+    NoSocket { path: PathBuf },
+    #[error("cannot stat the agent socket {path}: {source}")]
+    Stat {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a socket")]
+    NotSocket { path: PathBuf },
+    #[error("the agent socket {path} is owned by uid {owner} with mode {mode:o}; only uid {expected} with no group or other access is trusted")]
+    WrongOwner {
+        path: PathBuf,
+        owner: u32,
+        mode: u32,
+        expected: u32,
+    },
+    #[error("cannot connect to the agent socket {path}: {source}")]
+    Connect {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the agent at {path} did not answer within {deadline:?}: {source}")]
+    Io {
+        path: PathBuf,
+        deadline: Duration,
+        source: std::io::Error,
+    },
+    #[error("the agent at {path} closed the connection without an answer")]
+    NoAnswer { path: PathBuf },
+    #[error("the agent at {path} answered with protocol version {version}, this plugin speaks {VERSION}")]
+    UnknownVersion { path: PathBuf, version: u64 },
+    #[error("the agent at {path} answered something that is not protocol {VERSION}: {detail}")]
+    Garbage { path: PathBuf, detail: String },
+    #[error("the agent's cache has not synced the pods of this node")]
+    Unsynced,
+    #[error("the agent's cache has no pod {pod}")]
+    NotCached { pod: PodRef },
+    #[error("the agent's cache holds {pod} with uid {cached}, the runtime starts uid {wanted}")]
+    UidMismatch {
+        pod: PodRef,
+        cached: String,
+        wanted: String,
+    },
+}
+
+/// Checks that `path` is a socket only the plugin's own uid can use.
+fn check_socket(path: &Path) -> Result<(), Miss> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Miss::NoSocket {
+                path: path.to_path_buf(),
+            })
+        }
+        Err(source) => {
+            return Err(Miss::Stat {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    };
+    if !meta.file_type().is_socket() {
+        return Err(Miss::NotSocket {
+            path: path.to_path_buf(),
+        });
+    }
+    let expected = nix::unistd::geteuid().as_raw();
+    let mode = meta.mode() & 0o7777;
+    if meta.uid() != expected || mode & 0o077 != 0 {
+        return Err(Miss::WrongOwner {
+            path: path.to_path_buf(),
+            owner: meta.uid(),
+            mode,
+            expected,
+        });
+    }
+    Ok(())
+}
+
+/// Interprets the agent's answer line for `pod` (and `uid`, when the runtime passed one).
+pub fn interpret(
+    path: &Path,
+    line: &[u8],
+    pod: &PodRef,
+    uid: Option<&str>,
+) -> Result<PodInfo, Miss> {
+    let garbage = |detail: String| Miss::Garbage {
+        path: path.to_path_buf(),
+        detail,
+    };
+    let value: serde_json::Value =
+        serde_json::from_slice(line).map_err(|e| garbage(e.to_string()))?;
+    let version = value
+        .get("v")
+        .and_then(serde_json::Value::as_u64)
+        .ok_or_else(|| garbage("no version \"v\"".into()))?;
+    if version != u64::from(VERSION) {
+        return Err(Miss::UnknownVersion {
+            path: path.to_path_buf(),
+            version,
+        });
+    }
+    let response: Response = serde_json::from_value(value).map_err(|e| garbage(e.to_string()))?;
+    match response.answer {
+        Answer::Unsynced => Err(Miss::Unsynced),
+        Answer::Miss => Err(Miss::NotCached { pod: pod.clone() }),
+        Answer::Hit {
+            uid: cached,
+            pod: info,
+        } => match uid {
+            Some(wanted) if wanted != cached => Err(Miss::UidMismatch {
+                pod: pod.clone(),
+                cached,
+                wanted: wanted.to_string(),
+            }),
+            _ => Ok(info),
+        },
+    }
+}
+
+/// Asks the agent whose run dir is `run_dir` for `pod`, within `deadline`.
+pub fn ask(
+    run_dir: &Path,
+    pod: &PodRef,
+    uid: Option<&str>,
+    deadline: Duration,
+) -> Result<PodInfo, Miss> {
+    let path = run_dir.join(SOCKET_NAME);
+    check_socket(&path)?;
+    let start = Instant::now();
+    let io_err = |source: std::io::Error| Miss::Io {
+        path: path.clone(),
+        deadline,
+        source,
+    };
+    let stream = UnixStream::connect(&path).map_err(|source| Miss::Connect {
+        path: path.clone(),
+        source,
+    })?;
+    let left = || {
+        deadline
+            .saturating_sub(start.elapsed())
+            .max(Duration::from_micros(100))
+    };
+    stream.set_write_timeout(Some(left())).map_err(io_err)?;
+    let mut line = serde_json::to_vec(&Request {
+        v: VERSION,
+        pod: pod.clone(),
+    })
+    .map_err(|e| io_err(std::io::Error::other(e)))?;
+    line.push(b'\n');
+    (&stream).write_all(&line).map_err(io_err)?;
+    stream.set_read_timeout(Some(left())).map_err(io_err)?;
+    let mut answer = Vec::new();
+    // A bound on what the agent can make us read.
+    let mut reader = BufReader::new(std::io::Read::take(&stream, MAX_LINE as u64));
+    reader.read_until(b'\n', &mut answer).map_err(io_err)?;
+    if answer.is_empty() {
+        return Err(Miss::NoAnswer { path });
+    }
+    if answer.last() != Some(&b'\n') {
+        return Err(Miss::Garbage {
+            path,
+            detail: format!("an unterminated line of {} bytes", answer.len()),
+        });
+    }
+    interpret(&path, &answer, pod, uid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pod() -> PodRef {
+        PodRef::new("default", "web-0")
+    }
+
+    fn info() -> PodInfo {
+        let mut pi = PodInfo::default();
+        pi.containers.insert("istio-proxy".into());
+        pi.annotations
+            .insert("sidecar.istio.io/status".into(), "{}".into());
+        pi
+    }
+
+    fn line(v: serde_json::Value) -> Vec<u8> {
+        serde_json::to_vec(&v).unwrap()
+    }
+
+    #[test]
+    fn the_protocol_on_the_wire() {
+        let req = Request { v: 1, pod: pod() };
+        assert_eq!(
+            serde_json::to_value(&req).unwrap(),
+            json!({"v": 1, "namespace": "default", "name": "web-0"})
+        );
+        let hit = Response::new(Answer::Hit {
+            uid: "u1".into(),
+            pod: info(),
+        });
+        let v = serde_json::to_value(&hit).unwrap();
+        assert_eq!(v["v"], 1);
+        assert_eq!(v["status"], "hit");
+        assert_eq!(v["uid"], "u1");
+        assert!(v["pod"]["annotations"]["sidecar.istio.io/status"].is_string());
+        assert_eq!(
+            serde_json::to_value(Response::new(Answer::Miss)).unwrap(),
+            json!({"v": 1, "status": "miss"})
+        );
+        assert_eq!(
+            serde_json::to_value(Response::new(Answer::Unsynced)).unwrap(),
+            json!({"v": 1, "status": "unsynced"})
+        );
+    }
+
+    #[test]
+    fn only_a_hit_of_the_right_uid_is_used() {
+        let p = Path::new("/run/x.sock");
+        let hit = line(
+            serde_json::to_value(Response::new(Answer::Hit {
+                uid: "u1".into(),
+                pod: info(),
+            }))
+            .unwrap(),
+        );
+        assert_eq!(interpret(p, &hit, &pod(), Some("u1")).unwrap(), info());
+        assert_eq!(interpret(p, &hit, &pod(), None).unwrap(), info());
+        let e = interpret(p, &hit, &pod(), Some("u2")).unwrap_err();
+        assert!(matches!(e, Miss::UidMismatch { .. }), "{e}");
+        assert!(
+            e.to_string().contains("u1") && e.to_string().contains("u2"),
+            "{e}"
+        );
+        assert!(matches!(
+            interpret(p, &line(json!({"v": 1, "status": "miss"})), &pod(), None),
+            Err(Miss::NotCached { .. })
+        ));
+        assert!(matches!(
+            interpret(
+                p,
+                &line(json!({"v": 1, "status": "unsynced"})),
+                &pod(),
+                None
+            ),
+            Err(Miss::Unsynced)
+        ));
+    }
+
+    #[test]
+    fn unknown_versions_and_garbage_are_misses() {
+        let p = Path::new("/run/x.sock");
+        let e = interpret(
+            p,
+            &line(json!({"v": 2, "status": "hit", "uid": "u", "pod": {}})),
+            &pod(),
+            None,
+        )
+        .unwrap_err();
+        assert!(matches!(e, Miss::UnknownVersion { version: 2, .. }), "{e}");
+        for bad in [
+            b"not json".to_vec(),
+            line(json!({"status": "hit"})),
+            line(json!({"v": "1", "status": "hit"})),
+            line(json!({"v": 1, "status": "maybe"})),
+            // A hit without what the decision needs is not "a pod without annotations".
+            line(json!({"v": 1, "status": "hit", "uid": "u", "pod": {}})),
+            line(json!({"v": 1, "status": "hit", "pod": info()})),
+        ] {
+            let e = interpret(p, &bad, &pod(), None).unwrap_err();
+            assert!(matches!(e, Miss::Garbage { .. }), "{e}");
+        }
+    }
+
+    #[test]
+    fn only_a_private_socket_of_our_uid_is_trusted() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("meshcni-agentsock-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(SOCKET_NAME);
+        let _ = std::fs::remove_file(&path);
+        assert!(matches!(check_socket(&path), Err(Miss::NoSocket { .. })));
+        std::fs::write(&path, "").unwrap();
+        assert!(matches!(check_socket(&path), Err(Miss::NotSocket { .. })));
+        std::fs::remove_file(&path).unwrap();
+        let _listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let e = check_socket(&path).unwrap_err();
+        assert!(matches!(e, Miss::WrongOwner { mode: 0o666, .. }), "{e}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        check_socket(&path).unwrap();
+        // A refused connection (no one accepting) is a miss; a listener that never answers runs into the deadline.
+        let e = ask(&dir, &pod(), None, Duration::from_millis(30)).unwrap_err();
+        assert!(matches!(e, Miss::Io { .. }), "{e}");
+        drop(_listener);
+        let e = ask(&dir, &pod(), None, Duration::from_millis(30)).unwrap_err();
+        assert!(matches!(e, Miss::Connect { .. }), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

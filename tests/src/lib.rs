@@ -5,3 +5,4 @@ pub mod chain;
 pub mod e2e;
 pub mod netns;
 pub mod traffic;
+pub mod userns;

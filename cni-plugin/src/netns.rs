@@ -350,63 +350,6 @@ where
     })
 }
 
-/// A process in a fresh user namespace with its own netns (owned by it), uids and gids 0-65535 mapped to host
-/// 200000-265535 as a runtime does for a `hostUsers: false` pod; killed and reaped when dropped. For unit tests
-/// (root); the tests crate has the full fixture.
-#[cfg(test)]
-pub(crate) struct UsernsHolder {
-    child: std::process::Child,
-}
-
-#[cfg(test)]
-impl UsernsHolder {
-    pub(crate) const HOST_BASE: u32 = 200_000;
-
-    pub(crate) fn new() -> UsernsHolder {
-        use std::os::unix::process::CommandExt;
-        let mut cmd = std::process::Command::new("sleep");
-        cmd.arg("300");
-        // SAFETY: unshare is a plain syscall, async-signal-safe; nothing is allocated in the child.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let child = cmd
-            .spawn()
-            .expect("spawn a process in a new user namespace");
-        let holder = UsernsHolder { child };
-        let map = format!("0 {} 65536\n", Self::HOST_BASE);
-        for f in ["uid_map", "gid_map"] {
-            std::fs::write(holder.proc_path(f), &map).expect("write the id map");
-        }
-        holder
-    }
-
-    pub(crate) fn proc_path(&self, what: &str) -> PathBuf {
-        PathBuf::from(format!("/proc/{}/{what}", self.child.id()))
-    }
-
-    pub(crate) fn userns_id(&self) -> NetnsId {
-        let st = nix::sys::stat::stat(&self.proc_path("ns/user")).expect("stat ns/user");
-        NetnsId {
-            dev: st.st_dev,
-            ino: st.st_ino,
-        }
-    }
-}
-
-#[cfg(test)]
-impl Drop for UsernsHolder {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -494,28 +437,5 @@ mod tests {
         let scratch =
             run_in_scratch_netns(|| Netns::current().unwrap().owner_userns().unwrap().is_none());
         assert!(scratch.unwrap());
-    }
-
-    #[test]
-    fn a_netns_of_a_child_userns_names_its_owner() {
-        let holder = UsernsHolder::new();
-        let ns = Netns::open(holder.proc_path("ns/net")).unwrap();
-        let owner = ns
-            .owner_userns()
-            .unwrap()
-            .expect("owned by the child user namespace");
-        assert_eq!(owner.id(), holder.userns_id());
-        assert!(owner.to_string().starts_with("user:["), "{owner}");
-        // The same from a thread inside that netns (how the tools find it).
-        let inner = ns
-            .run(|| {
-                Netns::current()
-                    .unwrap()
-                    .owner_userns()
-                    .unwrap()
-                    .map(|u| u.id())
-            })
-            .unwrap();
-        assert_eq!(inner, Some(holder.userns_id()));
     }
 }

@@ -4,9 +4,13 @@
 //! thread into the netns, runs the closure there and lets the thread die: the caller's thread never changes netns,
 //! and nothing else ever runs on a thread left in a pod's netns. Children spawned from inside the closure
 //! (`iptables-restore`) and netlink sockets opened there belong to the pod's netns.
+//!
+//! A netns may be owned by another user namespace than ours (a pod with `hostUsers: false`):
+//! [`Netns::owner_userns`] finds it. Joining it is not done here (it needs a single-threaded caller): the tools
+//! that must run inside it join it between fork and exec (`crate::apply::exec::spawn_in_userns`).
 
 use std::fs::File;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use nix::sched::CloneFlags;
@@ -20,6 +24,13 @@ pub const THREAD_NETNS_PATH: &str = "/proc/thread-self/ns/net";
 /// netns, so this is the host's too; it stays readable where /proc/1 is not (sandboxed or hardened hosts).
 pub const PROCESS_NETNS_PATH: &str = "/proc/self/ns/net";
 
+/// The user namespace of this process. Unlike the netns, it is the same for every thread: a process can join
+/// another one only while it is single-threaded.
+pub const PROCESS_USERNS_PATH: &str = "/proc/self/ns/user";
+
+/// `NS_GET_USERNS` from `<linux/nsfs.h>`: `_IO(0xb7, 0x1)`. Returns a new fd (O_CLOEXEC) of the user namespace
+/// owning the namespace the fd names.
+const NS_GET_USERNS: libc::Ioctl = 0xb701;
 /// `NS_GET_NSTYPE` from `<linux/nsfs.h>`: `_IO(0xb7, 0x3)`.
 const NS_GET_NSTYPE: libc::Ioctl = 0xb703;
 
@@ -56,6 +67,12 @@ pub enum NetnsError {
         expected: NetnsId,
         found: NetnsId,
     },
+    #[error("cannot tell which user namespace owns network namespace {path}: {step}: {source}")]
+    OwnerUserns {
+        path: PathBuf,
+        step: &'static str,
+        source: std::io::Error,
+    },
     #[error("the work inside network namespace {path} panicked: {message}")]
     Panicked { path: PathBuf, message: String },
 }
@@ -71,6 +88,32 @@ pub struct NetnsId {
 impl std::fmt::Display for NetnsId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "net:[{}] (dev {})", self.ino, self.dev)
+    }
+}
+
+/// An open user namespace (from [`Netns::owner_userns`]): the fd pins it. Its identity is kept for logs.
+#[derive(Debug)]
+pub struct Userns {
+    fd: OwnedFd,
+    id: NetnsId,
+}
+
+impl Userns {
+    /// Device and inode of the user namespace (the same as `stat -L /proc/PID/ns/user` of its processes).
+    pub fn id(&self) -> NetnsId {
+        self.id
+    }
+}
+
+impl AsFd for Userns {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl std::fmt::Display for Userns {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "user:[{}] (dev {})", self.id.ino, self.id.dev)
     }
 }
 
@@ -170,6 +213,48 @@ impl Netns {
             });
         }
         Ok(())
+    }
+
+    /// The user namespace owning this network namespace, when it is not our own (`None`: ours, the usual case).
+    ///
+    /// A pod with `hostUsers: false` has its netns owned by a child user namespace mapping the pod's uids
+    /// (0-65535) to host uids. The kernel then refuses iptables owner matches (`xt_owner`) written from any other
+    /// user namespace (EINVAL: `RULE_APPEND failed (Invalid argument)`), and interprets the uids of rules written
+    /// from inside it as the pod's: the iptables tools must run in it ([`crate::apply::exec::spawn_in_userns`]).
+    ///
+    /// Compares (dev, inode) of the owner (ioctl `NS_GET_USERNS` on the netns fd) with [`PROCESS_USERNS_PATH`]. A
+    /// kernel without `NS_GET_USERNS` (ENOTTY, before Linux 4.9, long before Kubernetes could run pods in user
+    /// namespaces) is taken as "ours", as Istio does when the ioctl fails.
+    pub fn owner_userns(&self) -> Result<Option<Userns>, NetnsError> {
+        let fail = |step, source| NetnsError::OwnerUserns {
+            path: self.path.clone(),
+            step,
+            source,
+        };
+        // SAFETY: NS_GET_USERNS takes no argument; the fd is open for the whole call.
+        let raw = unsafe { libc::ioctl(self.file.as_raw_fd(), NS_GET_USERNS) };
+        if raw < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENOTTY) {
+                tracing::debug!(path = %self.path.display(), "NS_GET_USERNS not supported; assuming our own user namespace");
+                return Ok(None);
+            }
+            return Err(fail("ioctl NS_GET_USERNS", e));
+        }
+        // SAFETY: the kernel just returned this new fd to us; nobody else owns it.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let st = nix::sys::stat::fstat(fd.as_fd())
+            .map_err(|e| fail("fstat of the owning user namespace", e.into()))?;
+        let owner = NetnsId {
+            dev: st.st_dev,
+            ino: st.st_ino,
+        };
+        let own = nix::sys::stat::stat(PROCESS_USERNS_PATH)
+            .map_err(|e| fail("stat /proc/self/ns/user", e.into()))?;
+        if (own.st_dev, own.st_ino) == (owner.dev, owner.ino) {
+            return Ok(None);
+        }
+        Ok(Some(Userns { fd, id: owner }))
     }
 
     /// Runs `f` on a dedicated fresh thread that entered this network namespace, and returns its value. The
@@ -343,5 +428,14 @@ mod tests {
         let inner = run_in_scratch_netns(|| Netns::current().unwrap().id()).unwrap();
         assert_ne!(inner, before);
         assert_eq!(Netns::current().unwrap().id(), before);
+    }
+
+    #[test]
+    fn our_own_and_a_scratch_netns_are_owned_by_our_userns() {
+        let own = Netns::open(PROCESS_NETNS_PATH).unwrap();
+        assert!(own.owner_userns().unwrap().is_none());
+        let scratch =
+            run_in_scratch_netns(|| Netns::current().unwrap().owner_userns().unwrap().is_none());
+        assert!(scratch.unwrap());
     }
 }

@@ -2,5 +2,7 @@
 
 pub mod apiserver;
 pub mod chain;
+pub mod e2e;
 pub mod netns;
 pub mod traffic;
+pub mod userns;

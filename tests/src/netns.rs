@@ -53,10 +53,24 @@ pub struct TestNetns {
 impl TestNetns {
     /// A fresh netns named `mcni-<tag>-<pid>-<n>`.
     pub fn new(tag: &str) -> TestNetns {
+        Self::named(tag, |name| {
+            must(Command::new("ip").args(["netns", "add", name]));
+        })
+    }
+
+    /// The netns of process `pid`, pinned under a fresh name like [`TestNetns::new`]'s (`ip netns attach`: the
+    /// same bind mount under /run/netns), and deleted the same way when dropped; the process may exit after.
+    pub fn attach(tag: &str, pid: u32) -> TestNetns {
+        Self::named(tag, |name| {
+            must(Command::new("ip").args(["netns", "attach", name, &pid.to_string()]));
+        })
+    }
+
+    fn named(tag: &str, create: impl FnOnce(&str)) -> TestNetns {
         require_root();
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let name = format!("mcni-{tag}-{}-{n}", std::process::id());
-        must(Command::new("ip").args(["netns", "add", &name]));
+        create(&name);
         let ns = TestNetns {
             path: PathBuf::from("/run/netns").join(&name),
             name,
@@ -238,7 +252,11 @@ pub const PEER_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 1);
 impl PodNet {
     /// Pod 10.200.0.2/24 (and fd00:200::2/64 with `v6`), peer .1; the addresses live only in these namespaces.
     pub fn new(tag: &str, v6: bool) -> PodNet {
-        let pod = TestNetns::new(&format!("{tag}-pod"));
+        Self::with_pod(TestNetns::new(&format!("{tag}-pod")), tag, v6)
+    }
+
+    /// Like [`PodNet::new`], around a given pod netns (e.g. one owned by its own user namespace).
+    pub fn with_pod(pod: TestNetns, tag: &str, v6: bool) -> PodNet {
         let peer = TestNetns::new(&format!("{tag}-peer"));
         veth(&pod, "eth0", &peer, "eth0");
         pod.ip(&["addr", "add", &format!("{POD_V4}/24"), "dev", "eth0"]);

@@ -234,6 +234,13 @@ pub struct Listener {
     pub addr: SocketAddr,
 }
 
+impl Listener {
+    /// The listener's process id (to look at its credentials from the host).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
 impl Drop for Listener {
     fn drop(&mut self) {
         let _ = self.child.kill();

@@ -11,14 +11,12 @@
 //! netns, listeners and the run dir go away on drop, also when a check fails.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use cni_plugin::apply::{Family, Flavour};
-use meshcni_tests::apiserver::{sample_pod, ApiServer};
+use meshcni_tests::apiserver::sample_pod;
 use meshcni_tests::chain::{plugin_bin, Invocation, PluginOutput};
+use meshcni_tests::e2e::{for_each_case, StubCluster};
 use meshcni_tests::netns::{
     host_snapshot, istio_by_table, istio_lines, require_root, PodNet, PEER_V4, POD_V4,
 };
@@ -80,49 +78,29 @@ impl Backend {
 
 /// Runs `check` once per backend. Both always run (a failure with one does not hide the other's result); then
 /// the test fails naming every backend that failed. Fixtures are dropped while unwinding, so nothing leaks.
-fn for_both_backends(mut check: impl FnMut(Backend)) {
+fn for_both_backends(check: impl FnMut(Backend)) {
     require_root();
-    let mut failed = Vec::new();
-    for backend in BACKENDS {
-        if let Err(p) = catch_unwind(AssertUnwindSafe(|| check(backend))) {
-            let msg = p
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "non-string panic".into());
-            failed.push(format!("iptables_backend {:?}: {msg}", backend.key()));
-        }
-    }
-    assert!(failed.is_empty(), "{}", failed.join("\n\n"));
+    for_each_case(
+        BACKENDS,
+        |b| format!("iptables_backend {:?}", b.key()),
+        check,
+    );
 }
 
-/// One test's "cluster": the API stub and the agent's run dir holding `istio-cni-kubeconfig`.
-struct Cluster {
-    srv: ApiServer,
-    run_dir: PathBuf,
-}
+/// One test's "cluster" ([`StubCluster`]), serving the pods of the tests here.
+struct Cluster(StubCluster);
 
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.run_dir);
+impl std::ops::Deref for Cluster {
+    type Target = StubCluster;
+
+    fn deref(&self) -> &StubCluster {
+        &self.0
     }
 }
-
-static N: AtomicUsize = AtomicUsize::new(0);
 
 impl Cluster {
     fn new(tag: &str) -> Cluster {
-        require_root();
-        let srv = ApiServer::start().expect("start the API stub");
-        let run_dir = std::env::temp_dir().join(format!(
-            "meshcni-e2e-{}-{}-{tag}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        ));
-        std::fs::create_dir_all(&run_dir).unwrap();
-        srv.write_kubeconfig(&run_dir.join("istio-cni-kubeconfig"))
-            .unwrap();
-        Cluster { srv, run_dir }
+        Cluster(StubCluster::new(tag))
     }
 
     /// Serves `pod` (renamed `<tag>-<backend>`) and creates its netns pair with the addresses of `stack`.

@@ -2,10 +2,45 @@
 //!
 //! The child is spawned from the calling thread, so it inherits that thread's network and mount namespaces (the
 //! pod's netns and our private mount namespace when called on a netns thread).
+//!
+//! ## Inside the pod's user namespace ([`spawn_in_userns`])
+//!
+//! A pod with `hostUsers: false` has a netns owned by a child user namespace. The kernel's `xt_owner` refuses
+//! `--uid-owner`/`--gid-owner` rules unless the writer's user namespace is the netns's owner (EINVAL; legacy
+//! reports `line N failed`, nft `RULE_APPEND failed (Invalid argument)`), and maps the numbers of a rule written
+//! from inside it through that namespace: `--uid-owner 1337` then matches pod uid 1337 (host uid 201337 when
+//! the pod's 0 is host 200000). So the tools run inside it, as Istio does (with `nsenter --user --net`).
+//!
+//! Joining a user namespace (`setns(CLONE_NEWUSER)`) is refused to a multi-threaded process (and to one sharing
+//! its filesystem attributes), so it is done in the forked child between fork and exec (`pre_exec`), with raw
+//! syscalls only (async-signal-safe: no allocation, no lock): `setns`, `capget`/`capset`, `prctl`. The child
+//! keeps the thread's netns and mount namespace (the sandbox's private one with its bind mounts: joining a user
+//! namespace changes neither). What else the tools need there, measured with iptables 1.8.9 on Linux 6.18:
+//! - after `setns` the child is still host root (kuid 0), which the pod's namespace does not map: it sees itself
+//!   as uid/gid 65534. It has every capability in the pod's namespace, but `execve` recomputes them and keeps
+//!   none for a non-root uid: both flavours then fail (`iptables-nft-restore`: "Could not fetch rule set
+//!   generation id: Permission denied (you must be root)"; legacy: "unable to initialize table 'nat'").
+//! - becoming the pod's root (`setuid(0)` inside, what `nsenter` does by default and so Istio) keeps the
+//!   capabilities across exec, but the child is then host uid 200000, an "other" for our files: the pod's xtables
+//!   lock file (created by the plugin as host root, mode 0600, also bind-mounted over /run/xtables.lock by the
+//!   sandbox) cannot be opened, and iptables-legacy 1.8.9 treats that as fatal ("Fatal: can't open lock file
+//!   ...: Permission denied", exit 4). Istio avoids it by locking the netns file itself (nsfs, mode 0444).
+//! - so the child stays host root for files (the lock file, the libraries, the sandbox's mounts behave exactly
+//!   as for a host-namespace tool) and keeps just [`TOOL_CAPS`] across exec as *ambient* capabilities (raised in
+//!   the inheritable set, then `PR_CAP_AMBIENT_RAISE`); they are capabilities over the pod's user namespace
+//!   only, hence over nothing of the host. Files it creates belong to host root, as a host-namespace tool's
+//!   would (the host's filesystems map host root; the pod's namespace need not).
+//! - `iptables-save` prints the numbers stored in the rule, so a save shows `--uid-owner 1337` whether it runs
+//!   inside the pod's namespace or in the host's, and it equals the save of the same rules loaded into a scratch
+//!   netns of the host's namespace: comparing rulesets needs no translation.
+//!
+//! A child spawned with `pre_exec` is started with fork instead of posix_spawn (vfork): a little slower in a
+//! big process, and only for pods in their own user namespace.
 
 use std::ffi::OsStr;
 use std::io::Write;
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -21,6 +56,12 @@ const FALLBACK_DIRS: &[&str] = &[
     "/bin",
 ];
 
+/// The capabilities a tool keeps inside a pod's user namespace (see the module docs): `CAP_NET_ADMIN` (program
+/// netfilter) and `CAP_NET_RAW` (the raw socket iptables-legacy talks to the kernel through).
+pub const TOOL_CAPS: [u32; 2] = [CAP_NET_ADMIN, CAP_NET_RAW];
+const CAP_NET_ADMIN: u32 = 12;
+const CAP_NET_RAW: u32 = 13;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ExecError {
     #[error("{binary} not found in PATH nor in {fallback}", fallback = FALLBACK_DIRS.join(":"))]
@@ -29,6 +70,20 @@ pub enum ExecError {
     Spawn {
         binary: PathBuf,
         source: std::io::Error,
+    },
+    #[error(
+        "cannot start {binary} inside user namespace {userns} (setns, then ambient CAP_NET_ADMIN and \
+         CAP_NET_RAW in the child): {source}"
+    )]
+    SpawnInUserns {
+        binary: PathBuf,
+        userns: String,
+        source: std::io::Error,
+    },
+    #[error("cannot start {binary}: {source}")]
+    Userns {
+        binary: PathBuf,
+        source: crate::netns::NetnsError,
     },
     #[error("{binary} {args} did not finish within {after:?} and was killed")]
     Timeout {
@@ -88,6 +143,46 @@ pub fn spawn(
     env: &[(&str, &OsStr)],
     piped_stdin: bool,
 ) -> Result<Running, ExecError> {
+    spawn_in_userns(binary, args, env, piped_stdin, None)
+}
+
+/// Like [`spawn`], in the user namespace that owns the calling thread's netns when that is not ours (a pod with
+/// `hostUsers: false`, see [`crate::netns::Netns::owner_userns`]); else exactly [`spawn`]. The tools that
+/// program or read a netns use this: on a pod's netns thread they run in the pod's user namespace, on a
+/// scratch netns thread (owned by ours) in ours.
+pub fn spawn_in_owning_userns(
+    binary: &Path,
+    args: &[&str],
+    env: &[(&str, &OsStr)],
+    piped_stdin: bool,
+) -> Result<Running, ExecError> {
+    let userns = crate::netns::Netns::current()
+        .and_then(|ns| ns.owner_userns())
+        .map_err(|source| ExecError::Userns {
+            binary: binary.to_path_buf(),
+            source,
+        })?;
+    if let Some(u) = &userns {
+        tracing::debug!(binary = %binary.display(), userns = %u, "running inside the netns's user namespace");
+    }
+    spawn_in_userns(
+        binary,
+        args,
+        env,
+        piped_stdin,
+        userns.as_ref().map(std::os::fd::AsFd::as_fd),
+    )
+}
+
+/// Like [`spawn`]; with `userns`, the child joins that user namespace before exec and runs there as described
+/// in the module docs (host root for files, [`TOOL_CAPS`] over the namespace).
+pub fn spawn_in_userns(
+    binary: &Path,
+    args: &[&str],
+    env: &[(&str, &OsStr)],
+    piped_stdin: bool,
+    userns: Option<BorrowedFd<'_>>,
+) -> Result<Running, ExecError> {
     let mut cmd = Command::new(binary);
     cmd.args(args)
         .stdin(if piped_stdin {
@@ -100,9 +195,24 @@ pub fn spawn(
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let child = cmd.spawn().map_err(|source| ExecError::Spawn {
-        binary: binary.to_path_buf(),
-        source,
+    if let Some(fd) = userns {
+        let raw = fd.as_raw_fd();
+        // SAFETY: the closure runs in the forked child and makes raw syscalls only (async-signal-safe); `raw`
+        // stays open until `spawn` returns (it is borrowed for this call).
+        unsafe {
+            cmd.pre_exec(move || join_userns(raw));
+        }
+    }
+    let child = cmd.spawn().map_err(|source| match userns {
+        None => ExecError::Spawn {
+            binary: binary.to_path_buf(),
+            source,
+        },
+        Some(fd) => ExecError::SpawnInUserns {
+            binary: binary.to_path_buf(),
+            userns: ns_name(fd),
+            source,
+        },
     })?;
     // A pidfd names this very process even after it exits, so a kill can never hit a recycled pid.
     let pidfd = pidfd_open(child.id());
@@ -112,6 +222,76 @@ pub fn spawn(
         binary: binary.to_path_buf(),
         args: args.join(" "),
     })
+}
+
+/// `user:[inode]` of a namespace fd, for messages.
+fn ns_name(fd: BorrowedFd<'_>) -> String {
+    match nix::sys::stat::fstat(fd) {
+        Ok(st) => format!("user:[{}]", st.st_ino),
+        Err(e) => format!("(fd {}: {e})", fd.as_raw_fd()),
+    }
+}
+
+/// `struct __user_cap_header_struct` of `<linux/capability.h>`.
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+/// `struct __user_cap_data_struct`: one per 32 capabilities (version 3 uses two).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+/// In the forked child, before exec: joins the user namespace `fd` and makes [`TOOL_CAPS`] ambient, so they
+/// survive the exec of a tool whose uid the namespace does not map (see the module docs). Raw syscalls only.
+fn join_userns(fd: RawFd) -> std::io::Result<()> {
+    // SAFETY (all calls): plain syscalls on a valid fd and on stack memory that outlives them.
+    if unsafe { libc::setns(fd, libc::CLONE_NEWUSER) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // After setns the child holds every capability of the namespace in its permitted and effective sets, none
+    // in the inheritable one; a capability can be made ambient only when it is permitted and inheritable.
+    let mut header = CapHeader {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let mut data = [CapData {
+        effective: 0,
+        permitted: 0,
+        inheritable: 0,
+    }; 2];
+    if unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    for cap in TOOL_CAPS {
+        data[(cap / 32) as usize].inheritable |= 1 << (cap % 32);
+    }
+    if unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    for cap in TOOL_CAPS {
+        let r = unsafe {
+            libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_RAISE as libc::c_ulong,
+                cap as libc::c_ulong,
+                0 as libc::c_ulong,
+                0 as libc::c_ulong,
+            )
+        };
+        if r != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// A started tool. Dropping it without [`Running::finish`] kills and reaps it (see [`Running::kill`]).
@@ -231,7 +411,6 @@ fn pidfd_open(pid: u32) -> Option<OwnedFd> {
 }
 
 fn kill(pidfd: Option<&OwnedFd>, pid: u32) {
-    use std::os::fd::AsRawFd;
     if let Some(fd) = pidfd {
         // SAFETY: pidfd_send_signal with a valid pidfd, a signal number, no siginfo and no flags.
         let r = unsafe {
@@ -360,5 +539,26 @@ mod tests {
         )
         .unwrap();
         assert_eq!(out.trim(), (1 << 20).to_string());
+    }
+
+    #[test]
+    fn a_failed_join_names_the_binary_and_the_namespace() {
+        let sh = find_binary("sh").unwrap();
+        // Not a user namespace: setns refuses it (EINVAL).
+        let not_userns = std::fs::File::open("/proc/self/ns/uts").unwrap();
+        let e = spawn_in_userns(
+            &sh,
+            &["-c", "true"],
+            &[],
+            false,
+            Some(std::os::fd::AsFd::as_fd(&not_userns)),
+        )
+        .unwrap_err();
+        assert!(matches!(e, ExecError::SpawnInUserns { .. }), "{e}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("/sh") && msg.contains("user namespace user:["),
+            "{msg}"
+        );
     }
 }

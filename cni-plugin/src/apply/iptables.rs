@@ -161,9 +161,12 @@ impl Tools {
             .collect()
     }
 
+    /// Every tool runs in the user namespace owning the calling thread's netns: a pod's own for a pod with
+    /// `hostUsers: false` (owner rules are refused otherwise), ours for a scratch netns.
     fn run(&self, binary: &str, args: &[&str], stdin: Option<&str>) -> Result<String, ExecError> {
         let path = exec::find_binary(binary)?;
-        exec::run(&path, args, &self.env(), stdin, TOOL_TIMEOUT)
+        exec::spawn_in_owning_userns(&path, args, &self.env(), stdin.is_some())?
+            .finish(stdin, TOOL_TIMEOUT)
     }
 
     fn save_text(&self, family: Family) -> Result<String, ExecError> {
@@ -185,7 +188,7 @@ impl Tools {
     /// Starts `iptables-restore --noflush` of this family; it waits for its input.
     fn spawn_restore(&self, family: Family) -> Result<Running, ExecError> {
         let path = exec::find_binary(&self.flavour.restore_binary(family))?;
-        exec::spawn(&path, &["--noflush"], &self.env(), true)
+        exec::spawn_in_owning_userns(&path, &["--noflush"], &self.env(), true)
     }
 
     /// Feeds `input` to a started restore and waits for it.

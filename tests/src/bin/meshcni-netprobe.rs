@@ -13,6 +13,11 @@
 //! With `--udp` (both commands): a UDP socket; the listener answers every datagram with its line (`orig_dst` is
 //! always null: SO_ORIGINAL_DST does not apply to unconnected UDP), the client sends one datagram and prints the
 //! answer.
+//!
+//! A netns owned by another user namespace (a pod with `hostUsers: false`, see `meshcni_tests::userns`) is
+//! entered from inside that user namespace, as every process of such a pod runs there: --uid/--gid are then the
+//! pod's ids (uid 1337 is host uid 201337 when the pod's 0 is host 200000), and without --uid the probe is the
+//! pod's root (uid 0 inside).
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -78,11 +83,19 @@ fn parse_args() -> Result<Args, String> {
     })
 }
 
-fn enter(netns: &str) -> Result<(), String> {
+/// Enters the netns (after its user namespace when that is not ours); returns whether a user namespace was
+/// joined. The process is single-threaded here, as joining a user namespace requires.
+fn enter(netns: &str) -> Result<bool, String> {
     let ns = Netns::open(netns).map_err(|e| e.to_string())?;
     ns.ensure_not_host().map_err(|e| e.to_string())?;
+    let userns = ns.owner_userns().map_err(|e| e.to_string())?;
+    if let Some(u) = &userns {
+        nix::sched::setns(u.as_fd(), nix::sched::CloneFlags::CLONE_NEWUSER)
+            .map_err(|e| format!("setns {u} (the owner of {netns}): {e}"))?;
+    }
     nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
-        .map_err(|e| format!("setns {netns}: {e}"))
+        .map_err(|e| format!("setns {netns}: {e}"))?;
+    Ok(userns.is_some())
 }
 
 fn drop_to(uid: Option<u32>, gid: Option<u32>) -> Result<(), String> {
@@ -283,16 +296,21 @@ fn connect(a: &Args) -> Result<(), (i32, String)> {
 }
 
 fn main() {
-    let args = match parse_args() {
+    let mut args = match parse_args() {
         Ok(a) => a,
         Err(e) => {
             eprintln!("meshcni-netprobe: {e}");
             std::process::exit(64);
         }
     };
-    if let Err(e) = enter(&args.netns) {
-        eprintln!("meshcni-netprobe: {e}");
-        std::process::exit(1);
+    match enter(&args.netns) {
+        // In a pod's user namespace host root is unmapped: "root" there is the pod's root.
+        Ok(true) if args.uid.is_none() => args.uid = Some(0),
+        Ok(_) => {}
+        Err(e) => {
+            eprintln!("meshcni-netprobe: {e}");
+            std::process::exit(1);
+        }
     }
     let res = match args.cmd.as_str() {
         "listen" => serve(&args).map_err(|e| (1, e)),

@@ -21,7 +21,10 @@ if [ -z "${AGENT_BIN:-}" ]; then
     cargo build --release -p node-agent --bin node-agent
     AGENT_BIN="$TARGET_DIR/release/node-agent"
 fi
-export AGENT_BIN ROUNDS=${ROUNDS:-100} CORPUS="$PWD/../shared/compat/istio" BENCH_DIR=${BENCH_DIR:-${TMPDIR:-/tmp}}
+# The Istio corpus as the tests find it: MESHCNI_COMPAT_DIR (the istio dir or its parent), else beside the repo.
+CORPUS=${MESHCNI_COMPAT_DIR:-$PWD/../shared/compat/istio}
+[ -f "$CORPUS/capture-cases.json" ] || CORPUS="$CORPUS/istio"
+export AGENT_BIN ROUNDS=${ROUNDS:-100} CORPUS BENCH_DIR=${BENCH_DIR:-${TMPDIR:-/tmp}}
 
 exec python3 - <<'PY'
 import json, os, signal, socket, subprocess, sys, tempfile, time

@@ -405,14 +405,7 @@ mod tests {
     /// A plugin golden from Istio's compatibility corpus (`shared/compat/istio`, found by walking up from the
     /// crate, or `MESHCNI_COMPAT_DIR`).
     fn golden(name: &str) -> String {
-        let dir = match std::env::var_os("MESHCNI_COMPAT_DIR") {
-            Some(d) => std::path::PathBuf::from(d),
-            None => std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .ancestors()
-                .map(|a| a.join("shared/compat/istio"))
-                .find(|p| p.is_dir())
-                .expect("shared/compat/istio not found above the crate; set MESHCNI_COMPAT_DIR"),
-        };
+        let dir = crate::compat::istio_dir();
         let path = dir.join("plugin").join(format!("{name}.txt.golden"));
         std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
     }

@@ -12,6 +12,7 @@
 
 pub mod exec;
 pub mod iptables;
+pub mod nftables;
 pub mod routes;
 pub mod sandbox;
 pub mod text;

@@ -6,12 +6,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use super::*;
 use crate::pod::{decide, Decision, PodInfo};
 
-const CASES_FILE: &str = "capture-cases.json";
+use super::capture_cases::{self, CASES_FILE};
 
 fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
@@ -145,206 +145,23 @@ fn rendered_blocks(rs: &Ruleset) -> Vec<(&'static str, Block)> {
     out
 }
 
-// --- capture-cases.json -> CaptureConfig (the JSON uses istio-iptables' string forms) ---
-
-fn field<'a>(cfg: &'a Map<String, Value>, key: &str) -> &'a Value {
-    cfg.get(key)
-        .unwrap_or_else(|| panic!("capture case has no {key:?}"))
-}
-
-fn string<'a>(cfg: &'a Map<String, Value>, key: &str) -> &'a str {
-    field(cfg, key)
-        .as_str()
-        .unwrap_or_else(|| panic!("{key} is not a string"))
-}
-
-fn boolean(cfg: &Map<String, Value>, key: &str) -> bool {
-    cfg.get(key)
-        .map(|v| v.as_bool().unwrap_or_else(|| panic!("{key} is not a bool")))
-        .unwrap_or(false)
-}
-
-fn port(cfg: &Map<String, Value>, key: &str) -> u16 {
-    let n = field(cfg, key)
-        .as_u64()
-        .unwrap_or_else(|| panic!("{key} is not a number"));
-    u16::try_from(n).unwrap_or_else(|_| panic!("{key}={n} is not a port"))
-}
-
-/// istio-iptables' `config.Split`: comma-separated, empty items dropped, no trimming.
-fn split(s: &str) -> Vec<&str> {
-    s.split(',').filter(|x| !x.is_empty()).collect()
-}
-
-fn parsed<T: std::str::FromStr<Err: std::fmt::Display>>(key: &str, s: &str) -> Vec<T> {
-    split(s)
-        .into_iter()
-        .map(|x| x.parse().unwrap_or_else(|e| panic!("{key}: {e}")))
-        .collect()
-}
-
-fn ports(key: &str, s: &str) -> Vec<u16> {
-    split(s)
-        .into_iter()
-        .map(|x| crate::redirect::parse_port(x).unwrap_or_else(|e| panic!("{key}: {e}")))
-        .collect()
-}
-
-fn cidrs(key: &str, s: &str) -> Vec<IpNet> {
-    split(s)
-        .into_iter()
-        .map(|x| crate::redirect::parse_cidr(x).unwrap_or_else(|e| panic!("{key}: {e}")))
-        .collect()
-}
-
-fn dns_servers(cfg: &Map<String, Value>, key: &str) -> Vec<DnsServer> {
-    field(cfg, key)
-        .as_array()
-        .unwrap_or_else(|| panic!("{key} is not an array"))
-        .iter()
-        .map(|v| {
-            v.as_str()
-                .unwrap_or_else(|| panic!("{key} item is not a string"))
-                .parse()
-                .unwrap_or_else(|e| panic!("{key}: {e}"))
-        })
-        .collect()
-}
-
-fn number_string<T: std::str::FromStr>(cfg: &Map<String, Value>, key: &str) -> T {
-    let s = string(cfg, key);
-    s.parse()
-        .unwrap_or_else(|_| panic!("{key}={s:?} is not a number"))
-}
-
-fn capture_config(cfg: &Map<String, Value>) -> CaptureConfig {
-    const KNOWN: [&str; 24] = [
-        "proxy_port",
-        "inbound_capture_port",
-        "inbound_tunnel_port",
-        "proxy_uid",
-        "proxy_gid",
-        "inbound_tproxy_mark",
-        "inbound_tproxy_route_table",
-        "owner_groups_include",
-        "owner_groups_exclude",
-        "host_ipv4_loopback_cidr",
-        "inbound_ports_include",
-        "inbound_ports_exclude",
-        "outbound_ip_ranges_include",
-        "outbound_ip_ranges_exclude",
-        "outbound_ports_include",
-        "outbound_ports_exclude",
-        "inbound_interception_mode",
-        "enable_ipv6",
-        "redirect_dns",
-        "dns_servers_v4",
-        "dns_servers_v6",
-        "exclude_interfaces",
-        "reroute_virtual_interfaces",
-        "drop_invalid",
-    ];
-    for key in cfg.keys() {
-        assert!(
-            KNOWN.contains(&key.as_str()) || key == "capture_all_dns" || key == "dual_stack",
-            "capture case field {key:?} is not understood by this test"
-        );
-    }
-    let groups_include = string(cfg, "owner_groups_include");
-    let inbound_include = string(cfg, "inbound_ports_include");
-    let ranges_include = string(cfg, "outbound_ip_ranges_include");
-    let config = CaptureConfig {
-        proxy_port: port(cfg, "proxy_port"),
-        inbound_capture_port: port(cfg, "inbound_capture_port"),
-        inbound_tunnel_port: port(cfg, "inbound_tunnel_port"),
-        proxy_uids: parsed("proxy_uid", string(cfg, "proxy_uid")),
-        proxy_gids: parsed("proxy_gid", string(cfg, "proxy_gid")),
-        interception_mode: string(cfg, "inbound_interception_mode")
-            .parse()
-            .unwrap_or_else(|e| panic!("inbound_interception_mode: {e}")),
-        inbound_tproxy_mark: number_string(cfg, "inbound_tproxy_mark"),
-        inbound_tproxy_route_table: number_string(cfg, "inbound_tproxy_route_table"),
-        inbound_ports_include: if inbound_include == "*" {
-            PortSelector::All
-        } else {
-            PortSelector::Only(ports("inbound_ports_include", inbound_include))
-        },
-        inbound_ports_exclude: ports(
-            "inbound_ports_exclude",
-            string(cfg, "inbound_ports_exclude"),
-        ),
-        owner_groups_include: if groups_include == "*" {
-            OwnerGroups::All
-        } else {
-            OwnerGroups::Only(parsed("owner_groups_include", groups_include))
-        },
-        owner_groups_exclude: parsed("owner_groups_exclude", string(cfg, "owner_groups_exclude")),
-        outbound_ports_include: ports(
-            "outbound_ports_include",
-            string(cfg, "outbound_ports_include"),
-        ),
-        outbound_ports_exclude: ports(
-            "outbound_ports_exclude",
-            string(cfg, "outbound_ports_exclude"),
-        ),
-        outbound_ip_ranges_include: if ranges_include == "*" {
-            IpRanges::All
-        } else {
-            IpRanges::Only(cidrs("outbound_ip_ranges_include", ranges_include))
-        },
-        outbound_ip_ranges_exclude: cidrs(
-            "outbound_ip_ranges_exclude",
-            string(cfg, "outbound_ip_ranges_exclude"),
-        ),
-        reroute_virtual_interfaces: parsed(
-            "reroute_virtual_interfaces",
-            string(cfg, "reroute_virtual_interfaces"),
-        ),
-        exclude_interfaces: parsed("exclude_interfaces", string(cfg, "exclude_interfaces")),
-        redirect_dns: boolean(cfg, "redirect_dns"),
-        capture_all_dns: boolean(cfg, "capture_all_dns"),
-        dns_servers_v4: dns_servers(cfg, "dns_servers_v4"),
-        dns_servers_v6: dns_servers(cfg, "dns_servers_v6"),
-        drop_invalid: boolean(cfg, "drop_invalid"),
-        dual_stack: boolean(cfg, "dual_stack"),
-        enable_ipv6: boolean(cfg, "enable_ipv6"),
-        host_ipv4_loopback_cidr: string(cfg, "host_ipv4_loopback_cidr")
-            .parse()
-            .unwrap_or_else(|e| panic!("host_ipv4_loopback_cidr: {e}")),
-    };
-    if let Err(e) = config.validate() {
-        panic!("capture case config is invalid: {e}");
-    }
-    config
-}
-
 #[test]
 fn capture_iptables_goldens() {
     let dir = crate::compat::istio_dir();
-    let cases = read_json(&dir.join(CASES_FILE));
-    let base = cases["base"]
-        .as_object()
-        .expect("base is an object")
-        .clone();
+    let cases =
+        capture_cases::parse(&read(&dir.join(CASES_FILE))).unwrap_or_else(|e| panic!("{e}"));
     let mut compared = 0;
     let mut failures = Vec::new();
     let mut names = BTreeSet::new();
-    for case in cases["cases"].as_array().expect("cases is an array") {
-        let name = case["name"].as_str().expect("case name");
-        assert!(names.insert(name.to_string()), "duplicate case {name}");
-        let Some(golden_file) = case["iptables_golden"].as_str() else {
+    for case in &cases {
+        let name = &case.name;
+        assert!(names.insert(name.clone()), "duplicate case {name}");
+        let Some(golden_file) = &case.iptables_golden else {
             continue; // nftables-only case
         };
-        let mut cfg = base.clone();
-        for (k, v) in case["overrides"]
-            .as_object()
-            .expect("overrides is an object")
-        {
-            cfg.insert(k.clone(), v.clone());
-        }
-        let config = capture_config(&cfg);
+        let config = &case.config;
         let golden = parse_golden(&read(&dir.join("capture-iptables").join(golden_file)));
-        let ruleset = render_iptables(&config);
+        let ruleset = render_iptables(config);
         compared += 1;
 
         // The saves after the restores tell which families Istio programmed.
@@ -372,6 +189,60 @@ fn capture_iptables_goldens() {
         failures.join("\n")
     );
     assert_eq!(compared, 27, "number of capture-iptables goldens compared");
+}
+
+/// Line-by-line diff of a rendered nft script against its golden (equal lines shown for context).
+fn line_diff(expected: &str, actual: &str) -> Option<String> {
+    if expected == actual {
+        return None;
+    }
+    let (e, a): (Vec<&str>, Vec<&str>) = (expected.lines().collect(), actual.lines().collect());
+    let mut report = String::new();
+    for j in 0..e.len().max(a.len()) {
+        match (e.get(j), a.get(j)) {
+            (Some(x), Some(y)) if x == y => report.push_str(&format!("      {x}\n")),
+            (x, y) => {
+                if let Some(x) = x {
+                    report.push_str(&format!("    - {x}\n"));
+                }
+                if let Some(y) = y {
+                    report.push_str(&format!("    + {y}\n"));
+                }
+            }
+        }
+    }
+    if report.is_empty() {
+        report.push_str("    (the texts differ only in line endings)\n");
+    }
+    Some(report)
+}
+
+#[test]
+fn capture_nftables_goldens() {
+    let dir = crate::compat::istio_dir();
+    let cases =
+        capture_cases::parse(&read(&dir.join(CASES_FILE))).unwrap_or_else(|e| panic!("{e}"));
+    let mut compared = 0;
+    let mut failures = Vec::new();
+    for case in &cases {
+        let golden_file = case
+            .nftables_golden
+            .as_ref()
+            .unwrap_or_else(|| panic!("{}: no nftables golden", case.name));
+        let golden = read(&dir.join("capture-nftables").join(golden_file));
+        let script = nftables::render(&case.config).to_string();
+        compared += 1;
+        if let Some(diff) = line_diff(&golden, &script) {
+            failures.push(format!("{} ({golden_file}):\n{diff}", case.name));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {compared} capture-nftables goldens differ:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    assert_eq!(compared, 28, "number of capture-nftables goldens compared");
 }
 
 fn plugin_pod(case: &Value) -> PodInfo {

@@ -14,6 +14,10 @@ use crate::redirect::Redirect;
 pub use crate::redirect::{InterceptionMode, InterfaceName, IpRanges, PortSelector};
 
 pub mod iptables;
+pub mod nftables;
+
+#[doc(hidden)]
+pub mod capture_cases;
 
 #[cfg(test)]
 mod golden_tests;
@@ -279,6 +283,39 @@ impl CaptureConfig {
                 ipv6: self.enable_ipv6,
             }),
         }
+    }
+}
+
+/// The ranges of a list, each in its family's list (Istio's `SeparateV4V6`); shared by the renderers.
+#[derive(Default)]
+struct Ranges {
+    all: bool,
+    v4: Vec<IpNet>,
+    v6: Vec<IpNet>,
+}
+
+impl Ranges {
+    fn split(list: &[IpNet]) -> Self {
+        let (v4, v6) = list.iter().partition(|n| matches!(n, IpNet::V4(_)));
+        Ranges { all: false, v4, v6 }
+    }
+
+    fn of(ranges: &IpRanges) -> Self {
+        match ranges {
+            IpRanges::All => Ranges {
+                all: true,
+                ..Ranges::default()
+            },
+            IpRanges::Only(list) => Ranges::split(list),
+        }
+    }
+
+    /// Go's `netip.Addr.IsLoopback` on any range's address (a v4-mapped IPv6 address counts as IPv4).
+    fn has_loopback(&self) -> bool {
+        self.v4
+            .iter()
+            .chain(&self.v6)
+            .any(|n| n.addr().to_canonical().is_loopback())
     }
 }
 

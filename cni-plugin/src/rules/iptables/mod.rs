@@ -18,8 +18,8 @@ use model::is_builtin_chain_or_target;
 pub use model::{Family, Table};
 
 use super::{
-    CaptureConfig, DnsServer, InterceptionMode, InterfaceName, IpRanges, OwnerGroup, OwnerGroups,
-    PortSelector, Ruleset,
+    CaptureConfig, DnsServer, InterceptionMode, InterfaceName, OwnerGroup, OwnerGroups,
+    PortSelector, Ranges, Ruleset,
 };
 
 /// Mark of packets from the outbound proxy to the app by pod IP, in TPROXY mode (Istio's `OutboundMark`).
@@ -316,38 +316,7 @@ pub fn render_iptables(cfg: &CaptureConfig) -> Ruleset {
     }
 }
 
-/// The ranges of a list, each in its family's list (Istio's `SeparateV4V6`).
-#[derive(Default)]
-struct Ranges {
-    all: bool,
-    v4: Vec<IpNet>,
-    v6: Vec<IpNet>,
-}
-
 impl Ranges {
-    fn split(list: &[IpNet]) -> Self {
-        let (v4, v6) = list.iter().partition(|n| matches!(n, IpNet::V4(_)));
-        Ranges { all: false, v4, v6 }
-    }
-
-    fn of(ranges: &IpRanges) -> Self {
-        match ranges {
-            IpRanges::All => Ranges {
-                all: true,
-                ..Ranges::default()
-            },
-            IpRanges::Only(list) => Ranges::split(list),
-        }
-    }
-
-    /// Go's `netip.Addr.IsLoopback` on any range's address (a v4-mapped IPv6 address counts as IPv4).
-    fn has_loopback(&self) -> bool {
-        self.v4
-            .iter()
-            .chain(&self.v6)
-            .any(|n| n.addr().to_canonical().is_loopback())
-    }
-
     fn of_family(&self, family: Family) -> &[IpNet] {
         match family {
             Family::V4 => &self.v4,

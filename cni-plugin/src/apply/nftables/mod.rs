@@ -1,0 +1,477 @@
+//! The native nftables backend's edge: a rendered [`NftRuleset`] programmed into the netns of the calling thread
+//! over netfilter netlink, as one nf_tables batch (one transaction), with no program run and no C library.
+//!
+//! The batch is what `nft -f` sends for Istio's script: per table `NEWTABLE`, a flush (`DELRULE` naming only
+//! the table, so a second apply leaves one copy), `NEWCHAIN` for each chain, then per rule its anonymous sets
+//! (`NEWSET` + `NEWSETELEM`) and `NEWRULE`. Rules are appended in their final order
+//! ([`crate::rules::nftables::NftTableSpec::rules_in_final_order`]). The kernel applies all of it or none of it.
+//!
+//! One socket, one `sendmsg` of the whole batch. Only the batch's last message asks for an ACK: the kernel
+//! processes a batch synchronously within `sendmsg` and reports every refused message anyway (then the ACK of
+//! the last one), so the answers are already queued when `sendmsg` returns and are read without waiting.
+//!
+//! The caller chooses the netns: run this on a thread that has entered the pod netns (see
+//! [`crate::netns::Netns::run`]); the socket is opened here, in that thread's netns.
+
+mod expr;
+mod msg;
+mod socket;
+
+use std::io;
+
+use nix::errno::Errno;
+
+use crate::rules::nftables::{
+    Expr, Hook, NftChain, NftRule, NftRuleset, NftTable, NftTableSpec, Ports,
+};
+use msg::{
+    answers, attrs, MsgBuf, NftMsg, NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END, NFNL_SUBSYS_NFTABLES,
+    NFPROTO_UNSPEC, NLMSG_DONE, NLMSG_ERROR, NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_DUMP,
+    NLM_F_REQUEST,
+};
+use socket::NfSocket;
+
+/// The backend's name, in every error.
+pub const BACKEND: &str = "nftables";
+
+// nft_table_attributes, nft_chain_attributes, nft_hook_attributes, nft_rule_attributes
+const NFTA_TABLE_NAME: u16 = 1;
+const NFTA_TABLE_FLAGS: u16 = 2;
+const NFTA_CHAIN_TABLE: u16 = 1;
+const NFTA_CHAIN_NAME: u16 = 3;
+const NFTA_CHAIN_HOOK: u16 = 4;
+const NFTA_CHAIN_TYPE: u16 = 7;
+const NFTA_HOOK_HOOKNUM: u16 = 1;
+const NFTA_HOOK_PRIORITY: u16 = 2;
+const NFTA_RULE_TABLE: u16 = 1;
+const NFTA_RULE_CHAIN: u16 = 2;
+const NFTA_RULE_EXPRESSIONS: u16 = 4;
+// nft_set_attributes, nft_set_desc_attributes, nft_set_elem_list_attributes, nft_set_elem_attributes
+const NFTA_SET_TABLE: u16 = 1;
+const NFTA_SET_NAME: u16 = 2;
+const NFTA_SET_FLAGS: u16 = 3;
+const NFTA_SET_KEY_TYPE: u16 = 4;
+const NFTA_SET_KEY_LEN: u16 = 5;
+const NFTA_SET_DESC: u16 = 9;
+const NFTA_SET_ID: u16 = 10;
+const NFTA_SET_DESC_SIZE: u16 = 1;
+const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
+const NFTA_SET_ELEM_LIST_SET: u16 = 2;
+const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
+const NFTA_SET_ELEM_LIST_SET_ID: u16 = 4;
+const NFTA_LIST_ELEM: u16 = 1;
+const NFTA_SET_ELEM_KEY: u16 = 1;
+const NFTA_DATA_VALUE: u16 = 1;
+/// `NFT_SET_ANONYMOUS | NFT_SET_CONSTANT`
+const ANON_CONSTANT_SET: u32 = 0x1 | 0x2;
+/// nft's `TYPE_INET_SERVICE` (a port): the key type userspace reads back to print the elements.
+const KEY_TYPE_INET_SERVICE: u32 = 13;
+/// `NF_INET_PRE_ROUTING`, `NF_INET_LOCAL_OUT`
+const NF_INET_PRE_ROUTING: u32 = 0;
+const NF_INET_LOCAL_OUT: u32 = 3;
+
+/// What the kernel refused, or why nothing could be sent. Every message names the backend.
+#[derive(Debug, thiserror::Error)]
+pub enum NftError {
+    #[error("{BACKEND}: the kernel has no nf_tables support ({what}: {errno})")]
+    Unsupported { what: &'static str, errno: Errno },
+    #[error("{BACKEND}: cannot open a netfilter netlink socket: {0}")]
+    Socket(#[source] io::Error),
+    #[error("{BACKEND}: sending the batch of {bytes} bytes failed: {source}")]
+    Send {
+        bytes: usize,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{BACKEND}: reading the kernel's answer failed: {0}")]
+    Receive(#[source] io::Error),
+    #[error("{BACKEND}: the kernel refused {what}: {errno}{}", others_note(*.others))]
+    Refused {
+        /// The refused message: `table inet T`, `chain inet T C`, `rule "add rule inet T C ..."`, ...
+        what: String,
+        errno: Errno,
+        /// How many other messages of the batch were refused too.
+        others: usize,
+    },
+    #[error("{BACKEND}: group {name:?} does not exist (in rule \"{rule}\")")]
+    UnknownGroup { name: String, rule: String },
+    #[error("{BACKEND}: malformed answer from the kernel: {0}")]
+    Malformed(String),
+    #[error("{BACKEND}: the kernel did not answer the batch of {messages} messages")]
+    NoAnswer { messages: usize },
+}
+
+fn others_note(others: usize) -> String {
+    match others {
+        0 => String::new(),
+        n => format!(" (and {n} more messages of the batch)"),
+    }
+}
+
+/// What one [`apply`] sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct NftApplied {
+    pub tables: usize,
+    pub chains: usize,
+    pub rules: usize,
+    pub sets: usize,
+    /// Messages of the batch, `BATCH_BEGIN` and `BATCH_END` included.
+    pub messages: usize,
+    pub bytes: usize,
+}
+
+/// Programs the ruleset into the calling thread's netns in one transaction: Istio's tables are created if
+/// missing and their rules replaced. Group names are resolved with the system's group database, as `nft` does.
+/// An empty ruleset sends nothing.
+pub fn apply(ruleset: &NftRuleset) -> Result<NftApplied, NftError> {
+    apply_with_groups(ruleset, &system_gid)
+}
+
+/// [`apply`] with the group-name resolver given (tests, or a caller that resolved names already).
+pub fn apply_with_groups(
+    ruleset: &NftRuleset,
+    gid_of: &dyn Fn(&str) -> Option<u32>,
+) -> Result<NftApplied, NftError> {
+    let batch = Batch::build(ruleset, gid_of)?;
+    if batch.stats.tables == 0 {
+        return Ok(NftApplied::default());
+    }
+    let mut socket = open()?;
+    let bytes = batch.m.as_bytes();
+    socket.send(bytes).map_err(|source| NftError::Send {
+        bytes: bytes.len(),
+        source,
+    })?;
+    batch.check_answers(&mut socket)?;
+    Ok(batch.stats)
+}
+
+/// Which of Istio's tables exist in the calling thread's netns (a table dump of family `inet`).
+pub fn programmed_tables() -> Result<Vec<NftTable>, NftError> {
+    let mut socket = open()?;
+    let mut m = MsgBuf::with_capacity(32);
+    let seq = m.begin_nft(NftMsg::GetTable, NLM_F_REQUEST | NLM_F_DUMP);
+    m.end();
+    socket.send(m.as_bytes()).map_err(|source| NftError::Send {
+        bytes: m.as_bytes().len(),
+        source,
+    })?;
+    let mut found = Vec::new();
+    loop {
+        let datagram = socket
+            .recv(true)
+            .map_err(NftError::Receive)?
+            .ok_or(NftError::NoAnswer { messages: 1 })?;
+        for answer in answers(datagram) {
+            let answer = answer.map_err(NftError::Malformed)?;
+            if answer.seq != seq {
+                continue;
+            }
+            match answer.msg_type {
+                NLMSG_DONE => return Ok(found),
+                NLMSG_ERROR => {
+                    let errno = answer
+                        .error()
+                        .ok_or_else(|| NftError::Malformed("short error message".to_string()))?;
+                    return Err(classify(
+                        Errno::from_raw(errno),
+                        "the table dump".to_string(),
+                        true,
+                        0,
+                    ));
+                }
+                _ => {
+                    let name = answer
+                        .payload
+                        .get(4..)
+                        .and_then(|a| attrs(a).find(|(t, _)| *t == NFTA_TABLE_NAME))
+                        .map(|(_, v)| v.strip_suffix(&[0]).unwrap_or(v));
+                    if let Some(t) = NftTable::ALL
+                        .into_iter()
+                        .find(|t| name == Some(t.name().as_bytes()))
+                    {
+                        found.push(t);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn open() -> Result<NfSocket, NftError> {
+    NfSocket::open().map_err(|e| match e.raw_os_error().map(Errno::from_raw) {
+        Some(errno @ (Errno::EPROTONOSUPPORT | Errno::EAFNOSUPPORT)) => NftError::Unsupported {
+            what: "netfilter netlink socket",
+            errno,
+        },
+        _ => NftError::Socket(e),
+    })
+}
+
+/// The system's gid for a group name (`getgrnam_r`: /etc/group or NSS).
+fn system_gid(name: &str) -> Option<u32> {
+    nix::unistd::Group::from_name(name)
+        .ok()
+        .flatten()
+        .map(|g| g.gid.as_raw())
+}
+
+/// The errors that mean "this kernel cannot do nf_tables (or family inet)".
+fn is_unsupported(errno: Errno) -> bool {
+    matches!(
+        errno,
+        Errno::EOPNOTSUPP | Errno::EPROTONOSUPPORT | Errno::EAFNOSUPPORT | Errno::ENOENT
+    )
+}
+
+fn classify(errno: Errno, what: String, may_be_unsupported: bool, others: usize) -> NftError {
+    if may_be_unsupported && is_unsupported(errno) {
+        return NftError::Unsupported {
+            what: "nf_tables batch",
+            errno,
+        };
+    }
+    NftError::Refused {
+        what,
+        errno,
+        others,
+    }
+}
+
+/// What a message of the batch is, to name it in an error.
+#[derive(Debug, Clone, Copy)]
+enum Label<'a> {
+    BatchBegin,
+    BatchEnd,
+    Table(NftTable),
+    Flush(NftTable),
+    Chain(NftTable, NftChain),
+    Set(&'a NftTableSpec, &'a NftRule),
+    SetElems(&'a NftTableSpec, &'a NftRule),
+    Rule(&'a NftTableSpec, &'a NftRule),
+}
+
+impl Label<'_> {
+    fn describe(&self) -> String {
+        match self {
+            Label::BatchBegin => "the transaction".to_string(),
+            Label::BatchEnd => "the end of the transaction".to_string(),
+            Label::Table(t) => format!("table inet {t}"),
+            Label::Flush(t) => format!("the flush of table inet {t}"),
+            Label::Chain(t, c) => format!("chain inet {t} {c}"),
+            Label::Set(spec, rule) => {
+                format!("an anonymous set of rule \"{}\"", spec.rule_command(rule))
+            }
+            Label::SetElems(spec, rule) => format!(
+                "the elements of an anonymous set of rule \"{}\"",
+                spec.rule_command(rule)
+            ),
+            Label::Rule(spec, rule) => format!("rule \"{}\"", spec.rule_command(rule)),
+        }
+    }
+}
+
+/// The encoded batch, with a label per message (`labels[seq - 1]`).
+struct Batch<'a> {
+    m: MsgBuf,
+    labels: Vec<Label<'a>>,
+    stats: NftApplied,
+}
+
+impl<'a> Batch<'a> {
+    fn build(
+        ruleset: &'a NftRuleset,
+        gid_of: &dyn Fn(&str) -> Option<u32>,
+    ) -> Result<Self, NftError> {
+        let rules: usize = ruleset.tables.iter().map(|t| t.rules.len()).sum();
+        let mut b = Batch {
+            m: MsgBuf::with_capacity(512 + 320 * rules),
+            labels: Vec::with_capacity(8 + rules + 3 * ruleset.tables.len()),
+            stats: NftApplied::default(),
+        };
+        b.m.begin(
+            NFNL_MSG_BATCH_BEGIN,
+            NLM_F_REQUEST,
+            NFPROTO_UNSPEC,
+            NFNL_SUBSYS_NFTABLES,
+        );
+        b.m.end();
+        b.labels.push(Label::BatchBegin);
+        let mut set_id = 0u32;
+        for spec in &ruleset.tables {
+            b.table(spec);
+            for rule in spec.rules_in_final_order() {
+                let first_set = set_id + 1;
+                for e in &rule.exprs {
+                    if let Expr::Port {
+                        ports: Ports::Set(ports),
+                        ..
+                    } = e
+                    {
+                        set_id += 1;
+                        b.set(spec, rule, set_id, ports);
+                    }
+                }
+                b.rule(spec, rule, &mut (first_set..=set_id), gid_of)?;
+            }
+        }
+        // The last message asks for the ACK that tells the whole batch was processed.
+        b.m.add_flags_to_last(NLM_F_ACK);
+        b.m.begin(
+            NFNL_MSG_BATCH_END,
+            NLM_F_REQUEST,
+            NFPROTO_UNSPEC,
+            NFNL_SUBSYS_NFTABLES,
+        );
+        b.m.end();
+        b.labels.push(Label::BatchEnd);
+        b.stats.sets = set_id as usize;
+        b.stats.messages = b.labels.len();
+        b.stats.bytes = b.m.as_bytes().len();
+        Ok(b)
+    }
+
+    fn table(&mut self, spec: &'a NftTableSpec) {
+        let t = spec.table;
+        let m = &mut self.m;
+        m.begin_nft(NftMsg::NewTable, NLM_F_REQUEST);
+        m.attr_str(NFTA_TABLE_NAME, t.name());
+        m.attr_be32(NFTA_TABLE_FLAGS, 0);
+        m.end();
+        m.begin_nft(NftMsg::DelRule, NLM_F_REQUEST);
+        m.attr_str(NFTA_RULE_TABLE, t.name());
+        m.end();
+        self.labels.extend([Label::Table(t), Label::Flush(t)]);
+        for decl in &spec.chains {
+            m.begin_nft(NftMsg::NewChain, NLM_F_REQUEST | NLM_F_CREATE);
+            m.attr_str(NFTA_CHAIN_TABLE, t.name());
+            m.attr_str(NFTA_CHAIN_NAME, decl.chain.name());
+            if let Some(base) = decl.base {
+                m.attr_str(NFTA_CHAIN_TYPE, base.kind.name());
+                let hook = m.nest_start(NFTA_CHAIN_HOOK);
+                m.attr_be32(
+                    NFTA_HOOK_HOOKNUM,
+                    match base.hook {
+                        Hook::Prerouting => NF_INET_PRE_ROUTING,
+                        Hook::Output => NF_INET_LOCAL_OUT,
+                    },
+                );
+                m.attr(NFTA_HOOK_PRIORITY, &base.priority.to_be_bytes());
+                m.nest_end(hook);
+            }
+            m.end();
+            self.labels.push(Label::Chain(t, decl.chain));
+        }
+        self.stats.tables += 1;
+        self.stats.chains += spec.chains.len();
+    }
+
+    /// An anonymous constant set of ports and its elements, for the rule that follows.
+    fn set(&mut self, spec: &'a NftTableSpec, rule: &'a NftRule, id: u32, ports: &[u16]) {
+        let t = spec.table.name();
+        let m = &mut self.m;
+        m.begin_nft(NftMsg::NewSet, NLM_F_REQUEST | NLM_F_CREATE);
+        m.attr_str(NFTA_SET_TABLE, t);
+        m.attr_str(NFTA_SET_NAME, expr::ANON_SET_NAME);
+        m.attr_be32(NFTA_SET_FLAGS, ANON_CONSTANT_SET);
+        m.attr_be32(NFTA_SET_KEY_TYPE, KEY_TYPE_INET_SERVICE);
+        m.attr_be32(NFTA_SET_KEY_LEN, 2);
+        m.attr_be32(NFTA_SET_ID, id);
+        let desc = m.nest_start(NFTA_SET_DESC);
+        m.attr_be32(NFTA_SET_DESC_SIZE, ports.len() as u32);
+        m.nest_end(desc);
+        m.end();
+        m.begin_nft(NftMsg::NewSetElem, NLM_F_REQUEST | NLM_F_CREATE);
+        m.attr_str(NFTA_SET_ELEM_LIST_TABLE, t);
+        m.attr_str(NFTA_SET_ELEM_LIST_SET, expr::ANON_SET_NAME);
+        m.attr_be32(NFTA_SET_ELEM_LIST_SET_ID, id);
+        let elements = m.nest_start(NFTA_SET_ELEM_LIST_ELEMENTS);
+        for port in ports {
+            let elem = m.nest_start(NFTA_LIST_ELEM);
+            let key = m.nest_start(NFTA_SET_ELEM_KEY);
+            m.attr(NFTA_DATA_VALUE, &port.to_be_bytes());
+            m.nest_end(key);
+            m.nest_end(elem);
+        }
+        m.nest_end(elements);
+        m.end();
+        self.labels
+            .extend([Label::Set(spec, rule), Label::SetElems(spec, rule)]);
+    }
+
+    fn rule(
+        &mut self,
+        spec: &'a NftTableSpec,
+        rule: &'a NftRule,
+        set_ids: &mut impl Iterator<Item = u32>,
+        gid_of: &dyn Fn(&str) -> Option<u32>,
+    ) -> Result<(), NftError> {
+        let m = &mut self.m;
+        m.begin_nft(NftMsg::NewRule, NLM_F_REQUEST | NLM_F_CREATE | NLM_F_APPEND);
+        m.attr_str(NFTA_RULE_TABLE, spec.table.name());
+        m.attr_str(NFTA_RULE_CHAIN, rule.chain.name());
+        let exprs = m.nest_start(NFTA_RULE_EXPRESSIONS);
+        let mut w = expr::RuleWriter::new(m);
+        for e in &rule.exprs {
+            w.expr(e, set_ids, gid_of)
+                .map_err(|expr::UnknownGroup(name)| NftError::UnknownGroup {
+                    name,
+                    rule: spec.rule_command(rule).to_string(),
+                })?;
+        }
+        m.nest_end(exprs);
+        m.end();
+        self.labels.push(Label::Rule(spec, rule));
+        self.stats.rules += 1;
+        Ok(())
+    }
+
+    /// Reads the kernel's answers to the batch (already queued: see the module doc) until the ACK of its last
+    /// message; any refused message fails the whole batch, which the kernel then did not apply.
+    fn check_answers(&self, socket: &mut NfSocket) -> Result<(), NftError> {
+        let last = (self.labels.len() - 1) as u32; // the message before BATCH_END
+        let mut refused: Vec<(u32, Errno)> = Vec::new();
+        let mut done = false;
+        while !done {
+            let Some(datagram) = socket.recv(false).map_err(NftError::Receive)? else {
+                break;
+            };
+            for answer in answers(datagram) {
+                let answer = answer.map_err(NftError::Malformed)?;
+                let Some(errno) = answer.error() else {
+                    continue;
+                };
+                if errno != 0 {
+                    refused.push((answer.seq, Errno::from_raw(errno)));
+                }
+                done |= answer.seq == last;
+            }
+        }
+        let Some(&(seq, errno)) = refused.first() else {
+            return if done {
+                Ok(())
+            } else {
+                Err(NftError::NoAnswer {
+                    messages: self.labels.len(),
+                })
+            };
+        };
+        let label = seq
+            .checked_sub(1)
+            .and_then(|i| self.labels.get(i as usize))
+            .copied()
+            .unwrap_or(Label::BatchBegin);
+        // nf_tables missing: the batch itself is refused (EOPNOTSUPP), or family inet is (EAFNOSUPPORT).
+        let may_be_unsupported = match label {
+            Label::BatchBegin => true,
+            Label::Table(_) => errno != Errno::ENOENT,
+            _ => false,
+        };
+        Err(classify(
+            errno,
+            label.describe(),
+            may_be_unsupported,
+            refused.len() - 1,
+        ))
+    }
+}

@@ -1,8 +1,8 @@
 //! Redirect -> [`CaptureConfig`] -> rendered rules. Pure: no I/O.
 //!
 //! [`CaptureConfig`] is istio-iptables' configuration (tools/common/config) with typed values; the renderers turn
-//! it into what is applied in the pod netns. Only [`iptables`] exists today (Istio's iptables-restore payloads);
-//! a native nftables renderer would sit beside it, taking the same [`CaptureConfig`].
+//! it into what is applied in the pod netns: [`iptables`] (Istio's iptables-restore payloads) and [`nftables`]
+//! (Istio's native nftables ruleset, typed, for the netlink applier), both from the same [`CaptureConfig`].
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};

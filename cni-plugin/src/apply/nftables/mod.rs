@@ -429,36 +429,62 @@ impl<'a> Batch<'a> {
     /// Reads the kernel's answers to the batch (already queued: see the module doc) until the ACK of its last
     /// message; any refused message fails the whole batch, which the kernel then did not apply.
     fn check_answers(&self, socket: &mut NfSocket) -> Result<(), NftError> {
-        let last = (self.labels.len() - 1) as u32; // the message before BATCH_END
-        let mut refused: Vec<(u32, Errno)> = Vec::new();
-        let mut done = false;
-        while !done {
+        let mut seen = Answers::default();
+        while !seen.done(self) {
             let Some(datagram) = socket.recv(false).map_err(NftError::Receive)? else {
                 break;
             };
-            for answer in answers(datagram) {
-                let answer = answer.map_err(NftError::Malformed)?;
-                let Some(errno) = answer.error() else {
-                    continue;
-                };
-                if errno != 0 {
-                    refused.push((answer.seq, Errno::from_raw(errno)));
-                }
-                done |= answer.seq == last;
+            seen.read(datagram)?;
+        }
+        seen.outcome(self)
+    }
+
+    /// The sequence number of the message before `BATCH_END`, the one whose ACK ends the answers.
+    fn last_seq(&self) -> u32 {
+        (self.labels.len() - 1) as u32
+    }
+}
+
+/// The kernel's answers to a batch, as far as read.
+#[derive(Debug, Default)]
+struct Answers {
+    refused: Vec<(u32, Errno)>,
+    acked: Vec<u32>,
+}
+
+impl Answers {
+    fn read(&mut self, datagram: &[u8]) -> Result<(), NftError> {
+        for answer in answers(datagram) {
+            let answer = answer.map_err(NftError::Malformed)?;
+            match answer.error() {
+                Some(0) => self.acked.push(answer.seq),
+                Some(errno) => self.refused.push((answer.seq, Errno::from_raw(errno))),
+                None => {}
             }
         }
-        let Some(&(seq, errno)) = refused.first() else {
-            return if done {
+        Ok(())
+    }
+
+    fn done(&self, batch: &Batch<'_>) -> bool {
+        let last = batch.last_seq();
+        self.acked.contains(&last) || self.refused.iter().any(|&(seq, _)| seq == last)
+    }
+
+    /// Success only when the last message was acknowledged and nothing was refused; otherwise the first refused
+    /// message, named.
+    fn outcome(&self, batch: &Batch<'_>) -> Result<(), NftError> {
+        let Some(&(seq, errno)) = self.refused.first() else {
+            return if self.done(batch) {
                 Ok(())
             } else {
                 Err(NftError::NoAnswer {
-                    messages: self.labels.len(),
+                    messages: batch.labels.len(),
                 })
             };
         };
         let label = seq
             .checked_sub(1)
-            .and_then(|i| self.labels.get(i as usize))
+            .and_then(|i| batch.labels.get(i as usize))
             .copied()
             .unwrap_or(Label::BatchBegin);
         // nf_tables missing: the batch itself is refused (EOPNOTSUPP), or family inet is (EAFNOSUPPORT).
@@ -471,7 +497,163 @@ impl<'a> Batch<'a> {
             errno,
             label.describe(),
             may_be_unsupported,
-            refused.len() - 1,
+            self.refused.len() - 1,
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rules::nftables::render;
+    use crate::rules::CaptureConfig;
+    use msg::error_datagram;
+
+    /// The basic ruleset: one table, five chains, twelve rules.
+    fn basic() -> NftRuleset {
+        render(&CaptureConfig::default())
+    }
+
+    fn outcome(ruleset: &NftRuleset, answers: &[(u32, i32)]) -> Result<(), NftError> {
+        let batch = Batch::build(ruleset, &|_| None).unwrap();
+        let mut seen = Answers::default();
+        seen.read(&error_datagram(answers)).unwrap();
+        seen.outcome(&batch)
+    }
+
+    /// The flags of every message of an encoded request.
+    fn flags(request: &[u8]) -> Vec<u16> {
+        let mut out = Vec::new();
+        let mut at = 0;
+        while at + 16 <= request.len() {
+            let len = u32::from_ne_bytes(request[at..at + 4].try_into().unwrap()) as usize;
+            out.push(u16::from_ne_bytes(
+                request[at + 6..at + 8].try_into().unwrap(),
+            ));
+            at += (len + 3) & !3;
+        }
+        out
+    }
+
+    #[test]
+    fn the_batch_is_framed_and_only_its_last_message_asks_for_an_ack() {
+        let rs = basic();
+        let batch = Batch::build(&rs, &|_| None).unwrap();
+        // BEGIN, table, flush, 5 chains, 12 rules, END; `nft -f` of the same script sends 4496 bytes too.
+        assert_eq!(batch.stats.messages, 21);
+        assert_eq!(batch.stats.bytes, 4496);
+        let msgs: Vec<_> = answers(batch.m.as_bytes()).map(|a| a.unwrap()).collect();
+        assert_eq!(msgs.len(), 21);
+        assert_eq!(msgs[0].msg_type, NFNL_MSG_BATCH_BEGIN);
+        assert_eq!(msgs[20].msg_type, NFNL_MSG_BATCH_END);
+        let seqs: Vec<u32> = msgs.iter().map(|m| m.seq).collect();
+        assert_eq!(seqs, (1..=21).collect::<Vec<_>>());
+        let acks: Vec<bool> = flags(batch.m.as_bytes())
+            .iter()
+            .map(|f| f & NLM_F_ACK != 0)
+            .collect();
+        assert_eq!(acks.iter().filter(|a| **a).count(), 1);
+        assert!(acks[19]);
+    }
+
+    #[test]
+    fn port_sets_come_before_their_rule() {
+        let cfg = CaptureConfig {
+            redirect_dns: true,
+            capture_all_dns: true,
+            enable_ipv6: true,
+            ..CaptureConfig::default()
+        };
+        let rs = render(&cfg);
+        let batch = Batch::build(&rs, &|_| None).unwrap();
+        assert_eq!(batch.stats.sets, 2);
+        let kinds: Vec<&str> = batch
+            .labels
+            .iter()
+            .filter_map(|l| match l {
+                Label::Set(..) => Some("set"),
+                Label::SetElems(..) => Some("elems"),
+                Label::Rule(_, r)
+                    if r.exprs.iter().any(|e| {
+                        matches!(
+                            e,
+                            Expr::Port {
+                                ports: Ports::Set(_),
+                                ..
+                            }
+                        )
+                    }) =>
+                {
+                    Some("rule")
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(kinds, ["set", "elems", "rule", "set", "elems", "rule"]);
+    }
+
+    #[test]
+    fn answers_decide_the_outcome() {
+        let rs = basic();
+        assert!(outcome(&rs, &[(20, 0)]).is_ok());
+        assert!(matches!(
+            outcome(&rs, &[]),
+            Err(NftError::NoAnswer { messages: 21 })
+        ));
+        // A rule refused in the middle: named by its text; the ACK of the last message does not save it.
+        let err = outcome(&rs, &[(12, -libc::ENOENT), (20, 0)]).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                NftError::Refused {
+                    errno: Errno::ENOENT,
+                    others: 0,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with("nftables: the kernel refused rule \"add rule inet istio-proxy-nat "),
+            "{msg}"
+        );
+        assert!(
+            msg.ends_with(": ENOENT: No such file or directory"),
+            "{msg}"
+        );
+        let err = outcome(&rs, &[(5, -libc::EINVAL), (9, -libc::EINVAL), (20, 0)]).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("chain inet istio-proxy-nat istio-inbound: EINVAL")
+                && msg.ends_with("(and 1 more messages of the batch)"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn a_kernel_without_nf_tables_is_named() {
+        let rs = basic();
+        for (seq, errno) in [(1, libc::EOPNOTSUPP), (2, libc::EAFNOSUPPORT)] {
+            let err = outcome(&rs, &[(seq, -errno)]).unwrap_err();
+            assert!(matches!(err, NftError::Unsupported { .. }), "{err:?}");
+            assert!(
+                err.to_string()
+                    .starts_with("nftables: the kernel has no nf_tables support"),
+                "{err}"
+            );
+        }
+        // A commit refused as a whole (answered on the batch's first message) with another errno is a refusal.
+        let err = outcome(&rs, &[(1, -libc::ENOMEM), (20, 0)]).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                NftError::Refused {
+                    errno: Errno::ENOMEM,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
     }
 }

@@ -222,6 +222,22 @@ pub(super) fn attrs(mut data: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
     })
 }
 
+/// A datagram of `NLMSG_ERROR` answers `(seq, -errno or 0)`, as the kernel sends them with `NETLINK_CAP_ACK`.
+#[cfg(test)]
+pub(super) fn error_datagram(answers: &[(u32, i32)]) -> Vec<u8> {
+    let mut d = Vec::new();
+    for &(seq, err) in answers {
+        d.extend_from_slice(&36u32.to_ne_bytes());
+        d.extend_from_slice(&NLMSG_ERROR.to_ne_bytes());
+        d.extend_from_slice(&0u16.to_ne_bytes());
+        d.extend_from_slice(&seq.to_ne_bytes());
+        d.extend_from_slice(&0u32.to_ne_bytes());
+        d.extend_from_slice(&err.to_ne_bytes());
+        d.extend_from_slice(&[0; 16]);
+    }
+    d
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -273,16 +289,7 @@ mod tests {
     #[test]
     fn kernel_errors_are_read() {
         // NLMSG_ERROR for seq 7 with -ENOENT, then an ACK (0) for seq 8.
-        let mut d = Vec::new();
-        for (seq, err) in [(7u32, -2i32), (8, 0)] {
-            d.extend_from_slice(&36u32.to_ne_bytes());
-            d.extend_from_slice(&NLMSG_ERROR.to_ne_bytes());
-            d.extend_from_slice(&0u16.to_ne_bytes());
-            d.extend_from_slice(&seq.to_ne_bytes());
-            d.extend_from_slice(&0u32.to_ne_bytes());
-            d.extend_from_slice(&err.to_ne_bytes());
-            d.extend_from_slice(&[0; 16]);
-        }
+        let d = error_datagram(&[(7, -2), (8, 0)]);
         let got: Vec<(u32, Option<i32>)> = answers(&d)
             .map(|a| a.map(|a| (a.seq, a.error())).unwrap())
             .collect();

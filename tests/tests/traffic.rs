@@ -105,6 +105,11 @@ fn basic_golden_redirects_real_traffic_nft() {
     basic_golden_redirects_real_traffic(BackendChoice::Nft);
 }
 
+#[test]
+fn basic_golden_redirects_real_traffic_nftables() {
+    basic_golden_redirects_real_traffic(BackendChoice::Nftables);
+}
+
 fn ipv6_pod_redirects_real_traffic(backend: BackendChoice) {
     let probe = netprobe!();
     let net = PodNet::new("traffic6", true);
@@ -128,6 +133,11 @@ fn ipv6_pod_redirects_real_traffic_legacy() {
 #[test]
 fn ipv6_pod_redirects_real_traffic_nft() {
     ipv6_pod_redirects_real_traffic(BackendChoice::Nft);
+}
+
+#[test]
+fn ipv6_pod_redirects_real_traffic_nftables() {
+    ipv6_pod_redirects_real_traffic(BackendChoice::Nftables);
 }
 
 fn tproxy_golden_keeps_the_original_destination(backend: BackendChoice) {
@@ -170,6 +180,11 @@ fn tproxy_golden_keeps_the_original_destination_legacy() {
 #[test]
 fn tproxy_golden_keeps_the_original_destination_nft() {
     tproxy_golden_keeps_the_original_destination(BackendChoice::Nft);
+}
+
+#[test]
+fn tproxy_golden_keeps_the_original_destination_nftables() {
+    tproxy_golden_keeps_the_original_destination(BackendChoice::Nftables);
 }
 
 fn dns_golden_captures_dns(backend: BackendChoice) {
@@ -218,6 +233,11 @@ fn dns_golden_captures_dns_legacy() {
 #[test]
 fn dns_golden_captures_dns_nft() {
     dns_golden_captures_dns(BackendChoice::Nft);
+}
+
+#[test]
+fn dns_golden_captures_dns_nftables() {
+    dns_golden_captures_dns(BackendChoice::Nftables);
 }
 
 #[test]

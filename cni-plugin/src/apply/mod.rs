@@ -40,6 +40,8 @@ pub enum ApplyError {
     InvalidRuleset { family: Family, reason: String },
     #[error("invalid capture configuration: {0}")]
     InvalidConfig(#[from] rules::CaptureConfigError),
+    #[error(transparent)]
+    Nftables(#[from] nftables::NftError),
     #[error("invalid route setup: {0}")]
     InvalidRoutes(String),
     #[error("no pod IP in netns {path}: no address other than loopback and link-local (found {addrs:?})")]
@@ -211,11 +213,7 @@ pub fn select_backend(
         BackendChoice::Legacy => Box::new(iptables::legacy_with_state(families, lockfile)),
         BackendChoice::Nft => Box::new(IptablesRestore::new(Flavour::Nft, lockfile)),
         BackendChoice::Auto => Box::new(iptables::detect(families, lockfile)?),
-        BackendChoice::Nftables => {
-            return Err(ApplyError::InvalidRoutes(
-                "native nftables is not wired yet".into(),
-            ))
-        }
+        BackendChoice::Nftables => Box::new(nftables::NativeNftables),
     })
 }
 

@@ -13,9 +13,12 @@
 //! The caller chooses the netns: run this on a thread that has entered the pod netns (see
 //! [`crate::netns::Netns::run`]); the socket is opened here, in that thread's netns.
 
+mod backend;
 mod expr;
 mod msg;
 mod socket;
+
+pub use backend::{remove_tables, NativeNftables};
 
 use std::io;
 
@@ -111,6 +114,8 @@ fn others_note(others: usize) -> String {
 /// What one [`apply`] sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct NftApplied {
+    /// Tables deleted before the ruleset's were created ([`apply_replacing`]).
+    pub deleted: usize,
     pub tables: usize,
     pub chains: usize,
     pub rules: usize,
@@ -127,13 +132,26 @@ pub fn apply(ruleset: &NftRuleset) -> Result<NftApplied, NftError> {
     apply_with_groups(ruleset, &system_gid)
 }
 
+/// [`apply`], deleting the tables of `existing` first in the same transaction: what an earlier, different
+/// capture left (a table or chain the new ruleset does not have) goes too, and there is still no moment without
+/// rules.
+pub fn apply_replacing(
+    ruleset: &NftRuleset,
+    existing: &[NftTable],
+) -> Result<NftApplied, NftError> {
+    send_batch(Batch::build(ruleset, existing, &system_gid)?)
+}
+
 /// [`apply`] with the group-name resolver given (tests, or a caller that resolved names already).
 pub fn apply_with_groups(
     ruleset: &NftRuleset,
     gid_of: &dyn Fn(&str) -> Option<u32>,
 ) -> Result<NftApplied, NftError> {
-    let batch = Batch::build(ruleset, gid_of)?;
-    if batch.stats.tables == 0 {
+    send_batch(Batch::build(ruleset, &[], gid_of)?)
+}
+
+fn send_batch(batch: Batch<'_>) -> Result<NftApplied, NftError> {
+    if batch.stats.tables == 0 && batch.stats.deleted == 0 {
         return Ok(NftApplied::default());
     }
     let mut socket = open()?;
@@ -243,6 +261,7 @@ fn classify(errno: Errno, what: String, may_be_unsupported: bool, others: usize)
 enum Label<'a> {
     BatchBegin,
     BatchEnd,
+    Delete(NftTable),
     Table(NftTable),
     Flush(NftTable),
     Chain(NftTable, NftChain),
@@ -256,6 +275,7 @@ impl Label<'_> {
         match self {
             Label::BatchBegin => "the transaction".to_string(),
             Label::BatchEnd => "the end of the transaction".to_string(),
+            Label::Delete(t) => format!("the deletion of table inet {t}"),
             Label::Table(t) => format!("table inet {t}"),
             Label::Flush(t) => format!("the flush of table inet {t}"),
             Label::Chain(t, c) => format!("chain inet {t} {c}"),
@@ -281,6 +301,7 @@ struct Batch<'a> {
 impl<'a> Batch<'a> {
     fn build(
         ruleset: &'a NftRuleset,
+        delete: &[NftTable],
         gid_of: &dyn Fn(&str) -> Option<u32>,
     ) -> Result<Self, NftError> {
         let rules: usize = ruleset.tables.iter().map(|t| t.rules.len()).sum();
@@ -297,6 +318,13 @@ impl<'a> Batch<'a> {
         );
         b.m.end();
         b.labels.push(Label::BatchBegin);
+        for &t in delete {
+            b.m.begin_nft(NftMsg::DelTable, NLM_F_REQUEST);
+            b.m.attr_str(NFTA_TABLE_NAME, t.name());
+            b.m.end();
+            b.labels.push(Label::Delete(t));
+            b.stats.deleted += 1;
+        }
         let mut set_id = 0u32;
         for spec in &ruleset.tables {
             b.table(spec);
@@ -515,7 +543,7 @@ mod tests {
     }
 
     fn outcome(ruleset: &NftRuleset, answers: &[(u32, i32)]) -> Result<(), NftError> {
-        let batch = Batch::build(ruleset, &|_| None).unwrap();
+        let batch = Batch::build(ruleset, &[], &|_| None).unwrap();
         let mut seen = Answers::default();
         seen.read(&error_datagram(answers)).unwrap();
         seen.outcome(&batch)
@@ -538,7 +566,7 @@ mod tests {
     #[test]
     fn the_batch_is_framed_and_only_its_last_message_asks_for_an_ack() {
         let rs = basic();
-        let batch = Batch::build(&rs, &|_| None).unwrap();
+        let batch = Batch::build(&rs, &[], &|_| None).unwrap();
         // BEGIN, table, flush, 5 chains, 12 rules, END; `nft -f` of the same script sends 4496 bytes too.
         assert_eq!(batch.stats.messages, 21);
         assert_eq!(batch.stats.bytes, 4496);
@@ -565,7 +593,7 @@ mod tests {
             ..CaptureConfig::default()
         };
         let rs = render(&cfg);
-        let batch = Batch::build(&rs, &|_| None).unwrap();
+        let batch = Batch::build(&rs, &[], &|_| None).unwrap();
         assert_eq!(batch.stats.sets, 2);
         let kinds: Vec<&str> = batch
             .labels

@@ -32,6 +32,7 @@ pub(super) const NFNL_SUBSYS_NFTABLES: u16 = 10;
 pub(super) enum NftMsg {
     NewTable = 0,
     GetTable = 1,
+    DelTable = 2,
     NewChain = 3,
     NewRule = 6,
     DelRule = 8,

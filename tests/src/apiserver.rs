@@ -1074,6 +1074,9 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// The fields a selector may name.
+const KNOWN_FIELDS: &str = "spec.nodeName, metadata.name, metadata.namespace";
+
 /// A field selector of pods: every term must hold.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 struct Selector {
@@ -1115,8 +1118,7 @@ impl Selector {
                 "metadata.name" => "/metadata/name",
                 "metadata.namespace" => "/metadata/namespace",
                 other => return Err(format!(
-                    "field label not supported: {other} (the test API server knows spec.nodeName, \
-                         metadata.name, metadata.namespace)"
+                    "field label not supported: {other} (the test API server knows {KNOWN_FIELDS})"
                 )),
             };
             sel.terms.push((pointer, value.to_string(), equal));

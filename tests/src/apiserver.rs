@@ -1117,9 +1117,11 @@ impl Selector {
                 "spec.nodeName" => "/spec/nodeName",
                 "metadata.name" => "/metadata/name",
                 "metadata.namespace" => "/metadata/namespace",
-                other => return Err(format!(
+                other => {
+                    return Err(format!(
                     "field label not supported: {other} (the test API server knows {KNOWN_FIELDS})"
-                )),
+                ))
+                }
             };
             sel.terms.push((pointer, value.to_string(), equal));
         }

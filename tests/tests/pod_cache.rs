@@ -341,6 +341,23 @@ fn a_killed_agent_falls_back_to_the_get() {
 }
 
 #[test]
+fn a_stopping_agent_leaves_its_successors_socket() {
+    // A DaemonSet rolling update with maxSurge: the new agent binds its socket before the old one gets SIGTERM.
+    let srv = stub_with_web();
+    let (node, mut old) = node_with_agent("succ", &srv);
+    let mut new = Agent::start(&node, &srv);
+    new.wait_ready();
+    new.wait_synced();
+    old.stop();
+    assert!(
+        node.socket().exists(),
+        "the old agent removed its successor's socket; its log:\n{}",
+        old.log_text()
+    );
+    add_counted(&srv, &node, "web", Some("uid-web"), 0).assert_redirected();
+}
+
+#[test]
 fn a_hung_agent_falls_back_to_the_get_within_the_deadline() {
     let srv = stub_with_web();
     let (node, agent) = node_with_agent("hung", &srv);

@@ -124,16 +124,24 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
 
     let socket = if cfg.pod_cache {
         let path = podsock::socket_path(&cfg.run_dir);
-        let first = Arc::new(Mutex::new(Some(podsock::bind(&path)?)));
+        let (first, first_id) = podsock::bind(&path)?;
+        let first = Arc::new(Mutex::new(Some(first)));
+        // The identity of the socket file we bound last: on shutdown only that one is removed.
+        let bound = Arc::new(Mutex::new(first_id));
         let cache = PodCache::new();
         {
-            let (path, cache) = (path.clone(), cache.clone());
+            let (path, cache, bound) = (path.clone(), cache.clone(), bound.clone());
             tasks.push(tokio::spawn(supervise("pod-cache socket", move || {
-                let (path, cache, first) = (path.clone(), cache.clone(), first.clone());
+                let (path, cache, first, bound) =
+                    (path.clone(), cache.clone(), first.clone(), bound.clone());
                 async move {
                     let listener = match lock(&first).take() {
                         Some(l) => l,
-                        None => podsock::bind(&path)?,
+                        None => {
+                            let (l, id) = podsock::bind(&path)?;
+                            *lock(&bound) = id;
+                            l
+                        }
                     };
                     tracing::info!(path = %path.display(), "serving the plugin's pod lookups");
                     podsock::serve(listener, path, cache).await
@@ -149,7 +157,7 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
                 Ok::<(), String>(())
             }
         })));
-        Some(path)
+        Some((path, bound))
     } else {
         None
     };
@@ -162,9 +170,16 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
         t.abort();
     }
     shared.set_ready(false);
-    if let Some(path) = socket {
-        if let Err(e) = std::fs::remove_file(&path) {
-            tracing::debug!(path = %path.display(), error = %e, "cannot remove the pod-cache socket");
+    if let Some((path, bound)) = socket {
+        let id = *lock(&bound);
+        match podsock::remove_if_ours(&path, id) {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::info!(path = %path.display(), "the pod-cache socket is another agent's now; left in place")
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot remove the pod-cache socket")
+            }
         }
     }
     // The installer task may be in the middle of a reconcile on its blocking thread: the lock waits for it.

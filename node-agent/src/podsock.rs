@@ -41,8 +41,18 @@ pub fn socket_path(run_dir: &Path) -> PathBuf {
     run_dir.join(SOCKET_NAME)
 }
 
-/// Binds the socket at `path`, owner-only (mode 0600), replacing a stale one.
-pub fn bind(path: &Path) -> Result<UnixListener, SocketError> {
+/// Which bind made a socket file: its (device, inode).
+pub type SocketId = (u64, u64);
+
+fn socket_id(path: &Path) -> std::io::Result<SocketId> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::symlink_metadata(path)?;
+    Ok((m.dev(), m.ino()))
+}
+
+/// Binds the socket at `path`, owner-only (mode 0600), replacing a stale one (or another agent's: the newest wins).
+/// Returns the listener and the file's identity, for [`remove_if_ours`].
+pub fn bind(path: &Path) -> Result<(UnixListener, SocketId), SocketError> {
     let fail = |source| SocketError::Bind {
         path: path.to_path_buf(),
         source,
@@ -61,12 +71,27 @@ pub fn bind(path: &Path) -> Result<UnixListener, SocketError> {
     }
     let listener = UnixListener::bind(&tmp).map_err(fail)?;
     let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
-        .and_then(|()| std::fs::rename(&tmp, path));
-    if let Err(e) = placed {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(fail(e));
+        .and_then(|()| socket_id(&tmp))
+        .and_then(|id| std::fs::rename(&tmp, path).map(|()| id));
+    match placed {
+        Ok(id) => Ok((listener, id)),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(fail(e))
+        }
     }
-    Ok(listener)
+}
+
+/// Removes the socket at `path` if it is still the one `id` names; whether it did. During a DaemonSet rolling
+/// update the next agent may already have bound its own socket there: removing that one would leave the node's
+/// pods without a cache (every pod start a GET) until the next agent restart.
+pub fn remove_if_ours(path: &Path, id: SocketId) -> std::io::Result<bool> {
+    match socket_id(path) {
+        Ok(current) if current == id => std::fs::remove_file(path).map(|()| true),
+        Ok(_) => Ok(false),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 /// The answer to one request line.
@@ -215,7 +240,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = socket_path(&dir);
         std::fs::write(&path, "stale").unwrap();
-        let listener = bind(&path).unwrap();
+        let (listener, id) = bind(&path).unwrap();
         let mode = std::fs::symlink_metadata(&path).unwrap().mode() & 0o777;
         assert_eq!(mode, 0o600);
         let cache = PodCache::new();
@@ -239,6 +264,27 @@ mod tests {
             "{e}"
         );
         server.abort();
+        assert!(remove_if_ours(&path, id).unwrap());
+        assert!(!path.exists());
+        assert!(!remove_if_ours(&path, id).unwrap(), "already gone");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_successors_socket_is_not_removed() {
+        let dir = std::env::temp_dir().join(format!("meshcni-podsock-succ-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = socket_path(&dir);
+        let (_first, first_id) = bind(&path).unwrap();
+        // The next agent binds its own socket at the same path.
+        let (_second, second_id) = bind(&path).unwrap();
+        assert_ne!(first_id, second_id);
+        assert!(!remove_if_ours(&path, first_id).unwrap());
+        assert!(
+            path.exists(),
+            "the first agent removed its successor's socket"
+        );
+        assert!(remove_if_ours(&path, second_id).unwrap());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -7,16 +7,38 @@
 //!   `GET /api/v1/namespaces/{ns}`: a Namespace when a pod lives there or it was added. `GET /version`: a version
 //!   object (no token needed, as on a real server). Anything else: `404`. Every `/api` request needs
 //!   `Authorization: Bearer <token>` (`401` Status otherwise).
-//! * Faults, consumed one per request in FIFO order whatever the path: a canned status, a raw answer, a delay
-//!   before the normal answer, or dropping the connection without an answer.
-//! * Request counts per path (query excluded) and a count of failed TLS handshakes, so a test can assert "no API
-//!   call was made" or "the client gave up during the handshake".
+//! * `GET /api/v1/pods` and `GET /api/v1/namespaces/{ns}/pods`: a `PodList` (with `metadata.resourceVersion`,
+//!   `limit`/`continue` paging) or, with `watch=true`, a chunked stream of watch events, as kube-runtime's
+//!   watcher asks for them (see [`watch`](self#list-and-watch)).
+//! * Faults, consumed one per request in FIFO order whatever the path, list and watch of pods excepted (they have
+//!   their own switch, [`ApiServer::refuse_list_watch`], so an agent's watch never eats a fault meant for a
+//!   plugin's GET): a canned status, a raw answer, a delay before the normal answer, or dropping the connection
+//!   without an answer.
+//! * A request log ([`ApiServer::request_log`]) that tells a GET of one pod from a list or watch of pods, counts
+//!   per path (query excluded) and a count of failed TLS handshakes, so a test can assert "no GET of this pod was
+//!   made" or "the client gave up during the handshake".
 //! * The server runs on its own thread with its own current-thread tokio runtime, bound to `127.0.0.1` (port 0 by
 //!   default). [`ApiServerBuilder::netns`] creates the listening socket inside a given network namespace (a
 //!   socket stays in the netns where it was created): the server is then reachable on that netns's loopback only.
 //!   Dropping the handle stops the server and joins its thread.
+//!
+//! # List and watch
+//! Every change of a pod (added, replaced with different content, removed; through [`ApiServer::add_pod`] and
+//! [`ApiServer::remove_pod`] or a changed pod dir) gets the next resource version, written into the served pod's
+//! `metadata.resourceVersion`, and an entry in an event log. A list answers the pods as they are now, sorted by
+//! namespace and name, with the current resource version. A watch (`watch=true` or `watch=1`) with a
+//! `resourceVersion` streams, one JSON line each, every logged change after it, then each new one as it happens:
+//! `{"type":"ADDED"|"MODIFIED"|"DELETED","object":Pod}`. Without one (or `0`), or with `sendInitialEvents=true`,
+//! it first sends every current pod as ADDED (then, with `sendInitialEvents`, the `k8s.io/initial-events-end`
+//! BOOKMARK). A version older than the log is `410 Expired` (an ERROR event, as a real server sends). The stream
+//! ends after `timeoutSeconds`. `fieldSelector` understands `spec.nodeName`, `metadata.name` and
+//! `metadata.namespace` with `=`, `==` and `!=`; a pod that starts or stops matching (bound to the node later) is
+//! ADDED or DELETED for that watcher, as on a real server. Any other field, and any `labelSelector`, is refused
+//! with `400` rather than ignored. [`ApiServer::pause_watches`] holds events back (the pods change, the watchers do
+//! not hear of it) and [`ApiServer::end_watches`] ends every open stream.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::convert::Infallible;
 use std::fs::File;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener as StdTcpListener};
 use std::path::{Path, PathBuf};
@@ -27,13 +49,15 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use bytes::Bytes;
-use http_body_util::Full;
-use hyper::body::Incoming;
+use futures::StreamExt as _;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{Full, StreamBody};
+use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tokio_rustls::TlsAcceptor;
 
 /// Errors of the stub's setup and helpers.
@@ -164,28 +188,92 @@ fn write_private(path: &Path, data: &[u8]) -> Result<(), ApiServerError> {
     f.write_all(data).map_err(werr)
 }
 
+type Key = (String, String);
+
+/// What a request was, as the request log records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestKind {
+    /// `GET /api/v1/namespaces/{ns}/pods/{name}`: the plugin's lookup of one pod.
+    PodGet {
+        namespace: String,
+        name: String,
+    },
+    /// A list of pods (all namespaces, or one).
+    PodList,
+    /// A watch of pods.
+    PodWatch,
+    /// `GET /api/v1/namespaces/{ns}`.
+    Namespace,
+    /// `GET /version`.
+    Version,
+    Other,
+}
+
+/// One request, as received (faulted and refused ones included).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoggedRequest {
+    pub method: String,
+    pub path: String,
+    /// The raw query string, empty when none.
+    pub query: String,
+    pub kind: RequestKind,
+}
+
+/// One logged change of a served pod.
+#[derive(Debug, Clone)]
+struct Change {
+    rv: u64,
+    /// The pod before the change (`None`: it was added).
+    old: Option<Value>,
+    /// The pod after the change, stamped with `rv`; for a removal, the last version stamped with `rv`.
+    new: Value,
+    removed: bool,
+}
+
+/// The most changes kept for watchers to resume from; older versions are `410 Expired`.
+const MAX_CHANGES: usize = 100_000;
+/// How often an idle watch re-reads the pod dir (when there is one).
+const POD_DIR_POLL: Duration = Duration::from_millis(100);
+
 #[derive(Default)]
 struct State {
-    pods: BTreeMap<(String, String), Value>,
+    pods: BTreeMap<Key, Value>,
     /// Pods of the pod dir as last read; looked up before `pods`.
-    dir_pods: BTreeMap<(String, String), Value>,
+    dir_pods: BTreeMap<Key, Value>,
+    /// What is served: per pod, its source (as added or read) and the copy stamped with its resource version.
+    served: BTreeMap<Key, (Value, Value)>,
+    /// The resource version of the last change (0: none yet).
+    rv: u64,
+    changes: VecDeque<Change>,
     namespaces: BTreeMap<String, Value>,
     pod_dir: Option<PathBuf>,
     faults: VecDeque<Fault>,
     requests: HashMap<String, usize>,
+    log: Vec<LoggedRequest>,
     total: usize,
+    /// The status every list and watch of pods is answered with instead, when set.
+    refuse_list_watch: Option<u16>,
+    watches_paused: bool,
+    /// Bumped by [`ApiServer::end_watches`]: a stream started in an older generation ends.
+    watch_generation: u64,
 }
 
 struct Shared {
     state: Mutex<State>,
     token: String,
     tls_failures: AtomicU64,
+    /// Bumped after every change a watch may care about (a pod, a pause, an end).
+    changed: watch::Sender<u64>,
 }
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock leaves plain data behind; keep serving it.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn notify(&self) {
+        self.changed.send_modify(|n| *n = n.wrapping_add(1));
     }
 }
 
@@ -264,7 +352,15 @@ impl ApiServerBuilder {
             }),
             token: token.clone(),
             tls_failures: AtomicU64::new(0),
+            changed: watch::Sender::new(0),
         });
+        {
+            // Pods of the dir are served (and listed) from the start.
+            let mut st = shared.lock();
+            if let Err(e) = reload_pod_dir(&mut st) {
+                eprintln!("test apiserver: {e}");
+            }
+        }
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -424,19 +520,58 @@ impl ApiServer {
     }
 
     /// Adds (or replaces) a pod, keyed by its `metadata.namespace`/`metadata.name`.
+    /// A changed pod is a new resource version and a watch event (ADDED or MODIFIED).
     pub fn add_pod(&self, pod: Value) -> Result<(), ApiServerError> {
         let key = pod_key(&pod)?;
-        self.shared.lock().pods.insert(key, pod);
+        {
+            let mut st = self.shared.lock();
+            st.pods.insert(key.clone(), pod);
+            st.publish(&key);
+        }
+        self.shared.notify();
         Ok(())
     }
 
-    /// Removes a pod; whether it was there.
+    /// Removes a pod (a DELETED watch event); whether it was there.
     pub fn remove_pod(&self, namespace: &str, name: &str) -> bool {
-        self.shared
-            .lock()
-            .pods
-            .remove(&(namespace.to_string(), name.to_string()))
-            .is_some()
+        let key = (namespace.to_string(), name.to_string());
+        let removed = {
+            let mut st = self.shared.lock();
+            let removed = st.pods.remove(&key).is_some();
+            st.publish(&key);
+            removed
+        };
+        self.shared.notify();
+        removed
+    }
+
+    /// The pod as served now (with its `metadata.resourceVersion`).
+    pub fn served_pod(&self, namespace: &str, name: &str) -> Option<Value> {
+        let key = (namespace.to_string(), name.to_string());
+        self.shared.lock().served.get(&key).map(|(_, v)| v.clone())
+    }
+
+    /// The resource version of the last change of a pod.
+    pub fn resource_version(&self) -> u64 {
+        self.shared.lock().rv
+    }
+
+    /// Answers every list and watch of pods with this HTTP status (`None`: serve them again). Open watch streams
+    /// are not ended by it (see [`Self::end_watches`]).
+    pub fn refuse_list_watch(&self, status: Option<u16>) {
+        self.shared.lock().refuse_list_watch = status;
+    }
+
+    /// Holds watch events back (`true`) or delivers the held ones and new ones again (`false`).
+    pub fn pause_watches(&self, paused: bool) {
+        self.shared.lock().watches_paused = paused;
+        self.shared.notify();
+    }
+
+    /// Ends every open watch stream (cleanly, as a server does at `timeoutSeconds`).
+    pub fn end_watches(&self) {
+        self.shared.lock().watch_generation += 1;
+        self.shared.notify();
     }
 
     /// Adds a namespace with these labels (namespaces of pods exist without it).
@@ -475,6 +610,30 @@ impl ApiServer {
     /// Requests received for this pod's path.
     pub fn pod_requests(&self, namespace: &str, name: &str) -> usize {
         self.requests(&pod_path(namespace, name))
+    }
+
+    /// Every request received so far, in order.
+    pub fn request_log(&self) -> Vec<LoggedRequest> {
+        self.shared.lock().log.clone()
+    }
+
+    /// GETs of single pods (any pod), lists and watches excluded.
+    pub fn pod_gets(&self) -> usize {
+        self.count(|k| matches!(k, RequestKind::PodGet { .. }))
+    }
+
+    /// Lists of pods.
+    pub fn pod_lists(&self) -> usize {
+        self.count(|k| *k == RequestKind::PodList)
+    }
+
+    /// Watches of pods.
+    pub fn pod_watches(&self) -> usize {
+        self.count(|k| *k == RequestKind::PodWatch)
+    }
+
+    fn count(&self, f: impl Fn(&RequestKind) -> bool) -> usize {
+        self.shared.lock().log.iter().filter(|r| f(&r.kind)).count()
     }
 
     /// All HTTP requests received.
@@ -628,15 +787,54 @@ async fn serve(
 #[error("connection dropped by an injected fault")]
 struct Dropped;
 
-type Resp = Response<Full<Bytes>>;
+type Body = UnsyncBoxBody<Bytes, Infallible>;
+type Resp = Response<Body>;
+
+/// What a request is, from its path and query.
+fn classify(method: &hyper::Method, path: &str, query: &str) -> RequestKind {
+    if method != hyper::Method::GET {
+        return RequestKind::Other;
+    }
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let list = || {
+        if Query::parse(query).watch() {
+            RequestKind::PodWatch
+        } else {
+            RequestKind::PodList
+        }
+    };
+    match parts.as_slice() {
+        ["version"] => RequestKind::Version,
+        ["api", "v1", "namespaces", ns, "pods", name] => RequestKind::PodGet {
+            namespace: ns.to_string(),
+            name: name.to_string(),
+        },
+        ["api", "v1", "pods"] | ["api", "v1", "namespaces", _, "pods"] => list(),
+        ["api", "v1", "namespaces", _] => RequestKind::Namespace,
+        _ => RequestKind::Other,
+    }
+}
 
 async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Resp, Dropped> {
     let path = req.uri().path().to_string();
-    let fault = {
+    let query = req.uri().query().unwrap_or("").to_string();
+    let kind = classify(req.method(), &path, &query);
+    let list_or_watch = matches!(kind, RequestKind::PodList | RequestKind::PodWatch);
+    let (fault, refused) = {
         let mut st = shared.lock();
         *st.requests.entry(path.clone()).or_insert(0) += 1;
         st.total += 1;
-        st.faults.pop_front()
+        st.log.push(LoggedRequest {
+            method: req.method().to_string(),
+            path: path.clone(),
+            query: query.clone(),
+            kind,
+        });
+        if list_or_watch {
+            (None, st.refuse_list_watch)
+        } else {
+            (st.faults.pop_front(), None)
+        }
     };
     match fault {
         None => {}
@@ -658,14 +856,20 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Resp, Dro
                 b = b.header(k, v);
             }
             return Ok(b
-                .body(Full::new(Bytes::from(body)))
+                .body(full(Bytes::from(body)))
                 .unwrap_or_else(|e| status_response(500, &format!("bad raw fault: {e}"))));
         }
     }
-    Ok(route(&req, &path, &shared))
+    Ok(route(&req, &path, &query, refused, &shared))
 }
 
-fn route(req: &Request<Incoming>, path: &str, shared: &Shared) -> Resp {
+fn route(
+    req: &Request<Incoming>,
+    path: &str,
+    query: &str,
+    refused: Option<u16>,
+    shared: &Arc<Shared>,
+) -> Resp {
     if req.method() != hyper::Method::GET {
         return status_response(405, &format!("method {} not allowed", req.method()));
     }
@@ -693,20 +897,16 @@ fn route(req: &Request<Incoming>, path: &str, shared: &Shared) -> Resp {
     let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     match parts.as_slice() {
         ["api", "v1", "namespaces", ns, "pods", name] => {
-            let mut st = shared.lock();
-            if let Err(e) = reload_pod_dir(&mut st) {
-                return status_response(500, &e.to_string());
-            }
-            match st.pod(ns, name) {
-                Some(pod) => json_response(200, pod),
+            let st = reload(shared);
+            match st.served.get(&(ns.to_string(), name.to_string())) {
+                Some((_, pod)) => json_response(200, pod),
                 None => not_found("pods", name),
             }
         }
+        ["api", "v1", "pods"] => list_or_watch(shared, None, query, refused),
+        ["api", "v1", "namespaces", ns, "pods"] => list_or_watch(shared, Some(ns), query, refused),
         ["api", "v1", "namespaces", ns] => {
-            let mut st = shared.lock();
-            if let Err(e) = reload_pod_dir(&mut st) {
-                return status_response(500, &e.to_string());
-            }
+            let st = reload(shared);
             if let Some(n) = st.namespaces.get(*ns) {
                 return json_response(200, n);
             }
@@ -726,7 +926,20 @@ fn route(req: &Request<Incoming>, path: &str, shared: &Shared) -> Resp {
     }
 }
 
-/// Re-reads the pod dir, if any, into `dir_pods` (removed files vanish).
+/// Locks the state after re-reading the pod dir (a broken dir is logged; the last good read stays served).
+fn reload(shared: &Shared) -> MutexGuard<'_, State> {
+    let mut st = shared.lock();
+    let before = st.rv;
+    if let Err(e) = reload_pod_dir(&mut st) {
+        eprintln!("test apiserver: {e}");
+    }
+    if st.rv != before {
+        shared.notify();
+    }
+    st
+}
+
+/// Re-reads the pod dir, if any, into `dir_pods` (removed files vanish) and publishes what changed.
 fn reload_pod_dir(st: &mut State) -> Result<(), ApiServerError> {
     let Some(dir) = st.pod_dir.as_deref() else {
         return Ok(());
@@ -735,28 +948,430 @@ fn reload_pod_dir(st: &mut State) -> Result<(), ApiServerError> {
     for pod in read_pod_dir(dir)? {
         dir_pods.insert(pod_key(&pod)?, pod);
     }
-    st.dir_pods = dir_pods;
+    let old = std::mem::replace(&mut st.dir_pods, dir_pods);
+    let keys: Vec<Key> = old.keys().chain(st.dir_pods.keys()).cloned().collect();
+    for key in keys {
+        st.publish(&key);
+    }
     Ok(())
 }
 
 impl State {
-    fn pod(&self, namespace: &str, name: &str) -> Option<&Value> {
-        let key = (namespace.to_string(), name.to_string());
-        self.dir_pods.get(&key).or_else(|| self.pods.get(&key))
+    fn has_pods_in(&self, namespace: &str) -> bool {
+        self.served.keys().any(|(ns, _)| ns == namespace)
     }
 
-    fn has_pods_in(&self, namespace: &str) -> bool {
-        let in_ns = |(ns, _): &(String, String)| ns == namespace;
-        self.dir_pods.keys().any(in_ns) || self.pods.keys().any(in_ns)
+    /// Makes what is served for `key` what the sources say (the pod dir before the added pods); a change gets the
+    /// next resource version and a logged change.
+    fn publish(&mut self, key: &Key) {
+        let source = self
+            .dir_pods
+            .get(key)
+            .or_else(|| self.pods.get(key))
+            .cloned();
+        let old = self.served.get(key).cloned();
+        let (new, removed) = match (&old, source) {
+            (None, None) => return,
+            (Some((old_src, _)), Some(src)) if *old_src == src => return,
+            (_, Some(src)) => (src, false),
+            (Some((_, stamped)), None) => (stamped.clone(), true),
+        };
+        self.rv += 1;
+        let mut stamped = new.clone();
+        if let Some(meta) = stamped.get_mut("metadata").and_then(Value::as_object_mut) {
+            meta.insert("resourceVersion".into(), json!(self.rv.to_string()));
+        }
+        if removed {
+            self.served.remove(key);
+        } else {
+            self.served.insert(key.clone(), (new, stamped.clone()));
+        }
+        self.changes.push_back(Change {
+            rv: self.rv,
+            old: old.map(|(_, stamped)| stamped),
+            new: stamped,
+            removed,
+        });
+        while self.changes.len() > MAX_CHANGES {
+            self.changes.pop_front();
+        }
     }
+
+    /// The served pods `sel` matches, in key order.
+    fn matching<'a>(
+        &'a self,
+        sel: &'a Selector,
+        after: Option<&'a Key>,
+    ) -> impl Iterator<Item = (&'a Key, &'a Value)> + 'a {
+        self.served
+            .iter()
+            .filter(move |(k, _)| after.is_none_or(|a| *k > a))
+            .map(|(k, (_, stamped))| (k, stamped))
+            .filter(move |(_, pod)| sel.matches(pod))
+    }
+}
+
+/// The query parameters of a list or watch that the stub understands.
+#[derive(Debug, Default)]
+struct Query {
+    pairs: Vec<(String, String)>,
+}
+
+impl Query {
+    fn parse(query: &str) -> Query {
+        let pairs = query
+            .split('&')
+            .filter(|p| !p.is_empty())
+            .map(|p| match p.split_once('=') {
+                Some((k, v)) => (percent_decode(k), percent_decode(v)),
+                None => (percent_decode(p), String::new()),
+            })
+            .collect();
+        Query { pairs }
+    }
+
+    fn get(&self, key: &str) -> Option<&str> {
+        self.pairs
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn flag(&self, key: &str) -> bool {
+        matches!(self.get(key), Some("true" | "1"))
+    }
+
+    fn watch(&self) -> bool {
+        self.flag("watch")
+    }
+}
+
+/// `%XX` and `+` decoding of one query component (invalid escapes are kept as they are).
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < b.len() => {
+                let hex = std::str::from_utf8(&b[i + 1..i + 3])
+                    .ok()
+                    .and_then(|h| u8::from_str_radix(h, 16).ok());
+                match hex {
+                    Some(v) => {
+                        out.push(v);
+                        i += 2;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The fields a selector may name.
+const KNOWN_FIELDS: &str = "spec.nodeName, metadata.name, metadata.namespace";
+
+/// A field selector of pods: every term must hold.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct Selector {
+    /// (JSON pointer of the field, value, equal)
+    terms: Vec<(&'static str, String, bool)>,
+}
+
+impl Selector {
+    /// `namespace` from the path, `fieldSelector` from the query; an unknown field or any label selector is an
+    /// error message (400), never silently ignored.
+    fn new(namespace: Option<&str>, q: &Query) -> Result<Selector, String> {
+        let mut sel = Selector::default();
+        if let Some(ns) = namespace {
+            sel.terms
+                .push(("/metadata/namespace", ns.to_string(), true));
+        }
+        if let Some(l) = q.get("labelSelector").filter(|l| !l.is_empty()) {
+            return Err(format!(
+                "labelSelector {l:?}: the test API server does not implement label selectors"
+            ));
+        }
+        for term in q
+            .get("fieldSelector")
+            .unwrap_or("")
+            .split(',')
+            .filter(|t| !t.is_empty())
+        {
+            let (field, value, equal) = if let Some((f, v)) = term.split_once("!=") {
+                (f, v, false)
+            } else if let Some((f, v)) = term.split_once("==") {
+                (f, v, true)
+            } else if let Some((f, v)) = term.split_once('=') {
+                (f, v, true)
+            } else {
+                return Err(format!("invalid field selector term {term:?}"));
+            };
+            let pointer = match field {
+                "spec.nodeName" => "/spec/nodeName",
+                "metadata.name" => "/metadata/name",
+                "metadata.namespace" => "/metadata/namespace",
+                other => {
+                    return Err(format!(
+                    "field label not supported: {other} (the test API server knows {KNOWN_FIELDS})"
+                ))
+                }
+            };
+            sel.terms.push((pointer, value.to_string(), equal));
+        }
+        Ok(sel)
+    }
+
+    fn matches(&self, pod: &Value) -> bool {
+        self.terms.iter().all(|(pointer, value, equal)| {
+            // An unset field is the empty string, as for a real server (an unscheduled pod has nodeName "").
+            let got = pod.pointer(pointer).and_then(Value::as_str).unwrap_or("");
+            (got == value) == *equal
+        })
+    }
+}
+
+fn list_or_watch(
+    shared: &Arc<Shared>,
+    namespace: Option<&str>,
+    query: &str,
+    refused: Option<u16>,
+) -> Resp {
+    if let Some(code) = refused {
+        return status_response(code, &format!("list/watch of pods refused: HTTP {code}"));
+    }
+    let q = Query::parse(query);
+    let sel = match Selector::new(namespace, &q) {
+        Ok(s) => s,
+        Err(e) => return status_response(400, &e),
+    };
+    if q.watch() {
+        watch_pods(shared, sel, &q)
+    } else {
+        list_pods(shared, &sel, &q)
+    }
+}
+
+/// A `PodList`: `limit` pods at most, the rest behind a `continue` token (`<rv>/<namespace>/<name>` of the last
+/// pod given; the next page starts after it, from the pods as they are then, with the first page's version).
+fn list_pods(shared: &Shared, sel: &Selector, q: &Query) -> Resp {
+    let limit = match q.get("limit").filter(|l| !l.is_empty()) {
+        None => None,
+        Some(l) => match l.parse::<usize>() {
+            Ok(0) => None,
+            Ok(n) => Some(n),
+            Err(_) => return status_response(400, &format!("limit {l:?} is not a number")),
+        },
+    };
+    let st = reload(shared);
+    let (rv, after) = match q.get("continue").filter(|c| !c.is_empty()) {
+        None => (st.rv, None),
+        Some(token) => {
+            let mut it = token.splitn(3, '/');
+            match (
+                it.next().and_then(|r| r.parse::<u64>().ok()),
+                it.next(),
+                it.next(),
+            ) {
+                (Some(rv), Some(ns), Some(name)) => (rv, Some((ns.to_string(), name.to_string()))),
+                _ => return status_response(400, &format!("invalid continue token {token:?}")),
+            }
+        }
+    };
+    let mut items = Vec::new();
+    let mut more = false;
+    let mut last = None;
+    for (key, pod) in st.matching(sel, after.as_ref()) {
+        if limit.is_some_and(|l| items.len() >= l) {
+            more = true;
+            break;
+        }
+        items.push(pod.clone());
+        last = Some(key.clone());
+    }
+    let mut metadata = json!({"resourceVersion": rv.to_string()});
+    if let (true, Some((ns, name))) = (more, last) {
+        metadata["continue"] = json!(format!("{rv}/{ns}/{name}"));
+    }
+    json_response(
+        200,
+        &json!({"kind": "PodList", "apiVersion": "v1", "metadata": metadata, "items": items}),
+    )
+}
+
+fn event_line(kind: &str, object: &Value) -> Bytes {
+    let mut line = json!({"type": kind, "object": object}).to_string();
+    line.push('\n');
+    Bytes::from(line)
+}
+
+/// One open watch stream.
+struct WatchStream {
+    shared: Arc<Shared>,
+    rx: watch::Receiver<u64>,
+    sel: Selector,
+    /// Changes after this version are still to be sent.
+    after: u64,
+    pending: VecDeque<Bytes>,
+    deadline: tokio::time::Instant,
+    generation: u64,
+    done: bool,
+}
+
+impl WatchStream {
+    /// Queues the changes after `self.after` this watcher sees (unless paused); ends the stream on an expired
+    /// version or after [`ApiServer::end_watches`].
+    fn collect(&mut self) {
+        let st = reload(&self.shared);
+        if st.watch_generation != self.generation {
+            self.done = true;
+            return;
+        }
+        if st.watches_paused || st.rv <= self.after {
+            return;
+        }
+        let oldest = st.changes.front().map_or(st.rv + 1, |c| c.rv);
+        if oldest > self.after + 1 {
+            let status = json!({
+                "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                "message": format!("too old resource version: {} ({})", self.after, oldest - 1),
+                "reason": "Expired", "code": 410,
+            });
+            self.pending.push_back(event_line("ERROR", &status));
+            self.done = true;
+            return;
+        }
+        for c in st.changes.iter().filter(|c| c.rv > self.after) {
+            let was = c.old.as_ref().is_some_and(|o| self.sel.matches(o));
+            let is = self.sel.matches(&c.new);
+            let kind = match (was, is, c.removed) {
+                (true, true, true) => "DELETED",
+                (false, true, false) => "ADDED",
+                (true, true, false) => "MODIFIED",
+                // It no longer matches: gone, for this watcher.
+                (true, false, _) => "DELETED",
+                _ => continue,
+            };
+            self.pending.push_back(event_line(kind, &c.new));
+        }
+        self.after = st.rv;
+    }
+
+    async fn next_line(&mut self) -> Option<Bytes> {
+        loop {
+            if let Some(line) = self.pending.pop_front() {
+                return Some(line);
+            }
+            if self.done || tokio::time::Instant::now() >= self.deadline {
+                return None;
+            }
+            // Mark the current notification seen before reading the state: a change after it wakes us.
+            self.rx.borrow_and_update();
+            self.collect();
+            if !self.pending.is_empty() || self.done {
+                continue;
+            }
+            let polls_dir = self.shared.lock().pod_dir.is_some();
+            let wake = if polls_dir {
+                self.deadline
+                    .min(tokio::time::Instant::now() + POD_DIR_POLL)
+            } else {
+                self.deadline
+            };
+            tokio::select! {
+                changed = self.rx.changed() => {
+                    if changed.is_err() {
+                        return None;
+                    }
+                }
+                _ = tokio::time::sleep_until(wake) => {}
+            }
+        }
+    }
+}
+
+/// A watch: the changes after `resourceVersion` (or every current pod as ADDED first), then each new change,
+/// one JSON line each, until `timeoutSeconds`.
+fn watch_pods(shared: &Arc<Shared>, sel: Selector, q: &Query) -> Resp {
+    let timeout = match q.get("timeoutSeconds").filter(|t| !t.is_empty()) {
+        None => Duration::from_secs(1800),
+        Some(t) => match t.parse::<u64>() {
+            Ok(s) => Duration::from_secs(s),
+            Err(_) => {
+                return status_response(400, &format!("timeoutSeconds {t:?} is not a number"))
+            }
+        },
+    };
+    let initial = q.flag("sendInitialEvents");
+    let from = match q.get("resourceVersion").filter(|v| !v.is_empty()) {
+        None => None,
+        Some(v) => match v.parse::<u64>() {
+            Ok(0) => None,
+            Ok(n) => Some(n),
+            Err(_) => {
+                return status_response(400, &format!("resourceVersion {v:?} is not a number"))
+            }
+        },
+    };
+    let mut pending = VecDeque::new();
+    let (after, generation) = {
+        let st = reload(shared);
+        let after = if initial || from.is_none() {
+            for (_, pod) in st.matching(&sel, None) {
+                pending.push_back(event_line("ADDED", pod));
+            }
+            if initial {
+                let bookmark = json!({
+                    "kind": "Pod", "apiVersion": "v1",
+                    "metadata": {"resourceVersion": st.rv.to_string(),
+                                 "annotations": {"k8s.io/initial-events-end": "true"}},
+                });
+                pending.push_back(event_line("BOOKMARK", &bookmark));
+            }
+            st.rv
+        } else {
+            // A version from the future is "now" (a real server would wait for it).
+            from.unwrap_or(0).min(st.rv)
+        };
+        (after, st.watch_generation)
+    };
+    let stream = WatchStream {
+        shared: shared.clone(),
+        rx: shared.changed.subscribe(),
+        sel,
+        after,
+        pending,
+        deadline: tokio::time::Instant::now() + timeout,
+        generation,
+        done: false,
+    };
+    let lines = futures::stream::unfold(stream, |mut s| async move {
+        let line = s.next_line().await?;
+        Some((Ok::<_, Infallible>(Frame::data(line)), s))
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .body(UnsyncBoxBody::new(StreamBody::new(lines.boxed())))
+        .unwrap_or_else(|e| status_response(500, &format!("watch response: {e}")))
+}
+
+fn full(b: Bytes) -> Body {
+    UnsyncBoxBody::new(Full::new(b))
 }
 
 fn json_response(code: u16, v: &Value) -> Resp {
     Response::builder()
         .status(StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
         .header(hyper::header::CONTENT_TYPE, "application/json")
-        .body(Full::new(Bytes::from(v.to_string())))
-        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
+        .body(full(Bytes::from(v.to_string())))
+        .unwrap_or_else(|_| Response::new(full(Bytes::new())))
 }
 
 fn reason_for(code: u16) -> &'static str {

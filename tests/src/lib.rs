@@ -1,5 +1,6 @@
 //! Test fixtures shared by the end-to-end tests: an HTTPS API server stub, netns helpers, a CNI chain runner.
 
+pub mod agent;
 pub mod apiserver;
 pub mod chain;
 pub mod e2e;

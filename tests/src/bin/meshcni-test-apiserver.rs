@@ -31,6 +31,9 @@ OPTIONS:
 
 Once serving, prints the port on stdout (one line), then runs until SIGTERM or SIGINT and exits 0.
 Also serves GET /api/v1/namespaces/NS and GET /version; every /api request needs the bearer token.
+Lists and watches pods as a node agent's watcher asks: GET /api/v1/pods?fieldSelector=spec.nodeName=NODE (limit,
+continue), and with watch=true&resourceVersion=RV a stream of ADDED/MODIFIED/DELETED events, one JSON line each,
+until timeoutSeconds. A file added to, changed in or removed from --pods-dir is a watch event within 100 ms.
 ";
 
 #[derive(Debug, Default)]

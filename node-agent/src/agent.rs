@@ -128,7 +128,7 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
         let first = Arc::new(Mutex::new(Some(first)));
         // The identity of the socket file we bound last: on shutdown only that one is removed.
         let bound = Arc::new(Mutex::new(first_id));
-        let cache = PodCache::new();
+        let cache = PodCache::with_metrics(shared.pod_cache.clone());
         {
             let (path, cache, bound) = (path.clone(), cache.clone(), bound.clone());
             tasks.push(tokio::spawn(supervise("pod-cache socket", move || {

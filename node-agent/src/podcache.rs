@@ -43,10 +43,18 @@ struct State {
     listing: Option<HashMap<Key, CachedPod>>,
 }
 
+/// The cache's state as metrics, kept current by the cache.
+#[derive(Debug, Clone, Default)]
+pub struct CacheMetrics {
+    pub synced: prometheus_client::metrics::gauge::Gauge,
+    pub pods: prometheus_client::metrics::gauge::Gauge,
+}
+
 /// The cache, shared by the watch task (writer) and the socket server (readers).
 #[derive(Debug, Default)]
 pub struct PodCache {
     state: RwLock<State>,
+    metrics: CacheMetrics,
 }
 
 fn entry(pod: &Pod) -> Option<(Key, CachedPod)> {
@@ -65,6 +73,19 @@ fn entry(pod: &Pod) -> Option<(Key, CachedPod)> {
 impl PodCache {
     pub fn new() -> Arc<Self> {
         Arc::new(PodCache::default())
+    }
+
+    /// A cache that keeps `metrics` current.
+    pub fn with_metrics(metrics: CacheMetrics) -> Arc<Self> {
+        Arc::new(PodCache {
+            state: RwLock::default(),
+            metrics,
+        })
+    }
+
+    fn publish(&self, st: &State) {
+        self.metrics.synced.set(i64::from(st.synced));
+        self.metrics.pods.set(st.pods.len() as i64);
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, State> {
@@ -90,6 +111,12 @@ impl PodCache {
             Event::InitDone => {
                 let listed = st.listing.take().unwrap_or_default();
                 st.pods = listed;
+                if !st.synced {
+                    tracing::info!(
+                        pods = st.pods.len(),
+                        "pod cache synced: the plugin's lookups are answered from it"
+                    );
+                }
                 st.synced = true;
             }
             Event::Apply(pod) => {
@@ -111,6 +138,7 @@ impl PodCache {
                 }
             }
         }
+        self.publish(&st);
     }
 
     /// The watch broke: answer nothing until a new list completes.
@@ -118,6 +146,7 @@ impl PodCache {
         let mut st = self.write();
         st.synced = false;
         st.listing = None;
+        self.publish(&st);
     }
 
     pub fn is_synced(&self) -> bool {
@@ -266,6 +295,21 @@ mod tests {
         c.apply(Event::Apply(pod("ns", "web-0", "new", true)));
         c.apply(Event::Delete(pod("ns", "web-0", "old", true)));
         assert_eq!(hit(c.lookup("ns", "web-0")).uid, "new");
+    }
+
+    #[test]
+    fn the_metrics_follow_the_cache() {
+        let m = CacheMetrics::default();
+        let c = PodCache::with_metrics(m.clone());
+        c.apply(Event::Init);
+        c.apply(Event::InitApply(pod("ns", "a", "u1", true)));
+        assert_eq!((m.synced.get(), m.pods.get()), (0, 0));
+        c.apply(Event::InitDone);
+        assert_eq!((m.synced.get(), m.pods.get()), (1, 1));
+        c.apply(Event::Apply(pod("ns", "b", "u2", true)));
+        assert_eq!(m.pods.get(), 2);
+        c.mark_unsynced();
+        assert_eq!(m.synced.get(), 0);
     }
 
     #[test]

@@ -41,6 +41,8 @@ pub struct Shared {
     install_ready: Gauge,
     installs: Family<Vec<(String, String)>, Counter>,
     reconcile_seconds: Histogram,
+    /// The pod cache's state, set by the cache itself (see [`crate::podcache::PodCache::with_metrics`]).
+    pub pod_cache: crate::podcache::CacheMetrics,
     registry: Registry,
 }
 
@@ -70,7 +72,19 @@ impl Shared {
             "Duration of one reconcile of the node's CNI installation",
             reconcile_seconds.clone(),
         );
+        let pod_cache = crate::podcache::CacheMetrics::default();
+        registry.register(
+            "meshcni_pod_cache_synced",
+            "Whether the agent's pod cache has listed every pod of this node (1) or cannot answer (0)",
+            pod_cache.synced.clone(),
+        );
+        registry.register(
+            "meshcni_pod_cache_pods",
+            "Pods of this node held in the agent's pod cache",
+            pod_cache.pods.clone(),
+        );
         Arc::new(Shared {
+            pod_cache,
             ready: AtomicBool::new(false),
             install_ready,
             installs,

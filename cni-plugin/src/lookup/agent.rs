@@ -32,9 +32,10 @@ use crate::pod::PodInfo;
 pub const SOCKET_NAME: &str = "pod-cache.sock";
 /// The protocol version this plugin speaks.
 pub const VERSION: u32 = 1;
-/// How long the plugin waits for the agent, connect to answer: a few ms (an answer takes microseconds; the margin
-/// is for a node busy starting many pods at once). Past it the plugin does its own GET.
-pub const DEFAULT_DEADLINE: Duration = Duration::from_millis(10);
+/// How long the plugin waits for the agent, connect to answer. An answer takes microseconds; the margin is for a
+/// node busy starting many pods at once, where 10 ms proved too short on 2 cores (the agent waited for a CPU and
+/// the plugin fell back to a GET). A hung agent costs at most this per pod start, then the GET.
+pub const DEFAULT_DEADLINE: Duration = Duration::from_millis(25);
 /// The longest line either side reads.
 pub const MAX_LINE: usize = 256 * 1024;
 

@@ -1,11 +1,10 @@
 //! Reading a test netns's nftables state with Debian's `nft` (the tests may run it; the plugin never does): which
-//! of Istio's `inet istio-proxy-*` tables exist, their rules as comparable lines, the whole ruleset without
+//! of Istio's `inet istio-proxy-{nat,mangle,raw}` tables exist, their rules as comparable lines, the whole ruleset without
 //! counters.
 
-use crate::netns::TestNetns;
+use cni_plugin::rules::nftables::NftTable;
 
-/// The prefix of the tables the native backend creates (`inet istio-proxy-nat`, `-mangle`, `-raw`).
-pub const ISTIO_TABLE_PREFIX: &str = "istio-proxy-";
+use crate::netns::TestNetns;
 
 /// Every table in `ns`, as `nft list tables` names them (`inet istio-proxy-nat`, `ip nat`, ...).
 pub fn tables(ns: &TestNetns) -> Vec<String> {
@@ -16,13 +15,13 @@ pub fn tables(ns: &TestNetns) -> Vec<String> {
         .collect()
 }
 
-/// The names of Istio's tables in `ns` (family inet, name `istio-proxy-*`), in listing order.
+/// The names of Istio's tables in `ns` (family inet: `istio-proxy-nat`, `-mangle`, `-raw`), in listing order.
 pub fn istio_tables(ns: &TestNetns) -> Vec<String> {
     tables(ns)
         .into_iter()
         .filter_map(|t| {
             t.strip_prefix("inet ")
-                .filter(|n| n.starts_with(ISTIO_TABLE_PREFIX))
+                .filter(|n| NftTable::ALL.iter().any(|ours| ours.name() == *n))
                 .map(str::to_string)
         })
         .collect()

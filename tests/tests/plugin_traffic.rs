@@ -1168,3 +1168,162 @@ fn iptables_backend_nftables_is_the_native_backend() {
     );
     assert_default_capture(&probe, &pod, false, localhost_v4());
 }
+
+/// The CNI error of a failed ADD: its code and message (`msg`).
+fn add_error(out: &PluginOutput) -> (Option<u64>, String) {
+    assert!(!out.success, "ADD succeeded: {out:?}");
+    let msg = out.json()["msg"].as_str().unwrap_or_default().to_string();
+    (out.error_code(), msg)
+}
+
+/// On a kernel without netfilter netlink (no nf_tables at all) the native backend's ADD fails with a CNI error
+/// naming the backend and what the kernel lacks, and leaves nothing. Provoked for real: the plugin runs under
+/// `meshcni-no-nfnetlink`, whose seccomp filter answers `socket(AF_NETLINK, _, NETLINK_NETFILTER)` with
+/// `EPROTONOSUPPORT` as such a kernel does. The same wrapper around an iptables-legacy ADD (which needs no
+/// netfilter netlink) succeeds and captures: the filter takes away nf_tables and nothing else.
+#[test]
+fn without_nf_tables_the_native_add_fails_naming_the_backend() {
+    let cluster = Cluster::new("nonft");
+    let probe = netprobe!();
+    require_root();
+    let wrapped = |pod: &TestPod| {
+        let mut inv = pod.invocation("ADD", &pod.net.pod.path().display().to_string());
+        inv.env.push((
+            "MESHCNI_WRAPPED".to_string(),
+            plugin_bin().display().to_string(),
+        ));
+        inv.bin = env!("CARGO_BIN_EXE_meshcni-no-nfnetlink").into();
+        inv.run_with_timeout(PLUGIN_TIMEOUT)
+    };
+
+    let pod = cluster.pod(
+        "nonft",
+        Backend::Nftables,
+        injected(&[], &[], None),
+        Stack::V4,
+    );
+    let _world = start_world(&probe, &pod.net, WorldOpts::default());
+    let out = wrapped(&pod);
+    let (code, msg) = add_error(&out);
+    assert_eq!(code, Some(103), "{out:?}");
+    assert!(
+        msg.contains("nftables: the kernel has no nf_tables support (netfilter netlink socket: EPROTONOSUPPORT"),
+        "{msg}"
+    );
+    assert!(msg.contains("default/nonft-nftables"), "{msg}");
+    pod.assert_no_rules_at_all();
+    assert_nothing_captured(&probe, &pod, false);
+    drop((_world, pod));
+
+    let pod = cluster.pod(
+        "nonft",
+        Backend::Legacy,
+        injected(&[], &[], None),
+        Stack::V4,
+    );
+    let _world = start_world(&probe, &pod.net, WorldOpts::default());
+    let out = wrapped(&pod);
+    assert!(out.success, "iptables-legacy under the filter: {out:?}");
+    pod.assert_rules_in_backend_only(Family::V4);
+    assert_default_capture(&probe, &pod, false, localhost_v4());
+}
+
+/// `nft -i` inside a netns, holding a table of its own (`flags owner`: only its socket may change or delete it)
+/// while it runs; killed (by its pid) when dropped, and the kernel drops the table with its socket.
+struct OwnedTable {
+    child: std::process::Child,
+}
+
+impl OwnedTable {
+    fn hold(ns: &TestNetns, table: &str) -> OwnedTable {
+        use std::io::Write;
+        use std::process::{Command, Stdio};
+        let mut child = ns
+            .run(|| {
+                Command::new("nft")
+                    .arg("-i")
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+            })
+            .unwrap_or_else(|e| panic!("cannot start nft -i: {e}"));
+        let stdin = child.stdin.as_mut().expect("piped stdin");
+        writeln!(stdin, "add table inet {table} {{ flags owner; }}").expect("write to nft -i");
+        stdin.flush().expect("flush nft -i");
+        let held = OwnedTable { child };
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !nft::tables(ns).contains(&format!("inet {table}")) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nft -i did not create {table}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        held
+    }
+}
+
+impl Drop for OwnedTable {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A batch the kernel refuses in its middle, through the real binary: after a first ADD (REDIRECT: table nat),
+/// another process holds `inet istio-proxy-raw` as its own (`flags owner`). The next ADD (TPROXY with DNS
+/// capture: nat, mangle, raw) must replace all three in one batch; the kernel accepts the deletion of nat, then
+/// refuses that of raw (EPERM), so the whole transaction goes: the ADD fails naming the backend and the table,
+/// the first ADD's rules are there exactly as before and still capture, no mangle table, the other process's
+/// table untouched.
+#[test]
+fn a_batch_refused_in_its_middle_changes_nothing_through_the_plugin() {
+    let cluster = Cluster::new("owned");
+    let probe = netprobe!();
+    require_root();
+    let pod = cluster.pod(
+        "owned",
+        Backend::Nftables,
+        injected(&[], &[], None),
+        Stack::V4,
+    );
+    let _world = start_world(&probe, &pod.net, WorldOpts::default());
+    pod.add();
+    let before = nft::ruleset(&pod.net.pod);
+    assert_eq!(nft::istio_tables(&pod.net.pod), ["istio-proxy-nat"]);
+    let _owner = OwnedTable::hold(&pod.net.pod, "istio-proxy-raw");
+    let with_owner = nft::ruleset(&pod.net.pod);
+
+    let tproxy = injected(
+        &[("sidecar.istio.io/interceptionMode", "TPROXY")],
+        &[PROXY_ENV_DNS],
+        None,
+    );
+    let mut tproxy = tproxy;
+    tproxy["metadata"]["name"] = json!(pod.name);
+    cluster.srv.add_pod(tproxy).unwrap();
+    let out = pod.run("ADD");
+    let (code, msg) = add_error(&out);
+    assert_eq!(code, Some(103), "{out:?}");
+    assert!(
+        msg.contains(
+            "nftables: the kernel refused the deletion of table inet istio-proxy-raw: EPERM"
+        ),
+        "{msg}"
+    );
+    assert_eq!(
+        nft::ruleset(&pod.net.pod),
+        with_owner,
+        "the refused batch changed the ruleset"
+    );
+    assert!(with_owner.starts_with(&before), "{with_owner}");
+    assert_eq!(
+        nft::istio_tables(&pod.net.pod),
+        ["istio-proxy-nat", "istio-proxy-raw"]
+    );
+    // No TPROXY route either, and the REDIRECT rules still capture.
+    let rules = pod.net.pod.ip(&["-4", "rule", "show"]);
+    assert!(!rules.contains("lookup 133"), "{rules}");
+    assert_default_capture(&probe, &pod, false, localhost_v4());
+}

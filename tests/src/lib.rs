@@ -5,5 +5,6 @@ pub mod apiserver;
 pub mod chain;
 pub mod e2e;
 pub mod netns;
+pub mod nft;
 pub mod traffic;
 pub mod userns;

@@ -213,7 +213,8 @@ pub fn istio_by_table(save: &str) -> std::collections::BTreeMap<String, Vec<Stri
         .collect()
 }
 
-/// iptables-save of the host for every flavour and family, normalised: to prove a test left the host alone.
+/// iptables-save of the host for every flavour and family, normalised, and its whole nftables ruleset (without
+/// counter values; the native backend's tables would show there): to prove a test left the host alone.
 pub fn host_snapshot() -> Vec<(String, String)> {
     let mut out = Vec::new();
     for flavour in [Flavour::Legacy, Flavour::Nft] {
@@ -223,6 +224,11 @@ pub fn host_snapshot() -> Vec<(String, String)> {
             out.push((bin, normalize_save(&text)));
         }
     }
+    let nft = ["--stateless", "list", "ruleset"];
+    out.push((
+        format!("nft {}", nft.join(" ")),
+        must(Command::new("nft").args(nft)),
+    ));
     out
 }
 

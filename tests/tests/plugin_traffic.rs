@@ -1,12 +1,14 @@
 //! The real `istio-cni` binary end to end, with real traffic (root). Every check: the HTTPS API stub serves a pod
 //! (annotations, proxy env, securityContext), a fresh pod netns joined by a veth to a peer netns (the outside
 //! world), an ADD of the built binary with the conflist entry a node would have (`iptables_backend` "legacy" or
-//! "nft") and a prevResult carrying the pod's address, then connections through the rules: listeners standing in
+//! "nft", or `native_nftables: true`) and a prevResult carrying the pod's address, then connections through the
+//! rules: listeners standing in
 //! for Envoy (15001 outbound, 15006 inbound, 15021 health, 15053 DNS, as the proxy's uid) report which socket
 //! accepted and SO_ORIGINAL_DST, clients connect as the app (uid 1000) or as the proxy.
 //!
-//! Each check runs for both backends ([`for_both_backends`]), each in its own netns pair; the rules must land in
-//! the flavour the entry names and nowhere else. A "not captured" check always sits next to a "captured" one in
+//! Each check runs for every backend ([`for_each_backend`]), each in its own netns pair; the rules must land where
+//! the entry says ([`Landing`]: an iptables flavour, or the native backend's `inet istio-proxy-*` tables) and
+//! nowhere else. A "not captured" check always sits next to a "captured" one in
 //! the same netns (or a baseline before the ADD), so rules that do nothing cannot pass. One API stub per test;
 //! netns, listeners and the run dir go away on drop, also when a check fails.
 
@@ -18,9 +20,10 @@ use meshcni_tests::apiserver::sample_pod;
 use meshcni_tests::chain::{plugin_bin, Invocation, PluginOutput};
 use meshcni_tests::e2e::{for_each_case, StubCluster};
 use meshcni_tests::netns::{
-    host_snapshot, istio_by_table, istio_lines, require_root, PodNet, PEER_V4, POD_V4,
+    host_snapshot, istio_by_table, istio_lines, require_root, PodNet, TestNetns, PEER_V4, POD_V4,
 };
 use meshcni_tests::netprobe;
+use meshcni_tests::nft;
 use meshcni_tests::traffic::{assert_landed, As, ListenOpts, Listener, Probe, Proto, Report};
 use serde_json::{json, Value};
 
@@ -51,40 +54,60 @@ fn localhost_v4() -> IpAddr {
     IpAddr::V4(Ipv4Addr::LOCALHOST)
 }
 
-/// The `iptables_backend` of the conflist entry.
+/// The firewall backend the conflist entry names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Backend {
+    /// `iptables_backend: "legacy"`.
     Legacy,
+    /// `iptables_backend: "nft"`.
     Nft,
+    /// `native_nftables: true` (Istio's key): the native backend over netlink.
+    Nftables,
 }
 
-const BACKENDS: [Backend; 2] = [Backend::Legacy, Backend::Nft];
+const BACKENDS: [Backend; 3] = [Backend::Legacy, Backend::Nft, Backend::Nftables];
 
 impl Backend {
-    fn key(self) -> &'static str {
+    /// A short name, for pod names and messages.
+    fn slug(self) -> &'static str {
         match self {
             Backend::Legacy => "legacy",
             Backend::Nft => "nft",
+            Backend::Nftables => "nftables",
         }
     }
 
-    fn flavour(self) -> Flavour {
+    /// The keys of the conflist entry that select this backend.
+    fn entry(self) -> Value {
         match self {
-            Backend::Legacy => Flavour::Legacy,
-            Backend::Nft => Flavour::Nft,
+            Backend::Legacy => json!({"iptables_backend": "legacy"}),
+            Backend::Nft => json!({"iptables_backend": "nft"}),
+            Backend::Nftables => json!({"native_nftables": true}),
+        }
+    }
+
+    fn landing(self) -> Landing {
+        match self {
+            Backend::Legacy => Landing::Iptables(Flavour::Legacy),
+            Backend::Nft => Landing::Iptables(Flavour::Nft),
+            Backend::Nftables => Landing::Nftables,
         }
     }
 }
 
-/// Runs `check` once per backend. Both always run (a failure with one does not hide the other's result); then
-/// the test fails naming every backend that failed. Fixtures are dropped while unwinding, so nothing leaks.
-fn for_both_backends(check: impl FnMut(Backend)) {
+/// Where a pod's rules land: the rules of one iptables flavour (read with its `-save`), or the native backend's
+/// `inet istio-proxy-*` tables (read with `nft list table`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Landing {
+    Iptables(Flavour),
+    Nftables,
+}
+
+/// Runs `check` once per backend. All always run (a failure with one does not hide another's result); then the
+/// test fails naming every backend that failed. Fixtures are dropped while unwinding, so nothing leaks.
+fn for_each_backend(check: impl FnMut(Backend)) {
     require_root();
-    for_each_case(
-        BACKENDS,
-        |b| format!("iptables_backend {:?}", b.key()),
-        check,
-    );
+    for_each_case(BACKENDS, |b| format!("{} ({})", b.slug(), b.entry()), check);
 }
 
 /// One test's "cluster" ([`StubCluster`]), serving the pods of the tests here.
@@ -105,17 +128,17 @@ impl Cluster {
 
     /// Serves `pod` (renamed `<tag>-<backend>`) and creates its netns pair with the addresses of `stack`.
     fn pod(&self, tag: &str, backend: Backend, pod: Value, stack: Stack) -> TestPod<'_> {
-        let name = format!("{tag}-{}", backend.key());
-        self.pod_with(&name, Some(backend.key()), backend.flavour(), pod, stack)
+        let name = format!("{tag}-{}", backend.slug());
+        self.pod_with(&name, backend.entry(), backend.landing(), pod, stack)
     }
 
-    /// Like [`Cluster::pod`], with the entry's `iptables_backend` (`None`: no such key, the default) and the
-    /// flavour the rules must land in.
+    /// Like [`Cluster::pod`], with the keys merged into the entry (`{}`: none, the default backend) and where the
+    /// rules must land.
     fn pod_with(
         &self,
         name: &str,
-        entry_backend: Option<&'static str>,
-        flavour: Flavour,
+        entry: Value,
+        landing: Landing,
         mut pod: Value,
         stack: Stack,
     ) -> TestPod<'_> {
@@ -158,8 +181,8 @@ impl Cluster {
             net,
             namespace,
             name: name.to_string(),
-            entry_backend,
-            flavour,
+            entry,
+            landing,
             prev,
         }
     }
@@ -206,15 +229,15 @@ fn plain_pod() -> Value {
            "spec": {"containers": [{"name": "app", "image": "app:1"}]}})
 }
 
-/// One pod of a test: its netns pair, its name in the stub, the backend its entry names, the flavour its rules
-/// must land in, its prevResult.
+/// One pod of a test: its netns pair, its name in the stub, the backend keys of its entry, where its rules must
+/// land, its prevResult.
 struct TestPod<'a> {
     cluster: &'a Cluster,
     net: PodNet,
     namespace: String,
     name: String,
-    entry_backend: Option<&'static str>,
-    flavour: Flavour,
+    entry: Value,
+    landing: Landing,
     prev: Value,
 }
 
@@ -225,8 +248,12 @@ impl TestPod<'_> {
             "cni_agent_run_dir": self.cluster.run_dir, "plugin_log_level": "debug",
             "pod_lookup_timeout_seconds": 5, "prevResult": self.prev,
         });
-        if let Some(b) = self.entry_backend {
-            conf["iptables_backend"] = json!(b);
+        for (k, v) in self
+            .entry
+            .as_object()
+            .expect("the entry's keys are an object")
+        {
+            conf[k] = v.clone();
         }
         Invocation::new(plugin_bin())
             .env("CNI_COMMAND", command)
@@ -271,38 +298,47 @@ impl TestPod<'_> {
         assert_eq!(out.stdout.trim(), "", "DEL prints nothing");
     }
 
-    /// Istio's rule lines of one flavour and family in the pod netns.
-    fn rules(&self, flavour: Flavour, family: Family) -> Vec<String> {
-        istio_lines(&self.net.pod.save(flavour, family))
+    /// Istio's rule lines of one family where this pod's rules land: the `-A` lines of the flavour's
+    /// `ip(6)tables-save`; for native nftables the rules of our tables (one inet table serves both families)
+    /// that name an address of the family (`ip`/`ip6 saddr|daddr`, `tproxy ip`/`ip6`).
+    fn rules(&self, family: Family) -> Vec<String> {
+        match self.landing {
+            Landing::Iptables(flavour) => iptables_rules(&self.net.pod, flavour, family),
+            Landing::Nftables => {
+                let names = match family {
+                    Family::V4 => nft::names_ipv4,
+                    Family::V6 => nft::names_ipv6,
+                };
+                nft::istio_rules(&self.net.pod)
+                    .into_iter()
+                    .filter(|r| names(r))
+                    .collect()
+            }
+        }
     }
 
-    /// Rules of `family` landed in the configured flavour, and nothing at all in the other flavour.
-    fn assert_rules_in_backend_only(&self, family: Family) {
-        let ours = self.rules(self.flavour, family);
-        assert!(!ours.is_empty(), "no {family:?} rule in {:?}", self.flavour);
-        let other = match self.flavour {
-            Flavour::Legacy => Flavour::Nft,
-            Flavour::Nft => Flavour::Legacy,
-        };
-        for fam in [Family::V4, Family::V6] {
-            let rules = self.rules(other, fam);
-            assert!(
-                rules.is_empty(),
-                "rules in the other flavour {other:?} ({fam:?}): {rules:?}"
-            );
+    /// Every Istio rule where this pod's rules land (both families).
+    fn all_rules(&self) -> Vec<String> {
+        match self.landing {
+            Landing::Iptables(flavour) => [Family::V4, Family::V6]
+                .into_iter()
+                .flat_map(|f| iptables_rules(&self.net.pod, flavour, f))
+                .collect(),
+            Landing::Nftables => nft::istio_rules(&self.net.pod),
         }
+    }
+
+    /// Rules of `family` landed where the entry says, and nothing of ours anywhere else: no Istio rule in an
+    /// iptables flavour other than the configured one (none at all for native nftables), and no `istio-proxy-*`
+    /// nftables table unless the backend is native nftables.
+    fn assert_rules_in_backend_only(&self, family: Family) {
+        let ours = self.rules(family);
+        assert!(!ours.is_empty(), "no {family:?} rule in {:?}", self.landing);
+        assert_nothing_of_ours_except(&self.net.pod, Some(self.landing));
     }
 
     fn assert_no_rules_at_all(&self) {
-        for flavour in [Flavour::Legacy, Flavour::Nft] {
-            for family in [Family::V4, Family::V6] {
-                let save = self.net.pod.save(flavour, family);
-                assert!(
-                    !save.contains("ISTIO"),
-                    "{flavour:?} {family:?} has Istio rules:\n{save}"
-                );
-            }
-        }
+        assert_nothing_of_ours_except(&self.net.pod, None);
     }
 
     fn pod_ip(&self, v6: bool) -> IpAddr {
@@ -319,6 +355,36 @@ impl TestPod<'_> {
         } else {
             self.net.addrs.peer_v4.into()
         }
+    }
+}
+
+/// Istio's `-A` lines in one flavour and family of `ns`.
+fn iptables_rules(ns: &TestNetns, flavour: Flavour, family: Family) -> Vec<String> {
+    istio_lines(&ns.save(flavour, family))
+}
+
+/// No Istio rule and no Istio nftables table in `ns` except where `landing` says.
+#[track_caller]
+fn assert_nothing_of_ours_except(ns: &TestNetns, landing: Option<Landing>) {
+    for flavour in [Flavour::Legacy, Flavour::Nft] {
+        if landing == Some(Landing::Iptables(flavour)) {
+            continue;
+        }
+        for family in [Family::V4, Family::V6] {
+            let save = ns.save(flavour, family);
+            assert!(
+                !save.contains("ISTIO"),
+                "{flavour:?} {family:?} has Istio rules (ours land in {landing:?}):\n{save}"
+            );
+        }
+    }
+    if landing != Some(Landing::Nftables) {
+        let tables = nft::istio_tables(ns);
+        assert!(
+            tables.is_empty(),
+            "nftables tables of ours (ours land in {landing:?}): {tables:?}\n{}",
+            nft::ruleset(ns)
+        );
     }
 }
 
@@ -415,14 +481,14 @@ fn default_sidecar_captures_outbound_and_inbound() {
     let cluster = Cluster::new("basic");
     let probe = netprobe!();
     let host_before = host_snapshot();
-    for_both_backends(|backend| {
+    for_each_backend(|backend| {
         let pod = cluster.pod("basic", backend, injected(&[], &[], None), Stack::V4);
         let _world = start_world(&probe, &pod.net, WorldOpts::default());
         assert_nothing_captured(&probe, &pod, false);
         pod.add();
         pod.assert_rules_in_backend_only(Family::V4);
         // An IPv4 pod gets no ip6tables rule and no ::6 on lo.
-        assert!(pod.rules(backend.flavour(), Family::V6).is_empty());
+        assert!(pod.rules(Family::V6).is_empty());
         let lo = pod.net.pod.ip(&["-6", "addr", "show", "dev", "lo"]);
         assert!(!lo.contains("::6/128"), "{lo}");
         assert_default_capture(&probe, &pod, false, localhost_v4());
@@ -434,7 +500,7 @@ fn default_sidecar_captures_outbound_and_inbound() {
 fn exclude_outbound_ip_ranges_reach_the_peer() {
     let cluster = Cluster::new("exip");
     let probe = netprobe!();
-    for_both_backends(|backend| {
+    for_each_backend(|backend| {
         let peer_cidr = format!("{PEER_V4}/32");
         let pod = cluster.pod(
             "exip",
@@ -469,7 +535,7 @@ fn exclude_outbound_ip_ranges_reach_the_peer() {
 fn exclude_outbound_ports_reach_the_peer() {
     let cluster = Cluster::new("export");
     let probe = netprobe!();
-    for_both_backends(|backend| {
+    for_each_backend(|backend| {
         let pod = cluster.pod(
             "export",
             backend,
@@ -501,7 +567,7 @@ fn exclude_outbound_ports_reach_the_peer() {
 fn exclude_inbound_ports_reach_the_app() {
     let cluster = Cluster::new("exin");
     let probe = netprobe!();
-    for_both_backends(|backend| {
+    for_each_backend(|backend| {
         let pod = cluster.pod(
             "exin",
             backend,
@@ -539,7 +605,7 @@ fn exclude_inbound_ports_reach_the_app() {
 fn include_outbound_ip_ranges_limit_capture_to_that_range() {
     let cluster = Cluster::new("inip");
     let probe = netprobe!();
-    for_both_backends(|backend| {
+    for_each_backend(|backend| {
         let pod = cluster.pod(
             "inip",
             backend,
@@ -571,7 +637,7 @@ fn include_outbound_ip_ranges_limit_capture_to_that_range() {
 fn custom_proxy_uid_bypasses_and_1337_is_captured() {
     let cluster = Cluster::new("uid");
     let probe = netprobe!();
-    for_both_backends(|backend| {
+    for_each_backend(|backend| {
         let pod = cluster.pod(
             "uid",
             backend,
@@ -639,7 +705,7 @@ fn udp(probe: &Probe, pod: &TestPod, dst: SocketAddr, user: As) -> Report {
 fn dns_capture_sends_the_apps_dns_to_15053() {
     let cluster = Cluster::new("dns");
     let probe = netprobe!();
-    for_both_backends(|backend| {
+    for_each_backend(|backend| {
         let pod = cluster.pod(
             "dns",
             backend,
@@ -679,14 +745,14 @@ fn dns_capture_sends_the_apps_dns_to_15053() {
 fn without_dns_capture_dns_is_not_captured() {
     let cluster = Cluster::new("nodns");
     let probe = netprobe!();
-    for_both_backends(|backend| {
+    for_each_backend(|backend| {
         let pod = cluster.pod("nodns", backend, injected(&[], &[], None), Stack::V4);
         let _world = start_world(&probe, &pod.net, WorldOpts::default());
         let _dns = start_dns(&probe, &pod.net, false);
         let (pod_ip, dns) = (pod.pod_ip(false), sa(pod.peer_ip(false), 53));
         pod.add();
         pod.assert_rules_in_backend_only(Family::V4);
-        let rules = pod.rules(backend.flavour(), Family::V4);
+        let rules = pod.all_rules();
         assert!(
             !rules.iter().any(|l| l.contains("15053")),
             "DNS rules without ISTIO_META_DNS_CAPTURE: {rules:?}"
@@ -702,7 +768,7 @@ fn without_dns_capture_dns_is_not_captured() {
 fn ipv6_pod_is_captured_with_ip6tables() {
     let cluster = Cluster::new("v6");
     let probe = netprobe!();
-    for_both_backends(|backend| {
+    for_each_backend(|backend| {
         let pod = cluster.pod("v6", backend, injected(&[], &[], None), Stack::V6);
         let _world = start_world(
             &probe,
@@ -716,13 +782,16 @@ fn ipv6_pod_is_captured_with_ip6tables() {
         pod.add();
         pod.assert_rules_in_backend_only(Family::V6);
         // Istio always programs IPv4 too.
-        assert!(!pod.rules(backend.flavour(), Family::V4).is_empty());
-        let v6 = pod.rules(backend.flavour(), Family::V6);
-        assert!(
-            v6.iter()
-                .any(|l| l == "-A ISTIO_OUTPUT -s ::6/128 -o lo -j RETURN"),
-            "{v6:?}"
-        );
+        assert!(!pod.rules(Family::V4).is_empty());
+        // The proxy's inbound passthrough from ::6 (Istio's InboundPassthroughClusterIpv6) is not captured.
+        let v6 = pod.rules(Family::V6);
+        let want = match pod.landing {
+            Landing::Iptables(_) => "-A ISTIO_OUTPUT -s ::6/128 -o lo -j RETURN",
+            Landing::Nftables => {
+                "istio-proxy-nat istio-output: oifname \"lo\" ip6 saddr ::6 counter return"
+            }
+        };
+        assert!(v6.iter().any(|l| l == want), "no {want:?} in {v6:?}");
         let lo = pod.net.pod.ip(&["-6", "addr", "show", "dev", "lo"]);
         assert_eq!(lo.matches("inet6 ::6/128").count(), 1, "{lo}");
         assert_default_capture(&probe, &pod, true, "::1".parse().unwrap());
@@ -733,7 +802,7 @@ fn ipv6_pod_is_captured_with_ip6tables() {
 fn tproxy_inbound_keeps_the_original_destination() {
     let cluster = Cluster::new("tproxy");
     let probe = netprobe!();
-    for_both_backends(|backend| {
+    for_each_backend(|backend| {
         let pod = cluster.pod(
             "tproxy",
             backend,
@@ -755,12 +824,14 @@ fn tproxy_inbound_keeps_the_original_destination() {
         let (pod_ip, peer_ip) = (pod.pod_ip(false), pod.peer_ip(false));
         pod.add();
         pod.assert_rules_in_backend_only(Family::V4);
-        let v4 = pod.rules(backend.flavour(), Family::V4);
-        assert!(
-            v4.iter()
-                .any(|l| l.contains("-j TPROXY") && l.contains("--on-port 15006")),
-            "no TPROXY rule: {v4:?}"
-        );
+        let v4 = pod.rules(Family::V4);
+        let tproxy = |l: &String| match pod.landing {
+            Landing::Iptables(_) => l.contains("-j TPROXY") && l.contains("--on-port 15006"),
+            Landing::Nftables => {
+                l.starts_with("istio-proxy-mangle ") && l.contains("tproxy ip to :15006")
+            }
+        };
+        assert!(v4.iter().any(tproxy), "no TPROXY rule: {v4:?}");
         let rules = pod.net.pod.ip(&["-4", "rule", "show"]);
         assert_eq!(
             rules.matches("fwmark 0x539 lookup 133").count(),
@@ -784,14 +855,16 @@ fn tproxy_inbound_keeps_the_original_destination() {
     });
 }
 
-/// Everything the plugin may have put in the pod netns: both families of the backend's flavour, policy rules,
-/// every routing table, lo's addresses.
+/// Everything the plugin may have put in the pod netns: both families of every iptables flavour, the whole
+/// nftables ruleset (without counter values), policy rules, every routing table, lo's addresses.
 fn netns_state(pod: &TestPod) -> String {
-    let f = pod.flavour;
     let ns = &pod.net.pod;
     [
-        ns.save(f, Family::V4),
-        ns.save(f, Family::V6),
+        ns.save(Flavour::Legacy, Family::V4),
+        ns.save(Flavour::Legacy, Family::V6),
+        ns.save(Flavour::Nft, Family::V4),
+        ns.save(Flavour::Nft, Family::V6),
+        nft::ruleset(ns),
         ns.ip(&["-4", "rule", "show"]),
         ns.ip(&["-6", "rule", "show"]),
         ns.ip(&["-4", "route", "show", "table", "all"]),
@@ -801,14 +874,23 @@ fn netns_state(pod: &TestPod) -> String {
     .join("\n----\n")
 }
 
-/// No Istio line (chain or rule) appears twice in a table: one copy of the ruleset.
+/// No Istio line (chain or rule) appears twice in a table (an nftables rule twice in a chain): one copy of the
+/// ruleset.
 fn assert_one_copy(pod: &TestPod, family: Family) {
-    let save = pod.net.pod.save(pod.flavour, family);
-    for (table, lines) in istio_by_table(&save) {
-        let mut seen = std::collections::BTreeSet::new();
-        for l in &lines {
-            assert!(seen.insert(l), "{family:?} {table}: twice: {l}\n{save}");
+    let (lines, listing) = match pod.landing {
+        Landing::Iptables(flavour) => {
+            let save = pod.net.pod.save(flavour, family);
+            let lines = istio_by_table(&save)
+                .into_iter()
+                .flat_map(|(table, lines)| lines.into_iter().map(move |l| format!("{table} {l}")))
+                .collect::<Vec<_>>();
+            (lines, save)
         }
+        Landing::Nftables => (pod.all_rules(), nft::ruleset(&pod.net.pod)),
+    };
+    let mut seen = std::collections::BTreeSet::new();
+    for l in &lines {
+        assert!(seen.insert(l), "{family:?}: twice: {l}\n{listing}");
     }
 }
 
@@ -829,7 +911,7 @@ fn second_add_keeps_one_copy_and_del_succeeds() {
         ),
         ("twice-v6", injected(&[], &[PROXY_ENV_DNS], None), Stack::V6),
     ];
-    for_both_backends(|backend| {
+    for_each_backend(|backend| {
         for (tag, spec, stack) in &cases {
             let v6 = *stack == Stack::V6;
             let pod = cluster.pod(tag, backend, spec.clone(), *stack);
@@ -878,7 +960,7 @@ fn second_add_keeps_one_copy_and_del_succeeds() {
 fn non_injected_pod_gets_no_rule_and_no_capture() {
     let cluster = Cluster::new("plain");
     let probe = netprobe!();
-    for_both_backends(|backend| {
+    for_each_backend(|backend| {
         let pod = cluster.pod("plain", backend, plain_pod(), Stack::V4);
         let _world = start_world(&probe, &pod.net, WorldOpts::default());
         pod.add();
@@ -896,7 +978,7 @@ fn non_injected_pod_gets_no_rule_and_no_capture() {
 fn ipv6_dns_capture_sends_the_apps_dns_to_15053() {
     let cluster = Cluster::new("v6dns");
     let probe = netprobe!();
-    for_both_backends(|backend| {
+    for_each_backend(|backend| {
         let pod = cluster.pod(
             "v6dns",
             backend,
@@ -929,7 +1011,7 @@ fn ipv6_dns_capture_sends_the_apps_dns_to_15053() {
 fn ipv6_tproxy_inbound_keeps_the_original_destination() {
     let cluster = Cluster::new("v6tp");
     let probe = netprobe!();
-    for_both_backends(|backend| {
+    for_each_backend(|backend| {
         let pod = cluster.pod(
             "v6tp",
             backend,
@@ -969,12 +1051,13 @@ fn ipv6_tproxy_inbound_keeps_the_original_destination() {
 }
 
 /// Istio's `getLocalIP`: a dual-stack pod gets IPv6 rules only with `ISTIO_DUAL_STACK` (else the first address,
-/// IPv4, decides, and IPv6 traffic is left alone, as with Istio).
+/// IPv4, decides: the iptables backends then leave IPv6 traffic alone, as Istio's iptables mode does; the
+/// nftables ruleset, family-less where it names no address, still captures it, as Istio's nftables mode does).
 #[test]
 fn dual_stack_pod_is_captured_in_both_families_with_istio_dual_stack() {
     let cluster = Cluster::new("dual");
     let probe = netprobe!();
-    for_both_backends(|backend| {
+    for_each_backend(|backend| {
         let pod = cluster.pod(
             "dual",
             backend,
@@ -1008,8 +1091,15 @@ fn dual_stack_pod_is_captured_in_both_families_with_istio_dual_stack() {
         );
         pod.add();
         pod.assert_rules_in_backend_only(Family::V4);
-        assert!(pod.rules(backend.flavour(), Family::V6).is_empty());
-        assert_nothing_captured(&probe, &pod, true);
+        assert!(pod.rules(Family::V6).is_empty());
+        match pod.landing {
+            Landing::Iptables(_) => assert_nothing_captured(&probe, &pod, true),
+            // Istio's nftables ruleset names a family only where it names an address: its family-less rules
+            // (`jump istio-redirect`, the inbound capture, the owner and loopback returns) capture IPv6 in the
+            // same inet tables, with no IPv6 rule at all, as Istio's own nftables mode does (see its
+            // kube-virt-interfaces golden: `enable_ipv6` off, `istio-output counter jump istio-redirect`).
+            Landing::Nftables => assert_default_capture(&probe, &pod, true, "::1".parse().unwrap()),
+        }
     });
 }
 
@@ -1022,8 +1112,8 @@ fn auto_backend_detects_the_flavour_per_netns() {
     // A fresh netns: iptables-nft.
     let pod = cluster.pod_with(
         "auto-default",
-        None,
-        Flavour::Nft,
+        json!({}),
+        Landing::Iptables(Flavour::Nft),
         injected(&[], &[], None),
         Stack::V4,
     );
@@ -1035,8 +1125,8 @@ fn auto_backend_detects_the_flavour_per_netns() {
     // A netns where iptables-legacy already holds a rule: legacy.
     let pod = cluster.pod_with(
         "auto-legacy",
-        Some("auto"),
-        Flavour::Legacy,
+        json!({"iptables_backend": "auto"}),
+        Landing::Iptables(Flavour::Legacy),
         injected(&[], &[], None),
         Stack::V4,
     );
@@ -1050,5 +1140,190 @@ fn auto_backend_detects_the_flavour_per_netns() {
     let _world = start_world(&probe, &pod.net, WorldOpts::default());
     pod.add();
     pod.assert_rules_in_backend_only(Family::V4);
+    assert_default_capture(&probe, &pod, false, localhost_v4());
+}
+
+/// `iptables_backend: "nftables"` selects the native backend too (the other spelling of `native_nftables`).
+#[test]
+fn iptables_backend_nftables_is_the_native_backend() {
+    let cluster = Cluster::new("nftkey");
+    let probe = netprobe!();
+    require_root();
+    let pod = cluster.pod_with(
+        "nftkey",
+        json!({"iptables_backend": "nftables"}),
+        Landing::Nftables,
+        injected(&[], &[], None),
+        Stack::V4,
+    );
+    let _world = start_world(&probe, &pod.net, WorldOpts::default());
+    assert_nothing_captured(&probe, &pod, false);
+    pod.add();
+    pod.assert_rules_in_backend_only(Family::V4);
+    assert_eq!(
+        nft::istio_tables(&pod.net.pod),
+        ["istio-proxy-nat"],
+        "{}",
+        nft::ruleset(&pod.net.pod)
+    );
+    assert_default_capture(&probe, &pod, false, localhost_v4());
+}
+
+/// The CNI error of a failed ADD: its code and message (`msg`).
+fn add_error(out: &PluginOutput) -> (Option<u64>, String) {
+    assert!(!out.success, "ADD succeeded: {out:?}");
+    let msg = out.json()["msg"].as_str().unwrap_or_default().to_string();
+    (out.error_code(), msg)
+}
+
+/// On a kernel without netfilter netlink (no nf_tables at all) the native backend's ADD fails with a CNI error
+/// naming the backend and what the kernel lacks, and leaves nothing. Provoked for real: the plugin runs under
+/// `meshcni-no-nfnetlink`, whose seccomp filter answers `socket(AF_NETLINK, _, NETLINK_NETFILTER)` with
+/// `EPROTONOSUPPORT` as such a kernel does. The same wrapper around an iptables-legacy ADD (which needs no
+/// netfilter netlink) succeeds and captures: the filter takes away nf_tables and nothing else.
+#[test]
+fn without_nf_tables_the_native_add_fails_naming_the_backend() {
+    let cluster = Cluster::new("nonft");
+    let probe = netprobe!();
+    require_root();
+    let wrapped = |pod: &TestPod| {
+        let mut inv = pod.invocation("ADD", &pod.net.pod.path().display().to_string());
+        inv.env.push((
+            "MESHCNI_WRAPPED".to_string(),
+            plugin_bin().display().to_string(),
+        ));
+        inv.bin = env!("CARGO_BIN_EXE_meshcni-no-nfnetlink").into();
+        inv.run_with_timeout(PLUGIN_TIMEOUT)
+    };
+
+    let pod = cluster.pod(
+        "nonft",
+        Backend::Nftables,
+        injected(&[], &[], None),
+        Stack::V4,
+    );
+    let _world = start_world(&probe, &pod.net, WorldOpts::default());
+    let out = wrapped(&pod);
+    let (code, msg) = add_error(&out);
+    assert_eq!(code, Some(103), "{out:?}");
+    assert!(
+        msg.contains("nftables: the kernel has no nf_tables support (netfilter netlink socket: EPROTONOSUPPORT"),
+        "{msg}"
+    );
+    assert!(msg.contains("default/nonft-nftables"), "{msg}");
+    pod.assert_no_rules_at_all();
+    assert_nothing_captured(&probe, &pod, false);
+    drop((_world, pod));
+
+    let pod = cluster.pod(
+        "nonft",
+        Backend::Legacy,
+        injected(&[], &[], None),
+        Stack::V4,
+    );
+    let _world = start_world(&probe, &pod.net, WorldOpts::default());
+    let out = wrapped(&pod);
+    assert!(out.success, "iptables-legacy under the filter: {out:?}");
+    pod.assert_rules_in_backend_only(Family::V4);
+    assert_default_capture(&probe, &pod, false, localhost_v4());
+}
+
+/// `nft -i` inside a netns, holding a table of its own (`flags owner`: only its socket may change or delete it)
+/// while it runs; killed (by its pid) when dropped, and the kernel drops the table with its socket.
+struct OwnedTable {
+    child: std::process::Child,
+}
+
+impl OwnedTable {
+    fn hold(ns: &TestNetns, table: &str) -> OwnedTable {
+        use std::io::Write;
+        use std::process::{Command, Stdio};
+        let mut child = ns
+            .run(|| {
+                Command::new("nft")
+                    .arg("-i")
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+            })
+            .unwrap_or_else(|e| panic!("cannot start nft -i: {e}"));
+        let stdin = child.stdin.as_mut().expect("piped stdin");
+        writeln!(stdin, "add table inet {table} {{ flags owner; }}").expect("write to nft -i");
+        stdin.flush().expect("flush nft -i");
+        let held = OwnedTable { child };
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !nft::tables(ns).contains(&format!("inet {table}")) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nft -i did not create {table}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        held
+    }
+}
+
+impl Drop for OwnedTable {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A batch the kernel refuses in its middle, through the real binary: after a first ADD (REDIRECT: table nat),
+/// another process holds `inet istio-proxy-raw` as its own (`flags owner`). The next ADD (TPROXY with DNS
+/// capture: nat, mangle, raw) must replace all three in one batch; the kernel accepts the deletion of nat, then
+/// refuses that of raw (EPERM), so the whole transaction goes: the ADD fails naming the backend and the table,
+/// the first ADD's rules are there exactly as before and still capture, no mangle table, the other process's
+/// table untouched.
+#[test]
+fn a_batch_refused_in_its_middle_changes_nothing_through_the_plugin() {
+    let cluster = Cluster::new("owned");
+    let probe = netprobe!();
+    require_root();
+    let pod = cluster.pod(
+        "owned",
+        Backend::Nftables,
+        injected(&[], &[], None),
+        Stack::V4,
+    );
+    let _world = start_world(&probe, &pod.net, WorldOpts::default());
+    pod.add();
+    let before = nft::ruleset(&pod.net.pod);
+    assert_eq!(nft::istio_tables(&pod.net.pod), ["istio-proxy-nat"]);
+    let _owner = OwnedTable::hold(&pod.net.pod, "istio-proxy-raw");
+    let with_owner = nft::ruleset(&pod.net.pod);
+
+    let tproxy = injected(
+        &[("sidecar.istio.io/interceptionMode", "TPROXY")],
+        &[PROXY_ENV_DNS],
+        None,
+    );
+    let mut tproxy = tproxy;
+    tproxy["metadata"]["name"] = json!(pod.name);
+    cluster.srv.add_pod(tproxy).unwrap();
+    let out = pod.run("ADD");
+    let (code, msg) = add_error(&out);
+    assert_eq!(code, Some(103), "{out:?}");
+    assert!(
+        msg.contains(
+            "nftables: the kernel refused the deletion of table inet istio-proxy-raw: EPERM"
+        ),
+        "{msg}"
+    );
+    assert_eq!(
+        nft::ruleset(&pod.net.pod),
+        with_owner,
+        "the refused batch changed the ruleset"
+    );
+    assert!(with_owner.starts_with(&before), "{with_owner}");
+    assert_eq!(
+        nft::istio_tables(&pod.net.pod),
+        ["istio-proxy-nat", "istio-proxy-raw"]
+    );
+    // No TPROXY route either, and the REDIRECT rules still capture.
+    let rules = pod.net.pod.ip(&["-4", "rule", "show"]);
+    assert!(!rules.contains("lookup 133"), "{rules}");
     assert_default_capture(&probe, &pod, false, localhost_v4());
 }

@@ -7,12 +7,15 @@
 //!   canonical save of a scratch netns of the host's user namespace (what the plugin compares with);
 //! - the real `istio-cni` binary, ADD through the API stub, on every backend of [`BACKENDS`]: the app's outbound
 //!   connection is captured with its original destination, the proxy's own connection bypasses, inbound is
-//!   redirected, for IPv4 and IPv6; a repeated ADD finds the rules in place.
+//!   redirected, for IPv4 and IPv6; a repeated ADD leaves the same rules, still capturing. Native nftables needs
+//!   no user-namespace switch for this: its `meta skuid` written from the host's user namespace is mapped
+//!   through the netns's owner, so it already means the pod's uid 1337 (the traffic checks prove it).
 //!
 //! A "not captured" check always sits next to a "captured" one (and a baseline before the ADD), so rules that
 //! do nothing cannot pass. Netns, listeners, the holder process and the run dir go away on drop, also when a
 //! check fails; the host's rules are compared before and after.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsFd;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -63,20 +66,31 @@ struct Backend {
     /// Commands run inside the pod netns (from the host's user namespace) that list its rules; ours show as
     /// `ISTIO` chains (any case).
     list: &'static [&'static [&'static str]],
+    /// The outcome the plugin logs for a repeated ADD of the same rules: the iptables backends compare and
+    /// leave them (`Unchanged`), native nftables replaces them in one transaction (`Replaced`).
+    repeated: &'static str,
 }
 
-/// Every backend the plugin has. Another one is one more line, e.g. for the native nftables backend:
-/// `Backend { name: "native nftables", entry: r#"{"native_nftables": true}"#, list: &[&["nft", "list", "ruleset"]] }`.
+/// Every backend the plugin has. Another one is one more entry.
 const BACKENDS: &[Backend] = &[
     Backend {
         name: "iptables-legacy",
         entry: r#"{"iptables_backend": "legacy"}"#,
         list: &[&["iptables-legacy-save"], &["ip6tables-legacy-save"]],
+        repeated: "Unchanged",
     },
     Backend {
         name: "iptables-nft",
         entry: r#"{"iptables_backend": "nft"}"#,
         list: &[&["iptables-nft-save"], &["ip6tables-nft-save"]],
+        repeated: "Unchanged",
+    },
+    Backend {
+        name: "native nftables",
+        entry: r#"{"native_nftables": true}"#,
+        // Without counter values: a listing after traffic equals one before.
+        list: &[&["nft", "--stateless", "list", "ruleset"]],
+        repeated: "Replaced",
     },
 ];
 
@@ -97,6 +111,23 @@ impl Backend {
             .iter()
             .map(|cmd| normalize_save(&ns.must(cmd[0], &cmd[1..])))
             .collect()
+    }
+
+    /// What the backend lists in `ns`, in a form two listings of the same rules compare equal in: an iptables
+    /// save per table (iptables-legacy-save prints tables in the order they were first used), an nft listing
+    /// line by line as it is (nft lists in a fixed order), under its command.
+    fn comparable(&self, ns: &TestNetns) -> BTreeMap<String, Vec<String>> {
+        let mut out = BTreeMap::new();
+        for cmd in self.list {
+            let text = normalize_save(&ns.must(cmd[0], &cmd[1..]));
+            if cmd[0] == "nft" {
+                out.insert(cmd.join(" "), text.lines().map(str::to_string).collect());
+            } else {
+                out.extend(by_table(&text));
+            }
+        }
+        assert!(!out.is_empty(), "{}: nothing listed", self.name);
+        out
     }
 
     fn slug(&self) -> String {
@@ -448,6 +479,7 @@ fn add_into_a_pod_userns_captures_the_app_and_lets_the_proxy_bypass() {
             out.stderr
         );
         let rules = backend.listing(pod_ns);
+        let comparable = backend.comparable(pod_ns);
         assert!(
             rules.to_ascii_uppercase().contains("ISTIO"),
             "no rules of ours: {rules}"
@@ -465,19 +497,26 @@ fn add_into_a_pod_userns_captures_the_app_and_lets_the_proxy_bypass() {
             assert_landed(&r, "inbound", Some(sa(pod_ip, APP_PORT)));
         }
 
-        // A repeated ADD finds the same rules: the pod netns's state equals the canonical one.
+        // A repeated ADD leaves the same rules (the iptables backends find them in place).
         let again = pod.add();
+        let r = backend.repeated;
         assert_eq!(
             programmed(&again),
-            ("Unchanged".into(), "Some(Unchanged)".into()),
+            (r.to_string(), format!("Some({r})")),
             "{}",
             again.stderr
         );
         assert_eq!(
-            by_table(&backend.listing(pod_ns)),
-            by_table(&rules),
+            backend.comparable(pod_ns),
+            comparable,
             "a repeated ADD changed the rules"
         );
+        // And they still capture the app, not the proxy.
+        let (pod_ip, peer_ip) = addrs(&pod.net, false);
+        let r = probe.must_connect(pod_ns, sa(peer_ip, PEER_PORT), As::User(APP_UID));
+        assert_landed(&r, "outbound", Some(sa(peer_ip, PEER_PORT)));
+        let r = probe.must_connect(pod_ns, sa(peer_ip, PEER_PORT), As::User(PROXY_UID));
+        assert_reached_peer(&r, sa(peer_ip, PEER_PORT), pod_ip);
     });
     assert_eq!(host_snapshot(), host_before, "the host's own rules changed");
 }

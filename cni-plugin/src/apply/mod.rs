@@ -117,9 +117,11 @@ impl std::fmt::Display for BackendKind {
 pub enum FamilyOutcome {
     /// None of ours were there; the ruleset was applied.
     Applied,
-    /// Ours were there, identical: nothing was done.
+    /// Ours were there, identical: nothing was done (the iptables backends, which compare the saved state).
     Unchanged,
-    /// Ours were there but different: removed and replaced in one transaction.
+    /// Ours were there: removed and replaced in one transaction. The iptables backends only do so when they
+    /// differ; native nftables always does (it does not read the rules back), so for it a repeated ADD is
+    /// `Replaced` too.
     Replaced,
 }
 

@@ -191,12 +191,7 @@ pub fn programmed_tables() -> Result<Vec<NftTable>, NftError> {
                     let errno = answer
                         .error()
                         .ok_or_else(|| NftError::Malformed("short error message".to_string()))?;
-                    return Err(classify(
-                        Errno::from_raw(errno),
-                        "the table dump".to_string(),
-                        true,
-                        0,
-                    ));
+                    return Err(table_dump_refused(Errno::from_raw(errno)));
                 }
                 _ => {
                     let name = answer
@@ -253,6 +248,24 @@ fn classify(errno: Errno, what: String, may_be_unsupported: bool, others: usize)
         what,
         errno,
         others,
+    }
+}
+
+/// The error of a refused table dump (the first request of every apply). A kernel with netfilter netlink but
+/// without nf_tables answers any request for the missing subsystem with EINVAL (nfnetlink finds no subsystem
+/// for the message type): for a dump of tables, which carries no attribute that could be invalid, that is the
+/// kernel saying it has no nf_tables, and the error says so.
+fn table_dump_refused(errno: Errno) -> NftError {
+    if errno == Errno::EINVAL || is_unsupported(errno) {
+        return NftError::Unsupported {
+            what: "nf_tables table dump",
+            errno,
+        };
+    }
+    NftError::Refused {
+        what: "the table dump".to_string(),
+        errno,
+        others: 0,
     }
 }
 
@@ -671,6 +684,22 @@ mod tests {
                 "{err}"
             );
         }
+        // The table dump before any batch: a kernel with netfilter netlink but no nf_tables answers EINVAL.
+        for errno in [Errno::EINVAL, Errno::EOPNOTSUPP] {
+            let err = table_dump_refused(errno);
+            assert!(matches!(err, NftError::Unsupported { .. }), "{err:?}");
+            assert!(
+                err.to_string().starts_with(
+                    "nftables: the kernel has no nf_tables support (nf_tables table dump: E"
+                ),
+                "{err}"
+            );
+        }
+        let err = table_dump_refused(Errno::EPERM);
+        assert_eq!(
+            err.to_string(),
+            "nftables: the kernel refused the table dump: EPERM: Operation not permitted"
+        );
         // A commit refused as a whole (answered on the batch's first message) with another errno is a refusal.
         let err = outcome(&rs, &[(1, -libc::ENOMEM), (20, 0)]).unwrap_err();
         assert!(

@@ -2,8 +2,10 @@
 # ADD latency benchmark of istio-cni (root; creates and removes its own netns only). Prints markdown tables: ADD of
 # an injected pod with each backend (iptables-legacy, iptables-nft, native nftables) vs. the floor (one
 # iptables-restore of the same rules into a fresh netns, measured in the same run, interleaved), ADD of a
-# non-injected pod, the plugin's VERSION call (its start-up), and a burst of concurrent ADDs per backend; writes the
-# latencies as an SVG chart to docs/add-latency.svg (SVG=path to change it).
+# non-injected pod, the plugin's VERSION call (its start-up), and a burst of concurrent ADDs per backend; all of it
+# twice: with the plugin's own API GET, then with the real node-agent's pod cache answering on its socket (API
+# requests per pod start counted from the stub's log); then the agent's RSS with 1,000 pods cached and its CPU while
+# idle. Writes the latencies as an SVG chart to docs/add-latency.svg (SVG=path to change it).
 #
 #   scripts/bench-add.sh [--samples N] [--burst N] [--backend legacy|nft|nftables|both|all]
 #   BUILD=gnu scripts/bench-add.sh     measure the glibc build instead of the static musl one
@@ -20,7 +22,7 @@ if [ "$BUILD" = musl ] && ! { rustup target list --installed 2>/dev/null | grep 
   echo "bench-add.sh: no $MUSL target or musl-gcc here; measuring the glibc build instead" >&2
   BUILD=gnu
 fi
-cargo build --release --locked -p cni-plugin -p meshcni-tests --bins >&2
+cargo build --release --locked -p cni-plugin -p node-agent -p meshcni-tests --bins >&2
 if [ "$BUILD" = musl ]; then
   CC_x86_64_unknown_linux_musl=musl-gcc RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+crt-static" \
     cargo build --release --locked --target "$MUSL" -p cni-plugin --bin istio-cni >&2
@@ -31,4 +33,6 @@ fi
 echo "measuring $PLUGIN_DIR/istio-cni ($BUILD build); load: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 SVG=${SVG:-docs/add-latency.svg}
 mkdir -p "$(dirname "$SVG")"
+# The agent (and the plugin it installs) the bench starts for the socket measurements.
+export MESHCNI_BIN_DIR=$TARGET_DIR/release
 exec "$TARGET_DIR/release/meshcni-bench" --bin-dir "$PLUGIN_DIR" --svg "$SVG" "$@"

@@ -21,7 +21,7 @@ use crate::install::{InstallError, Installer, Status};
 use crate::podcache::{self, PodCache};
 use crate::podsock::{self, SocketError};
 use crate::repair::kube_api::KubeActions;
-use crate::repair::netns::HostRedirector;
+use crate::repair::netns::{HostRedirector, Scope};
 use crate::repair::{Controller, Tap};
 use crate::server::{self, Endpoints, ServerError, Shared, RESULT_SUCCESS};
 use crate::watch::{self, Filter, Target, WatchError, Watcher};
@@ -206,11 +206,11 @@ fn start_repair(
         "repair controller enabled"
     );
     let redirector = Arc::new(HostRedirector {
-        proc: repair.host_proc.clone(),
+        scope: Scope::new(&repair.host_proc),
         backend: repair.plugin.backend,
     });
     if repair.mode == RepairMode::Repair {
-        if let Err(e) = crate::repair::netns::host_netns(&repair.host_proc) {
+        if let Err(e) = redirector.scope.host() {
             tracing::error!(error = %e, "REPAIR_REPAIR_PODS needs the host's /proc (REPAIR_HOST_PROC_DIR): broken pods cannot be repaired");
         }
     }

@@ -397,6 +397,19 @@ pub struct BrokenPodFilter {
     pub init_termination_message: String,
 }
 
+impl BrokenPodFilter {
+    /// Istio's defaults (istio-validation failing with 126 in a pod with `sidecar.istio.io/status`) on `node`.
+    pub fn istio(node: &str) -> BrokenPodFilter {
+        BrokenPodFilter {
+            node_name: node.to_string(),
+            sidecar_annotation: cni_plugin::pod::STATUS_KEY.to_string(),
+            init_container_name: "istio-validation".to_string(),
+            init_exit_code: 126,
+            init_termination_message: String::new(),
+        }
+    }
+}
+
 /// The validated repair settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RepairConfig {

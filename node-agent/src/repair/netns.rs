@@ -80,15 +80,36 @@ pub fn start_time(proc: &Path, pid: u32) -> Option<u64> {
     rest.split_whitespace().nth(19)?.parse().ok()
 }
 
-/// The identity of the host's netns as `proc` shows it (`<proc>/1/ns/net`).
-pub fn host_netns(proc: &Path) -> Result<NetnsId, SearchError> {
-    let path = ns_path(proc, 1);
-    ns_id(&path).map_err(|source| SearchError::HostNetns { path, source })
+/// Where the search looks: the host's /proc, and the host's own netns file (never a candidate).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scope {
+    pub proc: PathBuf,
+    /// `<proc>/1/ns/net` (init's), unless told otherwise (tests running where init may not be inspected).
+    pub host_netns: PathBuf,
+}
+
+impl Scope {
+    pub fn new(proc: impl Into<PathBuf>) -> Scope {
+        let proc = proc.into();
+        Scope {
+            host_netns: ns_path(&proc, 1),
+            proc,
+        }
+    }
+
+    /// The identity of the host's netns.
+    pub fn host(&self) -> Result<NetnsId, SearchError> {
+        ns_id(&self.host_netns).map_err(|source| SearchError::HostNetns {
+            path: self.host_netns.clone(),
+            source,
+        })
+    }
 }
 
 /// The netns of the host's processes (but the host's own), each with its oldest process, by identity.
-pub fn candidates(proc: &Path) -> Result<BTreeMap<NetnsId, u32>, SearchError> {
-    let host = host_netns(proc)?;
+pub fn candidates(scope: &Scope) -> Result<BTreeMap<NetnsId, u32>, SearchError> {
+    let host = scope.host()?;
+    let proc = scope.proc.as_path();
     let entries = std::fs::read_dir(proc).map_err(|source| SearchError::ListProcs {
         path: proc.to_path_buf(),
         source,
@@ -120,8 +141,9 @@ pub fn candidates(proc: &Path) -> Result<BTreeMap<NetnsId, u32>, SearchError> {
 }
 
 /// Finds the netns whose interfaces carry one of `ips`, among the processes of `proc`.
-pub fn find_pod_netns(proc: &Path, ips: &[IpAddr]) -> Result<Found, SearchError> {
-    let candidates = candidates(proc)?;
+pub fn find_pod_netns(scope: &Scope, ips: &[IpAddr]) -> Result<Found, SearchError> {
+    let candidates = candidates(scope)?;
+    let proc = scope.proc.as_path();
     let searched = candidates.len();
     let mut matches = Vec::new();
     for (id, pid) in candidates {
@@ -159,7 +181,7 @@ pub fn find_pod_netns(proc: &Path, ips: &[IpAddr]) -> Result<Found, SearchError>
 /// backend the plugin uses on this node.
 #[derive(Debug, Clone)]
 pub struct HostRedirector {
-    pub proc: PathBuf,
+    pub scope: Scope,
     pub backend: BackendChoice,
 }
 
@@ -170,7 +192,7 @@ impl HostRedirector {
         ips: &[IpAddr],
         redirect: &Redirect,
     ) -> Result<(Found, apply::Programmed), String> {
-        let found = find_pod_netns(&self.proc, ips).map_err(|e| e.to_string())?;
+        let found = find_pod_netns(&self.scope, ips).map_err(|e| e.to_string())?;
         let pinned = PathBuf::from(format!("/proc/self/fd/{}", found.netns.as_fd().as_raw_fd()));
         let programmed = apply::program(&pinned, self.backend, &Target::Redirect(redirect.clone()))
             .map_err(|e| format!("netns of pid {} ({}): {e}", found.pid, found.path.display()))?;
@@ -223,7 +245,7 @@ mod tests {
 
     #[test]
     fn a_proc_without_the_host_netns_is_an_error_naming_it() {
-        let e = find_pod_netns(Path::new("/nonexistent/proc"), &[]).unwrap_err();
+        let e = find_pod_netns(&Scope::new("/nonexistent/proc"), &[]).unwrap_err();
         assert!(matches!(e, SearchError::HostNetns { .. }), "{e}");
         assert!(e.to_string().contains("/nonexistent/proc/1/ns/net"), "{e}");
     }

@@ -11,13 +11,7 @@ use crate::config::{BrokenPodFilter, RepairConfig, RepairMode};
 const NODE: &str = "node-1";
 
 fn filter() -> BrokenPodFilter {
-    BrokenPodFilter {
-        node_name: NODE.into(),
-        sidecar_annotation: "sidecar.istio.io/status".into(),
-        init_container_name: "istio-validation".into(),
-        init_exit_code: 126,
-        init_termination_message: String::new(),
-    }
+    BrokenPodFilter::istio(NODE)
 }
 
 fn plugin() -> PluginConfig {

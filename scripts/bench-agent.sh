@@ -59,7 +59,7 @@ env = {"PATH": os.environ.get("PATH", ""), "MOUNTED_CNI_NET_DIR": d["conf"], "MO
        "KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "443", "LOG_LEVEL": "warn",
        "HEALTH_PORT": str(health), "MONITORING_PORT": str(metrics), "BIND_ADDRESS": "127.0.0.1",
        # 10.96.0.1 is only a name in the kubeconfig: nothing may connect to it (the pod cache would).
-       "POD_CACHE_ENABLED": "false"}
+       "POD_CACHE_ENABLED": "false", "REPAIR_ENABLED": "false"}
 log = open(os.path.join(root, "agent.log"), "wb")
 agent = subprocess.Popen([agent_bin], env=env, stdout=log, stderr=log)
 

@@ -4,7 +4,8 @@
 //!   (retry, back-off end, periodic resync). The reconcile itself (file copies, fsyncs) runs on a blocking thread,
 //!   so nothing else ever waits behind it;
 //! - the HTTP servers (health, metrics);
-//! - the pod watch (the node-scoped pod cache) and the plugin's socket that answers from it.
+//! - the pod watch (the node-scoped pod cache) and the plugin's socket that answers from it;
+//! - the repair controller, fed by the same pod watch.
 //!
 //! A task that fails (an error or a panic) is logged and restarted after a back-off; the others go on.
 
@@ -15,10 +16,13 @@ use std::time::{Duration, Instant};
 
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::config::{Config, HEALTH_PORT, MONITORING_PORT};
+use crate::config::{Config, RepairConfig, RepairMode, HEALTH_PORT, MONITORING_PORT};
 use crate::install::{InstallError, Installer, Status};
 use crate::podcache::{self, PodCache};
 use crate::podsock::{self, SocketError};
+use crate::repair::kube_api::KubeActions;
+use crate::repair::netns::{HostRedirector, Scope};
+use crate::repair::{Controller, Tap};
 use crate::server::{self, Endpoints, ServerError, Shared, RESULT_SUCCESS};
 use crate::watch::{self, Filter, Target, WatchError, Watcher};
 
@@ -122,13 +126,18 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
         })));
     }
 
+    // The repair controller shares the pod cache's watch: the watch runs when either needs it.
+    let tap = cfg
+        .repair
+        .as_ref()
+        .map(|repair| start_repair(&cfg, repair, &shared, &mut tasks));
+    let cache = PodCache::with_metrics(shared.pod_cache.clone());
     let socket = if cfg.pod_cache {
         let path = podsock::socket_path(&cfg.run_dir);
         let (first, first_id) = podsock::bind(&path)?;
         let first = Arc::new(Mutex::new(Some(first)));
         // The identity of the socket file we bound last: on shutdown only that one is removed.
         let bound = Arc::new(Mutex::new(first_id));
-        let cache = PodCache::with_metrics(shared.pod_cache.clone());
         {
             let (path, cache, bound) = (path.clone(), cache.clone(), bound.clone());
             tasks.push(tokio::spawn(supervise("pod-cache socket", move || {
@@ -148,19 +157,21 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
                 }
             })));
         }
-        let cfg = cfg.clone();
-        tasks.push(tokio::spawn(supervise("pod watch", move || {
-            let (cfg, cache) = (cfg.clone(), cache.clone());
-            async move {
-                let client = podsock::client(&cfg).await?;
-                podcache::watch(client, cfg.node_name.clone(), cache).await;
-                Ok::<(), String>(())
-            }
-        })));
         Some((path, bound))
     } else {
         None
     };
+    if cfg.pod_cache || tap.is_some() {
+        let cfg = cfg.clone();
+        tasks.push(tokio::spawn(supervise("pod watch", move || {
+            let (cfg, cache, tap) = (cfg.clone(), cache.clone(), tap.clone());
+            async move {
+                let client = podsock::client(&cfg).await?;
+                podcache::watch(client, cfg.node_name.clone(), cache, tap).await;
+                Ok::<(), String>(())
+            }
+        })));
+    }
 
     tokio::select! {
         _ = sigterm.recv() => tracing::info!("SIGTERM: cleaning up"),
@@ -190,6 +201,59 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
     }
     tracing::info!("cleanup complete");
     Ok(())
+}
+
+/// Starts the repair controller's task; returns the tap the pod watch feeds it through. A restarted task goes on
+/// reading the same channel (its memory of the pods it acted on starts afresh, as after an agent restart).
+fn start_repair(
+    cfg: &Config,
+    repair: &RepairConfig,
+    shared: &Arc<Shared>,
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+) -> Tap {
+    let (tap, rx) = Tap::new(repair.filter.clone());
+    let rx = Arc::new(tokio::sync::Mutex::new(rx));
+    tracing::info!(
+        mode = repair.mode.as_str(),
+        annotation = %repair.filter.sidecar_annotation,
+        init_container = %repair.filter.init_container_name,
+        exit_code = repair.filter.init_exit_code,
+        "repair controller enabled"
+    );
+    let redirector = Arc::new(HostRedirector {
+        scope: Scope::new(&repair.host_proc),
+        backend: repair.plugin.backend,
+    });
+    if repair.mode == RepairMode::Repair {
+        if let Err(e) = redirector.scope.host() {
+            tracing::error!(error = %e, "REPAIR_REPAIR_PODS needs the host's /proc (REPAIR_HOST_PROC_DIR): broken pods cannot be repaired");
+        }
+    }
+    let (cfg, repair, shared) = (cfg.clone(), repair.clone(), shared.clone());
+    tasks.push(tokio::spawn(supervise("repair", move || {
+        let (cfg, repair, shared, rx, redirector) = (
+            cfg.clone(),
+            repair.clone(),
+            shared.clone(),
+            rx.clone(),
+            redirector.clone(),
+        );
+        async move {
+            let client = podsock::client(&cfg).await?;
+            let mut controller = Controller::new(
+                repair,
+                Arc::new(KubeActions::new(client)),
+                redirector,
+                shared,
+            );
+            let mut rx = rx.lock().await;
+            controller
+                .run(futures::stream::poll_fn(|cx| rx.poll_recv(cx)))
+                .await;
+            Ok::<(), String>(())
+        }
+    })));
+    tap
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -35,6 +35,20 @@ pub const HEALTH_PORT: &str = "HEALTH_PORT";
 pub const BIND_ADDRESS: &str = "BIND_ADDRESS";
 /// Ours: serve the plugin's pod lookups from a node-scoped pod watch (`<run dir>/pod-cache.sock`).
 pub const POD_CACHE_ENABLED: &str = "POD_CACHE_ENABLED";
+// Istio's repair controller (cni/pkg/cmd/root.go, the chart's ConfigMap).
+pub const REPAIR_ENABLED: &str = "REPAIR_ENABLED";
+pub const REPAIR_REPAIR_PODS: &str = "REPAIR_REPAIR_PODS";
+pub const REPAIR_DELETE_PODS: &str = "REPAIR_DELETE_PODS";
+pub const REPAIR_LABEL_PODS: &str = "REPAIR_LABEL_PODS";
+pub const REPAIR_SIDECAR_ANNOTATION: &str = "REPAIR_SIDECAR_ANNOTATION";
+pub const REPAIR_INIT_CONTAINER_NAME: &str = "REPAIR_INIT_CONTAINER_NAME";
+pub const REPAIR_INIT_CONTAINER_EXIT_CODE: &str = "REPAIR_INIT_CONTAINER_EXIT_CODE";
+pub const REPAIR_INIT_CONTAINER_TERMINATION_MESSAGE: &str =
+    "REPAIR_INIT_CONTAINER_TERMINATION_MESSAGE";
+pub const REPAIR_BROKEN_POD_LABEL_KEY: &str = "REPAIR_BROKEN_POD_LABEL_KEY";
+pub const REPAIR_BROKEN_POD_LABEL_VALUE: &str = "REPAIR_BROKEN_POD_LABEL_VALUE";
+/// Ours: where the host's /proc is mounted in the agent's container (Istio hard-codes /host/proc).
+pub const REPAIR_HOST_PROC_DIR: &str = "REPAIR_HOST_PROC_DIR";
 
 /// Command line and environment, as given.
 #[derive(Debug, Clone, Parser)]
@@ -134,6 +148,56 @@ pub struct Args {
     #[arg(long, env = POD_CACHE_ENABLED, value_name = POD_CACHE_ENABLED, default_value = "true", value_parser = parse_bool, action = clap::ArgAction::Set)]
     pub pod_cache_enabled: bool,
 
+    /// Watch this node's injected pods for ones that started before the plugin was in place (their
+    /// REPAIR_INIT_CONTAINER_NAME init container fails with REPAIR_INIT_CONTAINER_EXIT_CODE) and act on each once:
+    /// repair, delete or label it (REPAIR_REPAIR_PODS > REPAIR_DELETE_PODS > REPAIR_LABEL_PODS).
+    #[arg(long, env = REPAIR_ENABLED, value_name = REPAIR_ENABLED, default_value = "true", value_parser = parse_bool, action = clap::ArgAction::Set)]
+    pub repair_enabled: bool,
+
+    /// Repair a broken pod in place: find its network namespace through the host's /proc and program its rules
+    /// as the plugin would have (needs the host's /proc and CAP_SYS_ADMIN, CAP_SYS_PTRACE, CAP_NET_ADMIN,
+    /// CAP_NET_RAW; no extra RBAC). Istio's chart default.
+    #[arg(long, env = REPAIR_REPAIR_PODS, value_name = REPAIR_REPAIR_PODS, default_value = "true", value_parser = parse_bool, action = clap::ArgAction::Set)]
+    pub repair_repair_pods: bool,
+
+    /// Delete a broken pod so that its controller recreates it (needs RBAC: delete pods).
+    #[arg(long, env = REPAIR_DELETE_PODS, value_name = REPAIR_DELETE_PODS, default_value = "false", value_parser = parse_bool, action = clap::ArgAction::Set)]
+    pub repair_delete_pods: bool,
+
+    /// Label a broken pod with REPAIR_BROKEN_POD_LABEL_KEY=REPAIR_BROKEN_POD_LABEL_VALUE (needs RBAC: patch
+    /// pods/status).
+    #[arg(long, env = REPAIR_LABEL_PODS, value_name = REPAIR_LABEL_PODS, default_value = "false", value_parser = parse_bool, action = clap::ArgAction::Set)]
+    pub repair_label_pods: bool,
+
+    /// Only pods with this annotation (any value) are considered; empty: every pod.
+    #[arg(long, env = REPAIR_SIDECAR_ANNOTATION, value_name = REPAIR_SIDECAR_ANNOTATION, default_value = "sidecar.istio.io/status")]
+    pub repair_sidecar_annotation: String,
+
+    /// The init container that fails when the pod's traffic is not redirected; empty: any init container.
+    #[arg(long, env = REPAIR_INIT_CONTAINER_NAME, value_name = REPAIR_INIT_CONTAINER_NAME, default_value = "istio-validation")]
+    pub repair_init_container_name: String,
+
+    /// Its exit code in that case (istio-validation's 126); 0: any non-zero exit code.
+    #[arg(long, env = REPAIR_INIT_CONTAINER_EXIT_CODE, value_name = REPAIR_INIT_CONTAINER_EXIT_CODE, default_value = "126", value_parser = parse_exit_code)]
+    pub repair_init_container_exit_code: i32,
+
+    /// Its termination message in that case (compared without surrounding white space); empty: any message.
+    #[arg(long, env = REPAIR_INIT_CONTAINER_TERMINATION_MESSAGE, value_name = REPAIR_INIT_CONTAINER_TERMINATION_MESSAGE, default_value = "")]
+    pub repair_init_container_termination_message: String,
+
+    /// Key of the label that REPAIR_LABEL_PODS sets.
+    #[arg(long, env = REPAIR_BROKEN_POD_LABEL_KEY, value_name = REPAIR_BROKEN_POD_LABEL_KEY, default_value = "cni.istio.io/uninitialized")]
+    pub repair_broken_pod_label_key: String,
+
+    /// Value of the label that REPAIR_LABEL_PODS sets.
+    #[arg(long, env = REPAIR_BROKEN_POD_LABEL_VALUE, value_name = REPAIR_BROKEN_POD_LABEL_VALUE, default_value = "true")]
+    pub repair_broken_pod_label_value: String,
+
+    /// The host's /proc as mounted in this container (read-only), where REPAIR_REPAIR_PODS finds pod network
+    /// namespaces.
+    #[arg(long, env = REPAIR_HOST_PROC_DIR, value_name = REPAIR_HOST_PROC_DIR, default_value = "/host/proc")]
+    pub repair_host_proc_dir: PathBuf,
+
     /// Port of the Prometheus metrics server (/metrics); 0 disables it.
     #[arg(long, env = MONITORING_PORT, value_name = MONITORING_PORT, default_value = "15014", value_parser = parse_port_or_zero)]
     pub monitoring_port: u16,
@@ -175,6 +239,66 @@ fn parse_port(s: &str) -> Result<u16, String> {
         Ok(p) if p > 0 => Ok(p),
         _ => Err(format!("{s:?} is not a port number (1-65535)")),
     }
+}
+
+/// A container exit code to match: 0 (any) to 255.
+fn parse_exit_code(s: &str) -> Result<i32, String> {
+    match s.trim().parse::<i32>() {
+        Ok(c) if (0..=255).contains(&c) => Ok(c),
+        _ => Err(format!(
+            "{s:?} is not an exit code (0-255; 0 matches any non-zero code)"
+        )),
+    }
+}
+
+/// A Kubernetes qualified name (label or annotation key): an optional DNS-subdomain prefix and `/`, then a name of
+/// at most 63 characters, alphanumerics with `-`, `_`, `.` inside.
+pub fn check_qualified_name(s: &str) -> Result<(), String> {
+    let (prefix, name) = match s.rsplit_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, s),
+    };
+    if let Some(p) = prefix {
+        let label_ok = |l: &str| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        };
+        if p.is_empty() || p.len() > 253 || !p.split('.').all(label_ok) {
+            return Err(format!(
+                "prefix {p:?} is not a DNS subdomain (lower-case labels separated by dots, at most 253 characters)"
+            ));
+        }
+    }
+    check_label_value(name).and_then(|()| {
+        if name.is_empty() {
+            Err("the name part is empty".into())
+        } else {
+            Ok(())
+        }
+    })
+}
+
+/// A Kubernetes label value: empty, or at most 63 alphanumerics with `-`, `_`, `.` inside.
+pub fn check_label_value(s: &str) -> Result<(), String> {
+    if s.is_empty() {
+        return Ok(());
+    }
+    let inner = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.');
+    let bytes = s.as_bytes();
+    if s.len() > 63
+        || !bytes.iter().all(|&b| inner(b))
+        || !bytes[0].is_ascii_alphanumeric()
+        || !bytes[bytes.len() - 1].is_ascii_alphanumeric()
+    {
+        return Err(format!(
+            "{s:?} must be at most 63 characters, alphanumerics with '-', '_' or '.' inside"
+        ));
+    }
+    Ok(())
 }
 
 fn parse_port_or_zero(s: &str) -> Result<u16, String> {
@@ -223,6 +347,80 @@ pub struct Config {
     pub health_port: u16,
     pub bind_address: IpAddr,
     pub pod_cache: bool,
+    /// The repair controller; `None` when REPAIR_ENABLED is false or no mode is selected.
+    pub repair: Option<RepairConfig>,
+}
+
+/// What the repair controller does with a broken pod (Istio's precedence: repair > delete > label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RepairMode {
+    Repair,
+    Delete,
+    Label,
+}
+
+impl RepairMode {
+    /// The mode from Istio's three switches, in Istio's precedence.
+    pub fn select(repair: bool, delete: bool, label: bool) -> Option<RepairMode> {
+        if repair {
+            Some(RepairMode::Repair)
+        } else if delete {
+            Some(RepairMode::Delete)
+        } else if label {
+            Some(RepairMode::Label)
+        } else {
+            None
+        }
+    }
+
+    /// The `type` label of `istio_cni_repair_pods_repaired_total` (Istio's values).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RepairMode::Repair => "repair",
+            RepairMode::Delete => "delete",
+            RepairMode::Label => "label",
+        }
+    }
+}
+
+/// Which pods are broken: Istio's filter (`matchesFilter`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokenPodFilter {
+    pub node_name: String,
+    /// Empty: no annotation needed.
+    pub sidecar_annotation: String,
+    /// Empty: any init container.
+    pub init_container_name: String,
+    /// 0: any exit code.
+    pub init_exit_code: i32,
+    /// Trimmed; empty: any message.
+    pub init_termination_message: String,
+}
+
+impl BrokenPodFilter {
+    /// Istio's defaults (istio-validation failing with 126 in a pod with `sidecar.istio.io/status`) on `node`.
+    pub fn istio(node: &str) -> BrokenPodFilter {
+        BrokenPodFilter {
+            node_name: node.to_string(),
+            sidecar_annotation: cni_plugin::pod::STATUS_KEY.to_string(),
+            init_container_name: "istio-validation".to_string(),
+            init_exit_code: 126,
+            init_termination_message: String::new(),
+        }
+    }
+}
+
+/// The validated repair settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RepairConfig {
+    pub mode: RepairMode,
+    pub filter: BrokenPodFilter,
+    pub label_key: String,
+    pub label_value: String,
+    pub host_proc: PathBuf,
+    /// The plugin's own configuration, as the entry the agent writes makes it: the repair takes the same
+    /// decisions (excluded namespaces, the agent's own pods) and the same firewall backend as the plugin.
+    pub plugin: cni_plugin::config::PluginConfig,
 }
 
 impl Config {
@@ -365,7 +563,7 @@ impl Args {
             native_nftables: self.native_nftables,
         };
         // The plugin must accept what we write: validate the entry with the plugin's own parser.
-        cni_plugin::config::PluginConfig::from_json(&entry.entry()).map_err(|e| {
+        let plugin = cni_plugin::config::PluginConfig::from_json(&entry.entry()).map_err(|e| {
             ConfigError::Invalid {
                 var: LOG_LEVEL,
                 value: level.clone(),
@@ -376,6 +574,23 @@ impl Args {
             Some(n) => n,
             None => hostname(),
         };
+        let repair = repair_config(
+            RepairArgs {
+                enabled: self.repair_enabled,
+                repair: self.repair_repair_pods,
+                delete: self.repair_delete_pods,
+                label: self.repair_label_pods,
+                sidecar_annotation: self.repair_sidecar_annotation,
+                init_container_name: self.repair_init_container_name,
+                init_exit_code: self.repair_init_container_exit_code,
+                init_termination_message: self.repair_init_container_termination_message,
+                label_key: self.repair_broken_pod_label_key,
+                label_value: self.repair_broken_pod_label_value,
+                host_proc: self.repair_host_proc_dir,
+            },
+            &node_name,
+            plugin,
+        )?;
         Ok(Config {
             ca_file: kube_ca_file.unwrap_or_else(|| self.service_account_dir.join("ca.crt")),
             conf_dir: self.mounted_cni_net_dir,
@@ -404,8 +619,96 @@ impl Args {
             health_port: self.health_port,
             bind_address: self.bind_address,
             pod_cache: self.pod_cache_enabled,
+            repair,
         })
     }
+}
+
+/// The repair arguments, as given.
+struct RepairArgs {
+    enabled: bool,
+    repair: bool,
+    delete: bool,
+    label: bool,
+    sidecar_annotation: String,
+    init_container_name: String,
+    init_exit_code: i32,
+    init_termination_message: String,
+    label_key: String,
+    label_value: String,
+    host_proc: PathBuf,
+}
+
+/// Validates the repair settings (only those the selected mode uses, so a setting Istio would ignore cannot stop
+/// the agent); `None` when the repair is off.
+fn repair_config(
+    a: RepairArgs,
+    node_name: &str,
+    plugin: cni_plugin::config::PluginConfig,
+) -> Result<Option<RepairConfig>, ConfigError> {
+    if !a.enabled {
+        return Ok(None);
+    }
+    let Some(mode) = RepairMode::select(a.repair, a.delete, a.label) else {
+        return Ok(None);
+    };
+    let invalid = |var, value: &str, reason: String| ConfigError::Invalid {
+        var,
+        value: value.to_string(),
+        reason,
+    };
+    let annotation = a.sidecar_annotation.trim().to_string();
+    if !annotation.is_empty() {
+        check_qualified_name(&annotation)
+            .map_err(|r| invalid(REPAIR_SIDECAR_ANNOTATION, &annotation, r))?;
+    }
+    let container = a.init_container_name.trim().to_string();
+    if container.len() > 63
+        || !container
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        return Err(invalid(
+            REPAIR_INIT_CONTAINER_NAME,
+            &container,
+            "not a container name (at most 63 lower-case alphanumerics and '-')".into(),
+        ));
+    }
+    if mode == RepairMode::Label {
+        check_qualified_name(&a.label_key)
+            .map_err(|r| invalid(REPAIR_BROKEN_POD_LABEL_KEY, &a.label_key, r))?;
+        check_label_value(&a.label_value)
+            .map_err(|r| invalid(REPAIR_BROKEN_POD_LABEL_VALUE, &a.label_value, r))?;
+    }
+    if mode == RepairMode::Repair && !a.host_proc.is_absolute() {
+        return Err(invalid(
+            REPAIR_HOST_PROC_DIR,
+            &a.host_proc.display().to_string(),
+            "must be an absolute path".into(),
+        ));
+    }
+    if node_name.is_empty() {
+        return Err(invalid(
+            KUBERNETES_NODE_NAME,
+            "",
+            "the repair controller watches this node's pods: set it (the DaemonSet passes spec.nodeName)"
+                .into(),
+        ));
+    }
+    Ok(Some(RepairConfig {
+        mode,
+        filter: BrokenPodFilter {
+            node_name: node_name.to_string(),
+            sidecar_annotation: annotation,
+            init_container_name: container,
+            init_exit_code: a.init_exit_code,
+            init_termination_message: a.init_termination_message.trim().to_string(),
+        },
+        label_key: a.label_key,
+        label_value: a.label_value,
+        host_proc: a.host_proc,
+        plugin,
+    }))
 }
 
 /// Istio's split: comma-separated, trimmed, empty items dropped.
@@ -477,5 +780,131 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("KUBECONFIG_MODE"), "{err}");
+    }
+
+    fn repair_args() -> RepairArgs {
+        RepairArgs {
+            enabled: true,
+            repair: true,
+            delete: false,
+            label: false,
+            sidecar_annotation: "sidecar.istio.io/status".into(),
+            init_container_name: "istio-validation".into(),
+            init_exit_code: 126,
+            init_termination_message: String::new(),
+            label_key: "cni.istio.io/uninitialized".into(),
+            label_value: "true".into(),
+            host_proc: PathBuf::from("/host/proc"),
+        }
+    }
+
+    fn plugin() -> cni_plugin::config::PluginConfig {
+        cni_plugin::config::PluginConfig::from_json(&serde_json::json!({"type": "istio-cni"}))
+            .unwrap()
+    }
+
+    #[test]
+    fn repair_defaults_are_istios() {
+        let a = Args::try_parse_from(["node-agent"]).unwrap();
+        assert!(a.repair_enabled && a.repair_repair_pods);
+        assert!(!a.repair_delete_pods && !a.repair_label_pods);
+        assert_eq!(a.repair_sidecar_annotation, "sidecar.istio.io/status");
+        assert_eq!(a.repair_init_container_name, "istio-validation");
+        assert_eq!(a.repair_init_container_exit_code, 126);
+        assert_eq!(a.repair_init_container_termination_message, "");
+        assert_eq!(a.repair_broken_pod_label_key, "cni.istio.io/uninitialized");
+        assert_eq!(a.repair_broken_pod_label_value, "true");
+        assert_eq!(a.repair_host_proc_dir, PathBuf::from("/host/proc"));
+        let r = repair_config(repair_args(), "node-1", plugin())
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.mode, RepairMode::Repair);
+        assert_eq!(r.filter.node_name, "node-1");
+    }
+
+    #[test]
+    fn repair_modes_in_istios_precedence_or_off() {
+        let mode = |repair, delete, label| {
+            repair_config(
+                RepairArgs {
+                    repair,
+                    delete,
+                    label,
+                    ..repair_args()
+                },
+                "n",
+                plugin(),
+            )
+            .unwrap()
+            .map(|r| r.mode)
+        };
+        assert_eq!(mode(true, true, true), Some(RepairMode::Repair));
+        assert_eq!(mode(false, true, true), Some(RepairMode::Delete));
+        assert_eq!(mode(false, false, true), Some(RepairMode::Label));
+        assert_eq!(mode(false, false, false), None);
+        let off = RepairArgs {
+            enabled: false,
+            ..repair_args()
+        };
+        assert_eq!(repair_config(off, "n", plugin()).unwrap(), None);
+    }
+
+    #[test]
+    fn bad_repair_values_name_the_variable() {
+        for bad in ["x", "-1", "256", "1.5"] {
+            let flag = format!("--repair-init-container-exit-code={bad}");
+            let err = Args::try_parse_from(["node-agent", flag.as_str()])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("REPAIR_INIT_CONTAINER_EXIT_CODE"), "{err}");
+        }
+        let err = Args::try_parse_from(["node-agent", "--repair-label-pods", "yes"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("REPAIR_LABEL_PODS"), "{err}");
+        let label = |key: &str, value: &str| RepairArgs {
+            repair: false,
+            label: true,
+            label_key: key.into(),
+            label_value: value.into(),
+            ..repair_args()
+        };
+        for (args, var) in [
+            (label("bad key", "true"), REPAIR_BROKEN_POD_LABEL_KEY),
+            (label("Example.com/x", "true"), REPAIR_BROKEN_POD_LABEL_KEY),
+            (label("cni.istio.io/", "true"), REPAIR_BROKEN_POD_LABEL_KEY),
+            (label("ok", "-bad"), REPAIR_BROKEN_POD_LABEL_VALUE),
+            (
+                RepairArgs {
+                    sidecar_annotation: "a/b/c".into(),
+                    ..repair_args()
+                },
+                REPAIR_SIDECAR_ANNOTATION,
+            ),
+            (
+                RepairArgs {
+                    init_container_name: "Istio_Validation".into(),
+                    ..repair_args()
+                },
+                REPAIR_INIT_CONTAINER_NAME,
+            ),
+            (
+                RepairArgs {
+                    host_proc: PathBuf::from("host/proc"),
+                    ..repair_args()
+                },
+                REPAIR_HOST_PROC_DIR,
+            ),
+        ] {
+            let e = repair_config(args, "n", plugin()).unwrap_err();
+            assert!(e.to_string().starts_with(var), "{e}");
+        }
+        // A label Istio would not use (repair mode) cannot stop the agent.
+        let unused = RepairArgs {
+            label_key: "bad key".into(),
+            ..repair_args()
+        };
+        assert!(repair_config(unused, "n", plugin()).is_ok());
+        assert!(repair_config(label("example.com/x-y_z.1", ""), "n", plugin()).is_ok());
     }
 }

@@ -8,5 +8,6 @@ pub mod config;
 pub mod install;
 pub mod podcache;
 pub mod podsock;
+pub mod repair;
 pub mod server;
 pub mod watch;

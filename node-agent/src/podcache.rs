@@ -16,6 +16,8 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client};
 
+use crate::repair::Tap;
+
 /// A cached pod: its UID and what the decision needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CachedPod {
@@ -178,10 +180,26 @@ impl PodCache {
     where
         S: Stream<Item = Result<Event<Pod>, E>>,
     {
+        self.feed_observed(stream, |_| {}).await
+    }
+
+    /// [`PodCache::feed`], showing every event to `observe` first (the repair controller's [`Tap`]: one watch
+    /// feeds both).
+    pub async fn feed_observed<S, E>(
+        &self,
+        stream: S,
+        mut observe: impl FnMut(&Event<Pod>),
+    ) -> Result<(), E>
+    where
+        S: Stream<Item = Result<Event<Pod>, E>>,
+    {
         let mut stream = std::pin::pin!(stream);
         while let Some(ev) = stream.next().await {
             match ev {
-                Ok(ev) => self.apply(ev),
+                Ok(ev) => {
+                    observe(&ev);
+                    self.apply(ev)
+                }
                 Err(e) => {
                     self.mark_unsynced();
                     return Err(e);
@@ -197,9 +215,9 @@ impl PodCache {
 pub const FIRST_REWATCH: Duration = Duration::from_millis(500);
 pub const MAX_REWATCH: Duration = Duration::from_secs(30);
 
-/// Watches the pods of `node` into `cache`, forever: a broken watch is logged, the cache marked unsynced, and a
-/// new watch (a new list) started after a back-off.
-pub async fn watch(client: Client, node: String, cache: Arc<PodCache>) {
+/// Watches the pods of `node` into `cache` (and shows every event to the repair controller's `tap`), forever: a
+/// broken watch is logged, the cache marked unsynced, and a new watch (a new list) started after a back-off.
+pub async fn watch(client: Client, node: String, cache: Arc<PodCache>, tap: Option<Tap>) {
     let api: Api<Pod> = Api::all(client);
     let config = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
     let mut delay = FIRST_REWATCH;
@@ -207,7 +225,11 @@ pub async fn watch(client: Client, node: String, cache: Arc<PodCache>) {
         tracing::info!(%node, "watching the pods of this node");
         let started = std::time::Instant::now();
         let result = cache
-            .feed(watcher::watcher(api.clone(), config.clone()))
+            .feed_observed(watcher::watcher(api.clone(), config.clone()), |ev| {
+                if let Some(tap) = &tap {
+                    tap.observe(ev);
+                }
+            })
             .await;
         match result {
             Ok(()) => tracing::warn!(%node, "the pod watch ended; starting a new one"),

@@ -1,6 +1,7 @@
 //! The agent's HTTP endpoints: `/healthz` (always 200) and `/readyz` (200 only when the last reconcile found
 //! everything in place) on HEALTH_PORT, as Istio's install-cni serves them; Prometheus metrics on MONITORING_PORT with
-//! Istio's names (`istio_cni_install_ready`, `istio_cni_installs_total{result}`) plus a reconcile-duration histogram.
+//! Istio's names (`istio_cni_install_ready`, `istio_cni_installs_total{result}`,
+//! `istio_cni_repair_pods_repaired_total{type,result}`) plus a reconcile-duration histogram.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -43,6 +44,7 @@ pub struct Shared {
     reconcile_seconds: Histogram,
     /// The pod cache's state, set by the cache itself (see [`crate::podcache::PodCache::with_metrics`]).
     pub pod_cache: crate::podcache::CacheMetrics,
+    repairs: Family<Vec<(String, String)>, Counter>,
     registry: Registry,
 }
 
@@ -83,12 +85,19 @@ impl Shared {
             "Pods of this node held in the agent's pod cache",
             pod_cache.pods.clone(),
         );
+        let repairs = Family::<Vec<(String, String)>, Counter>::default();
+        registry.register(
+            "istio_cni_repair_pods_repaired",
+            "Total number of pods repaired by repair controller",
+            repairs.clone(),
+        );
         Arc::new(Shared {
             pod_cache,
             ready: AtomicBool::new(false),
             install_ready,
             installs,
             reconcile_seconds,
+            repairs,
             registry,
         })
     }
@@ -105,6 +114,16 @@ impl Shared {
     pub fn count_install(&self, result: &str) {
         self.installs
             .get_or_create(&vec![("result".to_string(), result.to_string())])
+            .inc();
+    }
+
+    /// One action of the repair controller: `kind` repair/delete/label, `result` success/skip/fail (Istio's).
+    pub fn count_repair(&self, kind: &str, result: &str) {
+        self.repairs
+            .get_or_create(&vec![
+                ("type".to_string(), kind.to_string()),
+                ("result".to_string(), result.to_string()),
+            ])
             .inc();
     }
 
@@ -217,7 +236,14 @@ mod tests {
         s.count_install(RESULT_SUCCESS);
         s.count_install("CREATE_CNI_CONFIG_FAILURE");
         s.observe_reconcile(Duration::from_micros(300));
+        s.count_repair("repair", "success");
         let text = s.metrics_text();
+        assert!(
+            text.contains(
+                "istio_cni_repair_pods_repaired_total{type=\"repair\",result=\"success\"} 1"
+            ),
+            "{text}"
+        );
         assert!(text.contains("istio_cni_install_ready 1"), "{text}");
         assert!(
             text.contains("istio_cni_installs_total{result=\"SUCCESS\"} 1"),

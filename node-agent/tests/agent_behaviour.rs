@@ -504,6 +504,17 @@ fn help_documents_every_variable() {
         "HEALTH_PORT",
         "BIND_ADDRESS",
         "POD_CACHE_ENABLED",
+        "REPAIR_ENABLED",
+        "REPAIR_REPAIR_PODS",
+        "REPAIR_DELETE_PODS",
+        "REPAIR_LABEL_PODS",
+        "REPAIR_SIDECAR_ANNOTATION",
+        "REPAIR_INIT_CONTAINER_NAME",
+        "REPAIR_INIT_CONTAINER_EXIT_CODE",
+        "REPAIR_INIT_CONTAINER_TERMINATION_MESSAGE",
+        "REPAIR_BROKEN_POD_LABEL_KEY",
+        "REPAIR_BROKEN_POD_LABEL_VALUE",
+        "REPAIR_HOST_PROC_DIR",
     ] {
         assert!(
             help.contains(&format!("[env: {var}=")),

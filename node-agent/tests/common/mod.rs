@@ -188,6 +188,8 @@ impl Node {
             ("BIND_ADDRESS", "127.0.0.1".to_string()),
             // 10.110.0.1 is only a name in the kubeconfig: nothing may connect to it (the pod cache would).
             ("POD_CACHE_ENABLED", "false".to_string()),
+            // The repair controller shares that watch: off too.
+            ("REPAIR_ENABLED", "false".to_string()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))

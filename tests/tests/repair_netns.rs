@@ -1,0 +1,399 @@
+//! Root tests of the agent's repair: finding a running pod's netns through /proc by the pod's IP (the real /proc,
+//! and a /proc-like view to pin the choices), and repairing it with the plugin's programming path, compared with
+//! what `apply::program` gives a fresh netns. Each "pod" is a test netns with a veth address and a process
+//! inside; the host's rules are checked untouched.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use cni_plugin::apply::{self, Family, Flavour, Target};
+use cni_plugin::config::BackendChoice;
+use cni_plugin::netns::Netns;
+use cni_plugin::pod::PodInfo;
+use cni_plugin::redirect::Redirect;
+use futures::stream;
+use k8s_openapi::api::core::v1::{Event as CoreEvent, Pod};
+use kube::runtime::watcher::Event;
+use meshcni_tests::netns::{by_table, host_snapshot, must, veth, PodNet, TestNetns};
+use node_agent::config::{BrokenPodFilter, RepairConfig, RepairMode};
+use node_agent::repair::netns::{candidates, find_pod_netns, HostRedirector, Scope, SearchError};
+use node_agent::repair::{ApiError, Controller, PodActions, PodTarget};
+use node_agent::server::Shared;
+use serde_json::json;
+
+static NEXT: AtomicU32 = AtomicU32::new(2);
+
+/// An address of our own per call (10.231.<pid>.<n>), so parallel tests never share one.
+fn unique_ip() -> IpAddr {
+    let n = NEXT.fetch_add(1, Ordering::SeqCst);
+    assert!(n < 250, "too many test addresses");
+    format!("10.231.{}.{n}", std::process::id() % 250)
+        .parse()
+        .unwrap()
+}
+
+/// A running "pod": a netns with `ip` on a veth to a peer netns, and a process (sleep) inside it, killed and
+/// reaped on drop.
+struct RunningPod {
+    ns: TestNetns,
+    _peer: TestNetns,
+    ip: IpAddr,
+    child: Child,
+}
+
+impl RunningPod {
+    fn new(tag: &str, ip: IpAddr, v6: Option<&str>) -> RunningPod {
+        let ns = TestNetns::new(tag);
+        let peer = TestNetns::new(&format!("{tag}-peer"));
+        veth(&ns, "eth0", &peer, "eth0");
+        ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+        if let Some(v6) = v6 {
+            ns.ip(&["addr", "add", &format!("{v6}/64"), "dev", "eth0", "nodad"]);
+        }
+        ns.ip(&["link", "set", "eth0", "up"]);
+        peer.ip(&["link", "set", "eth0", "up"]);
+        // Spawned from a thread inside the netns: the child lives there.
+        let child = ns
+            .run(|| Command::new("sleep").arg("300").spawn())
+            .expect("spawn sleep in the pod netns");
+        RunningPod {
+            ns,
+            _peer: peer,
+            ip,
+            child,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for RunningPod {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The real /proc, with the test's own netns as the host's (the tests run in the host's netns; init's may not be
+/// inspectable here, as in some sandboxes: the agent on a node reads `<proc>/1/ns/net` with CAP_SYS_PTRACE).
+fn real_proc() -> Scope {
+    Scope {
+        proc: PathBuf::from("/proc"),
+        host_netns: PathBuf::from("/proc/self/ns/net"),
+    }
+}
+
+fn same_netns(a: &Path, b: &Path) -> bool {
+    Netns::open(a).unwrap().id() == Netns::open(b).unwrap().id()
+}
+
+#[test]
+fn the_pod_netns_is_found_by_its_ip_in_the_real_proc() {
+    let v6 = "fd00:231::7";
+    let pod = RunningPod::new("rfind", unique_ip(), Some(v6));
+    let found = find_pod_netns(&real_proc(), &[pod.ip]).unwrap();
+    assert_eq!(found.pid, pod.pid());
+    assert_eq!(
+        found.path,
+        PathBuf::from(format!("/proc/{}/ns/net", pod.pid()))
+    );
+    assert_eq!(found.netns.id(), Netns::open(pod.ns.path()).unwrap().id());
+    // By its IPv6 address alone, too.
+    let by_v6 = find_pod_netns(&real_proc(), &[v6.parse().unwrap()]).unwrap();
+    assert_eq!(by_v6.pid, pod.pid());
+    // The host's netns is never a candidate.
+    let host = real_proc().host().unwrap();
+    let all = candidates(&real_proc()).unwrap();
+    assert!(!all.contains_key(&host));
+    assert!(all.values().any(|&pid| pid == pod.pid()));
+    // An address nobody has.
+    let e = find_pod_netns(&real_proc(), &[unique_ip()]).unwrap_err();
+    assert!(matches!(e, SearchError::NotFound { .. }), "{e}");
+}
+
+#[test]
+fn two_netns_with_the_pod_ip_is_an_error_not_a_guess() {
+    let ip = unique_ip();
+    let a = RunningPod::new("ramb-a", ip, None);
+    let b = RunningPod::new("ramb-b", ip, None);
+    match find_pod_netns(&real_proc(), &[ip]).unwrap_err() {
+        SearchError::Ambiguous { mut pids, .. } => {
+            pids.sort();
+            let mut want = vec![a.pid(), b.pid()];
+            want.sort();
+            assert_eq!(pids, want);
+        }
+        other => panic!("{other}"),
+    }
+}
+
+/// A /proc-like view: `<pid>/ns/net` links to namespace files, `<pid>/stat` with a start time.
+struct FakeProc {
+    dir: PathBuf,
+}
+
+impl FakeProc {
+    fn new() -> FakeProc {
+        let dir = std::env::temp_dir().join(format!(
+            "meshcni-fakeproc-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        FakeProc { dir }
+    }
+
+    fn process(&self, pid: u32, netns: &Path, start: Option<u64>) {
+        let p = self.dir.join(pid.to_string());
+        std::fs::create_dir_all(p.join("ns")).unwrap();
+        std::os::unix::fs::symlink(netns, p.join("ns/net")).unwrap();
+        if let Some(start) = start {
+            let fields: Vec<String> = (4..=52)
+                .map(|i| {
+                    if i == 22 {
+                        start.to_string()
+                    } else {
+                        "0".into()
+                    }
+                })
+                .collect();
+            std::fs::write(
+                p.join("stat"),
+                format!("{pid} (pause) S {}", fields.join(" ")),
+            )
+            .unwrap();
+        }
+    }
+}
+
+impl Drop for FakeProc {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn the_oldest_process_of_the_netns_is_chosen_and_the_hosts_skipped() {
+    let pod = RunningPod::new("rold", unique_ip(), None);
+    let other = RunningPod::new("rold-other", unique_ip(), None);
+    let proc = FakeProc::new();
+    // The view's "host" (its pid 1) is a test netns with an address of its own, and another process in it.
+    let host = RunningPod::new("rold-host", unique_ip(), None);
+    proc.process(1, host.ns.path(), Some(1));
+    proc.process(2, host.ns.path(), Some(2));
+    proc.process(100, pod.ns.path(), Some(500));
+    proc.process(101, pod.ns.path(), Some(300)); // the pause process: oldest
+    proc.process(102, pod.ns.path(), None); // unreadable stat: last
+    proc.process(200, other.ns.path(), Some(100));
+    std::fs::create_dir_all(proc.dir.join("self")).unwrap(); // not a pid
+    std::fs::create_dir_all(proc.dir.join("300")).unwrap(); // exited: no ns/net
+
+    let scope = Scope::new(&proc.dir);
+    let all = candidates(&scope).unwrap();
+    assert_eq!(all.len(), 2, "{all:?}");
+    let found = find_pod_netns(&scope, &[pod.ip]).unwrap();
+    assert_eq!(found.pid, 101);
+    assert!(same_netns(&found.path, pod.ns.path()));
+    assert_eq!(find_pod_netns(&scope, &[other.ip]).unwrap().pid, 200);
+    // The host's netns is never entered: a "pod" with the host's address (hostNetwork) is not found there.
+    let e = find_pod_netns(&scope, &[host.ip]).unwrap_err();
+    assert!(
+        matches!(e, SearchError::NotFound { searched: 2, .. }),
+        "{e}"
+    );
+}
+
+/// An injected pod on node-1 whose istio-validation failed with 126, with `ip` as its IP.
+fn broken_pod(ip: IpAddr) -> Pod {
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "web-1", "namespace": "default", "uid": "uid-web-1", "resourceVersion": "9",
+                     "annotations": {"sidecar.istio.io/status": "{}",
+                                     "traffic.sidecar.istio.io/excludeOutboundPorts": "5432"}},
+        "spec": {
+            "nodeName": "node-1",
+            "initContainers": [{"name": "istio-validation"}],
+            "containers": [{"name": "app"}, {"name": "istio-proxy", "args": ["proxy", "sidecar"]}],
+        },
+        "status": {
+            "phase": "Pending", "podIP": ip.to_string(), "podIPs": [{"ip": ip.to_string()}],
+            "initContainerStatuses": [{
+                "name": "istio-validation", "image": "proxyv2", "imageID": "", "ready": false, "restartCount": 1,
+                "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                "lastState": {"terminated": {"exitCode": 126, "reason": "Error"}},
+            }],
+        },
+    }))
+    .unwrap()
+}
+
+fn redirect_of(pod: &Pod) -> Redirect {
+    Redirect::from_pod(&PodInfo::from(pod)).unwrap()
+}
+
+fn nft_ruleset(ns: &TestNetns) -> String {
+    ns.must("nft", &["list", "ruleset"])
+}
+
+fn host_state() -> (Vec<(String, String)>, String) {
+    (
+        host_snapshot(),
+        must(Command::new("nft").args(["list", "ruleset"])),
+    )
+}
+
+#[test]
+fn a_repair_installs_what_the_plugin_would_have() {
+    for backend in [
+        BackendChoice::Legacy,
+        BackendChoice::Nft,
+        BackendChoice::Nftables,
+    ] {
+        let host_before = host_state();
+        let pod = RunningPod::new("rrep", unique_ip(), None);
+        let k8s_pod = broken_pod(pod.ip);
+        let redirect = redirect_of(&k8s_pod);
+        let before = match backend {
+            BackendChoice::Nftables => nft_ruleset(&pod.ns),
+            _ => String::new(),
+        };
+        assert!(!before.contains("inet istio"), "{before}");
+
+        let repairer = HostRedirector {
+            scope: real_proc(),
+            backend,
+        };
+        let (found, programmed) = repairer.repair(&[pod.ip], &redirect).unwrap();
+        assert_eq!(found.pid, pod.pid());
+        assert_eq!(programmed.v4, apply::FamilyOutcome::Applied, "{backend:?}");
+
+        // The reference: the plugin's programming call on a fresh netns.
+        let reference = PodNet::new("rref", false);
+        apply::program(
+            reference.pod.path(),
+            backend,
+            &Target::Redirect(redirect.clone()),
+        )
+        .unwrap();
+        match backend {
+            BackendChoice::Nftables => {
+                let got = nft_ruleset(&pod.ns);
+                assert!(got.contains("ISTIO") || got.contains("istio"), "{got}");
+                assert_eq!(got, nft_ruleset(&reference.pod), "{backend:?}");
+            }
+            _ => {
+                let flavour = if backend == BackendChoice::Legacy {
+                    Flavour::Legacy
+                } else {
+                    Flavour::Nft
+                };
+                let got = by_table(&pod.ns.save(flavour, Family::V4));
+                assert!(
+                    got["nat"].iter().any(|l| l.contains("ISTIO_OUTPUT")),
+                    "{got:?}"
+                );
+                assert!(
+                    got["nat"].iter().any(|l| l.contains("5432")),
+                    "the pod's annotation is applied: {got:?}"
+                );
+                assert_eq!(
+                    got,
+                    by_table(&reference.pod.save(flavour, Family::V4)),
+                    "{backend:?}"
+                );
+            }
+        }
+        // A second repair leaves one copy (iptables: untouched; native nftables replaces its tables in one
+        // transaction).
+        let (_, again) = repairer.repair(&[pod.ip], &redirect).unwrap();
+        match backend {
+            BackendChoice::Nftables => {
+                assert_eq!(again.v4, apply::FamilyOutcome::Replaced);
+                assert_eq!(nft_ruleset(&pod.ns), nft_ruleset(&reference.pod));
+            }
+            _ => assert_eq!(again.v4, apply::FamilyOutcome::Unchanged, "{backend:?}"),
+        }
+        assert_eq!(host_state(), host_before, "the host's rules changed");
+    }
+}
+
+/// Records the API calls of the controller.
+#[derive(Default)]
+struct Api {
+    events: Mutex<Vec<CoreEvent>>,
+    other: Mutex<Vec<String>>,
+}
+
+impl PodActions for Api {
+    async fn delete(&self, pod: &PodTarget) -> Result<(), ApiError> {
+        self.other
+            .lock()
+            .unwrap()
+            .push(format!("delete {}", pod.name));
+        Ok(())
+    }
+    async fn label(&self, pod: &PodTarget, key: &str, _: &str) -> Result<(), ApiError> {
+        self.other
+            .lock()
+            .unwrap()
+            .push(format!("label {} {key}", pod.name));
+        Ok(())
+    }
+    async fn event(&self, event: CoreEvent) -> Result<(), ApiError> {
+        self.events.lock().unwrap().push(event);
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controller_repairs_a_broken_pod_once_from_its_watch_events() {
+    let host_before = host_state();
+    let pod = RunningPod::new("rctl", unique_ip(), None);
+    let k8s_pod = broken_pod(pod.ip);
+    let cfg = RepairConfig {
+        mode: RepairMode::Repair,
+        filter: BrokenPodFilter::istio("node-1"),
+        label_key: "cni.istio.io/uninitialized".into(),
+        label_value: "true".into(),
+        host_proc: PathBuf::from("/proc"),
+        plugin: cni_plugin::config::PluginConfig::from_json(
+            &json!({"type": "istio-cni", "native_nftables": true}),
+        )
+        .unwrap(),
+    };
+    let api = Arc::new(Api::default());
+    let shared = Shared::new();
+    let redirector = Arc::new(HostRedirector {
+        scope: real_proc(),
+        backend: cfg.plugin.backend,
+    });
+    let mut controller = Controller::new(cfg, api.clone(), redirector, shared.clone());
+    controller
+        .run(stream::iter(vec![
+            Event::Init,
+            Event::InitApply(k8s_pod.clone()),
+            Event::InitDone,
+            Event::Apply(k8s_pod),
+        ]))
+        .await;
+    let ruleset = nft_ruleset(&pod.ns);
+    assert!(!ruleset.trim().is_empty(), "no rules in the pod netns");
+    let events = api.events.lock().unwrap().clone();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0].reason.as_deref(), Some("RepairBrokenPod"));
+    let message = events[0].message.clone().unwrap_or_default();
+    assert!(
+        message.contains("repaired") && message.contains(&pod.pid().to_string()),
+        "{message}"
+    );
+    assert!(api.other.lock().unwrap().is_empty());
+    assert!(shared
+        .metrics_text()
+        .contains("istio_cni_repair_pods_repaired_total{type=\"repair\",result=\"success\"} 1"));
+    assert_eq!(host_state(), host_before, "the host's rules changed");
+}

@@ -57,6 +57,74 @@ pub fn read(rel: &str) -> Vec<u8> {
     std::fs::read(&p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()))
 }
 
+/// The pod of one case of `plugin/cases.json`, as Istio's plugin test builds it: containers test, istio-proxy and
+/// istio-validate, the case's annotations, proxy env and proxy uid/gid. Panics on a field it does not understand
+/// (a new corpus must not be half read).
+pub fn plugin_case_pod(case: &serde_json::Value) -> crate::pod::PodInfo {
+    let strings = |key: &str| -> std::collections::BTreeMap<String, String> {
+        match case.get(key) {
+            None => Default::default(),
+            Some(v) => v
+                .as_object()
+                .unwrap_or_else(|| panic!("plugin case: {key} is not an object"))
+                .iter()
+                .map(|(k, v)| {
+                    let v = v
+                        .as_str()
+                        .unwrap_or_else(|| panic!("plugin case: {key}.{k} is not a string"));
+                    (k.clone(), v.to_string())
+                })
+                .collect(),
+        }
+    };
+    let id = |key: &str| {
+        case.get(key).map(|v| {
+            v.as_i64()
+                .unwrap_or_else(|| panic!("plugin case: {key} is not an integer"))
+        })
+    };
+    let fields = case
+        .as_object()
+        .unwrap_or_else(|| panic!("plugin case is not an object"));
+    for key in fields.keys() {
+        assert!(
+            [
+                "name",
+                "annotations",
+                "proxy_env",
+                "run_as_user",
+                "run_as_group",
+                "golden"
+            ]
+            .contains(&key.as_str()),
+            "plugin case field {key:?} is not understood"
+        );
+    }
+    crate::pod::PodInfo {
+        containers: ["test", "istio-proxy", "istio-validate"]
+            .into_iter()
+            .map(String::from)
+            .collect(),
+        annotations: strings("annotations"),
+        proxy_env: strings("proxy_env"),
+        proxy_uid: id("run_as_user"),
+        proxy_gid: id("run_as_group"),
+        ..Default::default()
+    }
+}
+
+/// The case named `name` of `plugin/cases.json`, as a pod ([`plugin_case_pod`]).
+pub fn plugin_case_pod_named(name: &str) -> crate::pod::PodInfo {
+    let path = path("plugin/cases.json");
+    let cases: serde_json::Value = serde_json::from_slice(&read("plugin/cases.json"))
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let case = cases["cases"]
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["name"] == name))
+        .unwrap_or_else(|| panic!("no plugin case {name:?} in {}", path.display()));
+    plugin_case_pod(case)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

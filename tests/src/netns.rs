@@ -11,7 +11,6 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use cni_plugin::apply::{Family, Flavour};
 use cni_plugin::netns::Netns;
-use std::collections::BTreeMap;
 
 use cni_plugin::apply::Target;
 use cni_plugin::pod::PodInfo;
@@ -323,35 +322,7 @@ pub fn veth(a: &TestNetns, a_if: &str, b: &TestNetns, b_if: &str) {
 /// The pod of a plugin case (`plugin/cases.json`, as the plugin's golden test reads it): containers test,
 /// istio-proxy and istio-validate, with the case's annotations, proxy env and proxy uid/gid.
 pub fn plugin_case_pod(name: &str) -> PodInfo {
-    let path = cni_plugin::compat::path("plugin/cases.json");
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let cases: serde_json::Value =
-        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let case = cases["cases"]
-        .as_array()
-        .and_then(|a| a.iter().find(|c| c["name"] == name))
-        .unwrap_or_else(|| panic!("no plugin case {name:?} in {}", path.display()));
-    let strings = |key: &str| -> BTreeMap<String, String> {
-        case.get(key)
-            .and_then(|v| v.as_object())
-            .map(|o| {
-                o.iter()
-                    .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
-    PodInfo {
-        containers: ["test", "istio-proxy", "istio-validate"]
-            .into_iter()
-            .map(String::from)
-            .collect(),
-        annotations: strings("annotations"),
-        proxy_env: strings("proxy_env"),
-        proxy_uid: case.get("run_as_user").and_then(|v| v.as_i64()),
-        proxy_gid: case.get("run_as_group").and_then(|v| v.as_i64()),
-        ..Default::default()
-    }
+    cni_plugin::compat::plugin_case_pod_named(name)
 }
 
 /// The capture configuration the plugin derives for a plugin case (IPv6 as given): with IPv6 off, rendering it

@@ -3,13 +3,13 @@
 //!
 //! The corpus is found by [`crate::compat`] (`$MESHCNI_COMPAT_DIR` or walking up). Not finding it is a failure.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::Path;
 
 use serde_json::Value;
 
 use super::*;
-use crate::pod::{decide, Decision, PodInfo};
+use crate::pod::{decide, Decision};
 
 use super::capture_cases::{self, CASES_FILE};
 
@@ -245,46 +245,6 @@ fn capture_nftables_goldens() {
     assert_eq!(compared, 28, "number of capture-nftables goldens compared");
 }
 
-fn plugin_pod(case: &Value) -> PodInfo {
-    let strings = |key: &str| -> BTreeMap<String, String> {
-        match case.get(key) {
-            None => BTreeMap::new(),
-            Some(v) => v
-                .as_object()
-                .unwrap_or_else(|| panic!("{key} is not an object"))
-                .iter()
-                .map(|(k, v)| (k.clone(), v.as_str().expect("string value").to_string()))
-                .collect(),
-        }
-    };
-    let id = |key: &str| case.get(key).map(|v| v.as_i64().expect("integer id"));
-    for key in case.as_object().expect("case is an object").keys() {
-        assert!(
-            [
-                "name",
-                "annotations",
-                "proxy_env",
-                "run_as_user",
-                "run_as_group",
-                "golden"
-            ]
-            .contains(&key.as_str()),
-            "plugin case field {key:?} is not understood by this test"
-        );
-    }
-    PodInfo {
-        containers: ["test", "istio-proxy", "istio-validate"]
-            .into_iter()
-            .map(String::from)
-            .collect(),
-        annotations: strings("annotations"),
-        proxy_env: strings("proxy_env"),
-        proxy_uid: id("run_as_user"),
-        proxy_gid: id("run_as_group"),
-        ..Default::default()
-    }
-}
-
 #[test]
 fn plugin_goldens() {
     let dir = crate::compat::istio_dir().join("plugin");
@@ -294,7 +254,7 @@ fn plugin_goldens() {
     for case in cases["cases"].as_array().expect("cases is an array") {
         let name = case["name"].as_str().expect("case name");
         let golden_file = case["golden"].as_str().expect("golden file");
-        let pod = plugin_pod(case);
+        let pod = crate::compat::plugin_case_pod(case);
         assert_eq!(decide(&pod), Decision::Redirect, "{name}");
         let redirect = Redirect::from_pod(&pod).unwrap_or_else(|e| panic!("{name}: {e}"));
         let config = CaptureConfig::from_redirect(&redirect, false);

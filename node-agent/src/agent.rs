@@ -4,7 +4,8 @@
 //!   (retry, back-off end, periodic resync). The reconcile itself (file copies, fsyncs) runs on a blocking thread,
 //!   so nothing else ever waits behind it;
 //! - the HTTP servers (health, metrics);
-//! - the pod watch (the node-scoped pod cache) and the plugin's socket that answers from it.
+//! - the pod watch (the node-scoped pod cache) and the plugin's socket that answers from it;
+//! - the plugin's log socket (`log.sock`, Istio's protocol) and the status socket of `node-agent status`.
 //!
 //! A task that fails (an error or a panic) is logged and restarted after a back-off; the others go on.
 
@@ -17,9 +18,12 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::config::{Config, HEALTH_PORT, MONITORING_PORT};
 use crate::install::{InstallError, Installer, Status};
+use crate::pluginlog;
 use crate::podcache::{self, PodCache};
 use crate::podsock::{self, SocketError};
 use crate::server::{self, Endpoints, ServerError, Shared, RESULT_SUCCESS};
+use crate::status::{self, InstallState};
+use crate::uds;
 use crate::watch::{self, Filter, Target, WatchError, Watcher};
 
 /// A reconcile runs at least this often, events or not (a safety net for anything inotify cannot report).
@@ -154,6 +158,32 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
         None
     };
 
+    // The plugin's log socket (Istio's protocol) and the status socket of `node-agent status`.
+    let uds_sockets = [
+        (
+            "the plugin's logs",
+            pluginlog::socket_path(&cfg.run_dir),
+            pluginlog::MAX_BODY,
+            pluginlog::handler(shared.clone()),
+        ),
+        (
+            "node-agent status",
+            status::socket_path(&cfg.run_dir),
+            0,
+            status::handler(shared.clone(), cfg.node_name.clone()),
+        ),
+    ];
+    let mut uds_paths = Vec::new();
+    for (name, path, max_body, handler) in uds_sockets {
+        tasks.push(tokio::spawn(uds::task(
+            name,
+            path.clone(),
+            max_body,
+            handler,
+        )?));
+        uds_paths.push(path);
+    }
+
     tokio::select! {
         _ = sigterm.recv() => tracing::info!("SIGTERM: cleaning up"),
         _ = sigint.recv() => tracing::info!("SIGINT: cleaning up"),
@@ -165,6 +195,11 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
     if let Some(path) = socket {
         if let Err(e) = std::fs::remove_file(&path) {
             tracing::debug!(path = %path.display(), error = %e, "cannot remove the pod-cache socket");
+        }
+    }
+    for path in uds_paths {
+        if let Err(e) = std::fs::remove_file(&path) {
+            tracing::debug!(path = %path.display(), error = %e, "cannot remove a socket");
         }
     }
     // The installer task may be in the middle of a reconcile on its blocking thread: the lock waits for it.
@@ -336,6 +371,7 @@ fn reconcile_once(
             }
         }
     }
+    shared.set_install_state(InstallState::of(&report.status, installer.installed_conf()));
     *last_status = Some(report.status);
     next
 }

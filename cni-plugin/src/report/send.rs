@@ -3,19 +3,21 @@
 //!
 //! - Sent only when the socket exists and belongs to the plugin's own uid (root), so no one else can collect the
 //!   plugin's lines. Its mode is not checked: Istio's agent makes it 0666.
-//! - The connect is non-blocking: a listener whose backlog is full (an agent that stopped accepting) is a refusal,
-//!   not a wait. The write and the read of the status line are bounded by what is left of the deadline.
+//! - The socket is non-blocking: a listener whose backlog is full (an agent that stopped accepting) is a refusal,
+//!   not a wait; the write and the read of the status line wait in poll(2), bounded by what is left of the
+//!   deadline.
 //! - Written in full but not answered in time is [`Delivery::Unconfirmed`]: the lines are in the socket's buffer,
 //!   the agent reads them when it gets to it (ours processes a request whose client has gone).
 
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
 
 use super::{encode_body, LOG_PATH, SOCKET_NAME};
@@ -136,14 +138,29 @@ fn connect_now(path: &Path) -> Result<UnixStream, SendError> {
         }
         Err(e) => return Err(failed(e)),
     }
-    let stream = UnixStream::from(fd);
-    stream
-        .set_nonblocking(false)
-        .map_err(|source| SendError::Connect {
-            path: path.to_path_buf(),
-            source,
-        })?;
-    Ok(stream)
+    Ok(UnixStream::from(fd))
+}
+
+/// Waits until the (non-blocking) stream is ready for `events`, at most until `deadline` from `start`; false when
+/// the time is up. poll(2)'s timeout is precise to the ms, where SO_SNDTIMEO/SO_RCVTIMEO round up to jiffies.
+fn wait_ready(stream: &UnixStream, events: PollFlags, start: Instant, deadline: Duration) -> bool {
+    loop {
+        let Some(left) = deadline
+            .checked_sub(start.elapsed())
+            .filter(|d| !d.is_zero())
+        else {
+            return false;
+        };
+        let ms = u16::try_from(left.as_micros().div_ceil(1000)).unwrap_or(u16::MAX);
+        let mut fds = [PollFd::new(stream.as_fd(), events)];
+        match poll(&mut fds, PollTimeout::from(ms)) {
+            Ok(0) => {}
+            Ok(_) => return true,
+            Err(Errno::EINTR) => {}
+            // Let the next read or write report what is wrong.
+            Err(_) => return true,
+        }
+    }
 }
 
 /// Sends `lines` to the agent whose run dir is `run_dir`, within `deadline`.
@@ -162,20 +179,18 @@ pub fn send(run_dir: &Path, lines: &[String], deadline: Duration) -> Result<Deli
         deadline,
         source,
     };
-    let left = || {
-        deadline
-            .checked_sub(start.elapsed())
-            .filter(|d| !d.is_zero())
-    };
     let timed_out = || std::io::Error::from(std::io::ErrorKind::TimedOut);
     let mut rest = &req[..];
     while !rest.is_empty() {
-        let t = left().ok_or_else(|| write_err(timed_out()))?;
-        stream.set_write_timeout(Some(t)).map_err(write_err)?;
         match (&stream).write(rest) {
             Ok(0) => return Err(write_err(std::io::ErrorKind::WriteZero.into())),
             Ok(n) => rest = &rest[n..],
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if !wait_ready(&stream, PollFlags::POLLOUT, start, deadline) {
+                    return Err(write_err(timed_out()));
+                }
+            }
             Err(e) => return Err(write_err(e)),
         }
     }
@@ -183,16 +198,15 @@ pub fn send(run_dir: &Path, lines: &[String], deadline: Duration) -> Result<Deli
     let mut head = Vec::with_capacity(64);
     let mut buf = [0u8; 256];
     while !head.windows(2).any(|w| w == b"\r\n") && head.len() < 4096 {
-        let Some(t) = left() else {
-            return Ok(Delivery::Unconfirmed);
-        };
-        if stream.set_read_timeout(Some(t)).is_err() {
-            return Ok(Delivery::Unconfirmed);
-        }
         match (&stream).read(&mut buf) {
             Ok(0) => break,
             Ok(n) => head.extend_from_slice(&buf[..n]),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if !wait_ready(&stream, PollFlags::POLLIN, start, deadline) {
+                    return Ok(Delivery::Unconfirmed);
+                }
+            }
             Err(_) => return Ok(Delivery::Unconfirmed),
         }
     }

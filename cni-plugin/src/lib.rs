@@ -12,6 +12,7 @@ pub mod netns;
 pub mod plugin;
 pub mod pod;
 pub mod redirect;
+pub mod report;
 pub mod rules;
 
 /// The message of a panic payload (`panic!` with a literal or a formatted string), for turning panics into errors.

@@ -3,22 +3,46 @@
 
 use std::io::Write;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
 
 use cni_plugin::cni::{codes, Request};
-use cni_plugin::config::LogLevel;
+use cni_plugin::config::{LogLevel, PluginConfig};
 use cni_plugin::error::PluginError;
 use cni_plugin::plugin;
+use cni_plugin::report::{self, BufferLayer, LogBuffer, SendError};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
-fn init_logging(level: LogLevel) {
+/// JSON lines on stderr (the runtime's log), and the same events kept for the agent's log socket.
+fn init_logging(level: LogLevel, buffer: Arc<LogBuffer>) {
     let filter = tracing_subscriber::EnvFilter::new(level.directive());
-    // Ignore the error: a subscriber may only be set once per process, and logging must never fail the plugin.
-    let _ = tracing_subscriber::fmt()
+    let stderr = tracing_subscriber::fmt::layer()
         .json()
         .with_current_span(true)
         .with_span_list(false)
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(std::io::stderr);
+    // Ignore the error: a subscriber may only be set once per process, and logging must never fail the plugin.
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(stderr)
+        .with(BufferLayer::new(buffer))
         .try_init();
+}
+
+/// Sends the kept lines to the agent, if it listens; a failure is only logged (on stderr, nothing else listens
+/// by then).
+fn flush_to_agent(buffer: &LogBuffer) {
+    let Some(run_dir) = buffer.run_dir() else {
+        return;
+    };
+    match report::send(&run_dir, &buffer.take(), report::DEADLINE) {
+        Ok(delivery) => tracing::debug!(?delivery, "plugin logs sent to the agent"),
+        Err(e @ SendError::NoSocket { .. }) => {
+            tracing::debug!(error = %e, "no agent to send the plugin logs to")
+        }
+        Err(e) => tracing::warn!(error = %e, "plugin logs not delivered to the agent"),
+    }
 }
 
 fn print_json(v: &serde_json::Value) -> bool {
@@ -28,7 +52,10 @@ fn print_json(v: &serde_json::Value) -> bool {
         && out.flush().is_ok()
 }
 
-fn run() -> (Result<Option<serde_json::Value>, PluginError>, String) {
+fn run(
+    started: Instant,
+    buffer: &Arc<LogBuffer>,
+) -> (Result<Option<serde_json::Value>, PluginError>, String) {
     let req = match Request::from_process() {
         Ok(r) => r,
         Err(e) => return (Err(e.into()), "1.1.0".to_string()),
@@ -39,15 +66,31 @@ fn run() -> (Result<Option<serde_json::Value>, PluginError>, String) {
         .map(|c| c.cni_version.as_str())
         .unwrap_or("1.1.0")
         .to_string();
-    (plugin::execute(&req, init_logging), version)
+    let init = |cfg: &PluginConfig| {
+        init_logging(cfg.log_level, buffer.clone());
+        buffer.set_run_dir(cfg.agent_run_dir.clone());
+    };
+    (plugin::execute(&req, started, init), version)
 }
 
 fn main() -> ExitCode {
+    let started = Instant::now();
+    if std::env::args().nth(1).as_deref() == Some("--version") {
+        // Not the CNI protocol (a runtime never passes arguments): for `node-agent status` and people.
+        println!("istio-cni (meshcni) {}", env!("CARGO_PKG_VERSION"));
+        return ExitCode::SUCCESS;
+    }
+    let buffer = LogBuffer::new();
     // The default hook prints to stderr only; keep it so the panic location is in the runtime's logs.
-    let (result, version) = match plugin::catch_panic(run) {
+    let (result, version) = match plugin::catch_panic(|| run(started, &buffer)) {
         Ok(r) => r,
         Err(e) => (Err(e), "1.1.0".to_string()),
     };
+    if let Err(e @ PluginError::Panic(_)) = &result {
+        // Other errors were logged in the invocation's span.
+        plugin::log_error(e);
+    }
+    flush_to_agent(&buffer);
     match result {
         Ok(Some(answer)) => {
             if print_json(&answer) {
@@ -59,7 +102,6 @@ fn main() -> ExitCode {
         Ok(None) => ExitCode::SUCCESS,
         Err(e) => {
             let cni = e.to_cni();
-            tracing::error!(code = cni.code, error = %cni.msg, details = %cni.details, "istio-cni failed");
             if cni.code == codes::INTERNAL {
                 eprintln!("istio-cni: {cni}");
             }

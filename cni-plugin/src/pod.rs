@@ -62,6 +62,20 @@ impl std::fmt::Display for SkipReason {
     }
 }
 
+impl SkipReason {
+    /// A short snake_case label, for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            SkipReason::HasIstioInit => "has_istio_init",
+            SkipReason::EnvoyDisabled => "envoy_disabled",
+            SkipReason::NoProxyContainer => "no_proxy_container",
+            SkipReason::ProxyType(_) => "proxy_type",
+            SkipReason::InjectDisabled(_) => "inject_disabled",
+            SkipReason::NoSidecarStatus => "no_sidecar_status",
+        }
+    }
+}
+
 /// The injection decision.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {

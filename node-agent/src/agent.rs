@@ -6,6 +6,7 @@
 //! - the HTTP servers (health, metrics);
 //! - the pod watch (the node-scoped pod cache) and the plugin's socket that answers from it;
 //! - the repair controller, fed by the same pod watch.
+//! - the plugin's log socket (`log.sock`, Istio's protocol) and the status socket of `node-agent status`.
 //!
 //! A task that fails (an error or a panic) is logged and restarted after a back-off; the others go on.
 
@@ -18,12 +19,15 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::config::{Config, RepairConfig, RepairMode, HEALTH_PORT, MONITORING_PORT};
 use crate::install::{InstallError, Installer, Status};
+use crate::pluginlog;
 use crate::podcache::{self, PodCache};
 use crate::podsock::{self, SocketError};
 use crate::repair::kube_api::KubeActions;
 use crate::repair::netns::{HostRedirector, Scope};
 use crate::repair::{Controller, Tap};
 use crate::server::{self, Endpoints, ServerError, Shared, RESULT_SUCCESS};
+use crate::status::{self, InstallState};
+use crate::uds;
 use crate::watch::{self, Filter, Target, WatchError, Watcher};
 
 /// A reconcile runs at least this often, events or not (a safety net for anything inotify cannot report).
@@ -173,6 +177,28 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
         })));
     }
 
+    // The plugin's log socket (Istio's protocol) and the status socket of `node-agent status`.
+    let uds_sockets = [
+        (
+            "the plugin's logs",
+            pluginlog::socket_path(&cfg.run_dir),
+            pluginlog::MAX_BODY,
+            pluginlog::handler(shared.clone()),
+        ),
+        (
+            "node-agent status",
+            status::socket_path(&cfg.run_dir),
+            0,
+            status::handler(shared.clone(), cfg.node_name.clone()),
+        ),
+    ];
+    let mut uds_paths = Vec::new();
+    for (name, path, max_body, handler) in uds_sockets {
+        let (task, bound) = uds::task(name, path.clone(), max_body, handler)?;
+        tasks.push(tokio::spawn(task));
+        uds_paths.push((path, bound));
+    }
+
     tokio::select! {
         _ = sigterm.recv() => tracing::info!("SIGTERM: cleaning up"),
         _ = sigint.recv() => tracing::info!("SIGINT: cleaning up"),
@@ -181,15 +207,16 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
         t.abort();
     }
     shared.set_ready(false);
-    if let Some((path, bound)) = socket {
+    // Only the socket files we bound: a newer agent (a rolling update) may have bound the paths since.
+    for (path, bound) in socket.into_iter().chain(uds_paths) {
         let id = *lock(&bound);
         match podsock::remove_if_ours(&path, id) {
             Ok(true) => {}
             Ok(false) => {
-                tracing::info!(path = %path.display(), "the pod-cache socket is another agent's now; left in place")
+                tracing::info!(path = %path.display(), "the socket is another agent's now; left in place")
             }
             Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "cannot remove the pod-cache socket")
+                tracing::warn!(path = %path.display(), error = %e, "cannot remove the socket")
             }
         }
     }
@@ -415,6 +442,7 @@ fn reconcile_once(
             }
         }
     }
+    shared.set_install_state(InstallState::of(&report.status, installer.installed_conf()));
     *last_status = Some(report.status);
     next
 }

@@ -209,6 +209,19 @@ pub struct Args {
     /// Address the health and metrics servers listen on.
     #[arg(long, env = BIND_ADDRESS, value_name = BIND_ADDRESS, default_value = "0.0.0.0")]
     pub bind_address: IpAddr,
+
+    /// Without a subcommand: run the agent.
+    #[command(subcommand)]
+    pub command: Option<Subcommand>,
+}
+
+/// What else the binary does.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Subcommand {
+    /// Print this node's installation and the last ADD decisions and repair actions (asks the running agent on
+    /// `<CNI_AGENT_RUN_DIR>/status.sock`; run it in the agent's pod: `kubectl exec ds/istio-cni-node -- node-agent
+    /// status`). Exits 1 when the node is not ready or the agent does not answer.
+    Status(crate::status::StatusArgs),
 }
 
 /// Go's strconv.ParseBool, which Istio's flags use.

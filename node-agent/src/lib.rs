@@ -5,9 +5,13 @@
 
 pub mod agent;
 pub mod config;
+pub mod events;
 pub mod install;
+pub mod pluginlog;
 pub mod podcache;
 pub mod podsock;
 pub mod repair;
 pub mod server;
+pub mod status;
+pub mod uds;
 pub mod watch;

@@ -1,13 +1,14 @@
 //! `node-agent`: parse and validate the configuration (a bad value stops it here, naming the variable), then run
-//! the agent on a current-thread runtime until SIGTERM/SIGINT.
+//! the agent on a current-thread runtime until SIGTERM/SIGINT; or, with `status`, print this node's status.
 
 use std::process::ExitCode;
 
 use clap::Parser;
-use node_agent::config::Args;
+use node_agent::config::{Args, Subcommand};
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    let command = args.command.take();
     let cfg = match args.validate() {
         Ok(cfg) => cfg,
         Err(e) => {
@@ -15,6 +16,15 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(Subcommand::Status(status)) = command {
+        let (text, ready) = node_agent::status::run(&cfg, &status);
+        print!("{text}");
+        return if ready {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        };
+    }
     let directive = match cfg.log_level.as_str() {
         "none" => "off",
         other => other,

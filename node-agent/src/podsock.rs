@@ -22,13 +22,13 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SocketError {
-    #[error("cannot create the pod-cache socket {path}: {source}")]
+    #[error("cannot create the agent socket {path}: {source}")]
     Bind {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("the pod-cache socket {path} failed: {source}")]
+    #[error("the agent socket {path} failed: {source}")]
     Accept {
         path: PathBuf,
         #[source]
@@ -145,6 +145,18 @@ async fn handle(cache: Arc<PodCache>, stream: UnixStream) {
     }
 }
 
+/// The next connection on the socket at `path`.
+pub async fn accept(listener: &UnixListener, path: &Path) -> Result<UnixStream, SocketError> {
+    let (stream, _) = listener
+        .accept()
+        .await
+        .map_err(|source| SocketError::Accept {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    Ok(stream)
+}
+
 /// Serves lookups on `listener` until an accept error.
 pub async fn serve(
     listener: UnixListener,
@@ -152,13 +164,7 @@ pub async fn serve(
     cache: Arc<PodCache>,
 ) -> Result<(), SocketError> {
     loop {
-        let (stream, _) = listener
-            .accept()
-            .await
-            .map_err(|source| SocketError::Accept {
-                path: path.clone(),
-                source,
-            })?;
+        let stream = accept(&listener, &path).await?;
         tokio::spawn(handle(cache.clone(), stream));
     }
 }

@@ -600,10 +600,24 @@ impl<A: PodActions, R: Redirector> Controller<A, R> {
         }
     }
 
-    /// The one place where an action is recorded: log, metric.
+    /// The one place where an action is recorded: log, metric, and the recent events `node-agent status` shows.
     pub fn record(&self, action: &Action) {
         self.shared
             .count_repair(action.mode.as_str(), action.result.as_str());
+        let result = match action.result {
+            ActionResult::Success => "ok".to_string(),
+            ActionResult::Skip => "skipped".to_string(),
+            ActionResult::Fail => format!("failed (attempt {})", action.attempt),
+        };
+        self.shared
+            .events
+            .record_repair(crate::events::RepairEvent::new(
+                action.namespace.clone(),
+                action.name.clone(),
+                action.mode.as_str(),
+                action.detail.clone(),
+                result,
+            ));
         match action.result {
             ActionResult::Success => tracing::info!(
                 namespace = %action.namespace, pod = %action.name, uid = %action.uid,

@@ -6,7 +6,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -21,6 +21,10 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
+
+use crate::events::Events;
+use crate::pluginlog::AddMetrics;
+use crate::status::InstallState;
 
 /// `result` label value of a reconcile that ended with everything in place.
 pub const RESULT_SUCCESS: &str = "SUCCESS";
@@ -38,6 +42,11 @@ pub enum ServerError {
 
 /// State shared by the reconcile loop and the servers.
 pub struct Shared {
+    /// The plugin's ADD metrics, fed by its log socket.
+    pub adds: AddMetrics,
+    /// Recent ADDs and repair actions, for `node-agent status`.
+    pub events: Events,
+    install: Mutex<InstallState>,
     ready: AtomicBool,
     install_ready: Gauge,
     installs: Family<Vec<(String, String)>, Counter>,
@@ -91,8 +100,12 @@ impl Shared {
             "Total number of pods repaired by repair controller",
             repairs.clone(),
         );
+        let adds = AddMetrics::register(&mut registry);
         Arc::new(Shared {
             pod_cache,
+            adds,
+            events: Events::default(),
+            install: Mutex::new(InstallState::default()),
             ready: AtomicBool::new(false),
             install_ready,
             installs,
@@ -105,6 +118,19 @@ impl Shared {
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::SeqCst);
         self.install_ready.set(i64::from(ready));
+    }
+
+    /// The last reconcile's state, for `node-agent status` (its `since` kept while it does not change).
+    pub fn set_install_state(&self, state: InstallState) {
+        let mut cur = self.install.lock().unwrap_or_else(|e| e.into_inner());
+        *cur = state.after(&cur);
+    }
+
+    pub fn install_state(&self) -> InstallState {
+        self.install
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn is_ready(&self) -> bool {

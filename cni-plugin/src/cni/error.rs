@@ -22,6 +22,26 @@ pub mod codes {
     pub const APPLY: u32 = 103;
     /// An internal error (a bug, e.g. a panic).
     pub const INTERNAL: u32 = 104;
+
+    /// The code's name in snake_case, for metric labels (`other` for a code this plugin never returns).
+    pub fn name(code: u32) -> &'static str {
+        match code {
+            INCOMPATIBLE_VERSION => "incompatible_version",
+            UNSUPPORTED_FIELD => "unsupported_field",
+            UNKNOWN_CONTAINER => "unknown_container",
+            INVALID_ENVIRONMENT => "invalid_environment",
+            IO_FAILURE => "io_failure",
+            DECODING_FAILURE => "decoding_failure",
+            INVALID_NETWORK_CONFIG => "invalid_network_config",
+            TRY_AGAIN_LATER => "try_again_later",
+            POD_LOOKUP => "pod_lookup",
+            INVALID_REDIRECT => "invalid_redirect",
+            NETNS => "netns",
+            APPLY => "apply",
+            INTERNAL => "internal",
+            _ => "other",
+        }
+    }
 }
 
 /// A CNI error: `{"cniVersion", "code", "msg", "details"}`.

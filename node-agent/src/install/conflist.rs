@@ -190,6 +190,15 @@ pub fn has_entry(value: &Value) -> bool {
         .is_some_and(|list| list.iter().any(is_ours))
 }
 
+/// The `istio-cni` entry of a configuration: in its plugin list, or the file itself (a standalone `.conf`).
+pub fn entry(value: &Value) -> Option<&Value> {
+    value
+        .get("plugins")
+        .and_then(Value::as_array)
+        .and_then(|list| list.iter().find(|p| is_ours(p)))
+        .or_else(|| is_ours(value).then_some(value))
+}
+
 /// The file as Istio writes it.
 pub fn render(value: &Value) -> Vec<u8> {
     gojson::render_sorted(value)

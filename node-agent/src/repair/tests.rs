@@ -420,6 +420,18 @@ async fn delete_mode_deletes_once_and_records_an_event() {
         ]
     );
     assert_eq!(metric(&run.shared, "delete", "success"), 1);
+    // And once in the recent events `node-agent status` shows.
+    let recent = run.shared.events.repairs(10);
+    assert_eq!(recent.len(), 1, "{recent:?}");
+    assert_eq!(
+        (
+            recent[0].namespace.as_str(),
+            recent[0].pod.as_str(),
+            recent[0].action.as_str(),
+            recent[0].result.as_str()
+        ),
+        ("ns", "a", "delete", "ok")
+    );
 }
 
 #[tokio::test]

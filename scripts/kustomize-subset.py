@@ -229,9 +229,14 @@ def smp_object(path, field, body, target, o):
     merge_map(path, field, o["kind"], (), o, rest)
 
 
+def show(at):
+    """A patch path as people write it: spec.containers[0].volumeMounts."""
+    return ".".join(at).replace(".[", "[")
+
+
 def merge_map(path, field, kind, at, dst, src):
     for key, v in src.items():
-        where = ".".join(at + (key,))
+        where = show(at + (key,))
         if not isinstance(key, str) or key.startswith("$"):
             refuse(path, f"{field}: {where}", "patch directives other than a list item's `$patch: delete` "
                                               "are not supported")
@@ -252,7 +257,7 @@ def merge_map(path, field, kind, at, dst, src):
 
 
 def merge_list(path, field, kind, at, parent, key, src):
-    where = ".".join(a for a in at)
+    where = show(at)
     rule = LIST_FIELDS.get((kind, tuple("[]" if a.startswith("[") else a for a in at)))
     if rule is None:
         refuse(path, f"{field}: {where}", f"a list of {kind} whose strategic-merge strategy this renderer does not "
@@ -267,25 +272,32 @@ def merge_list(path, field, kind, at, parent, key, src):
     dst = parent.setdefault(key, [])
     if not isinstance(dst, list):
         refuse(path, f"{field}: {where}", "a list patches a non-list")
+    for j, d in enumerate(dst):
+        if not isinstance(d, dict) or not isinstance(d.get(mkey), str):
+            refuse(path, f"{field}: {where}", f"the target's item [{j}] has no merge key `{mkey}`")
+        if [e[mkey] for e in dst].count(d[mkey]) > 1:
+            refuse(path, f"{field}: {where}", f"the target has {mkey}={d[mkey]!r} more than once")
+    # As kustomize orders the result: the patch's items (merged into the target's entry of the same key, or new)
+    # in the patch's order, then the target's items the patch does not name, in their order.
+    by_key = {d[mkey]: d for d in dst}
+    named, merged = set(), []
     for i, item in enumerate(src):
         here = f"{field}: {where}[{i}]"
         if not isinstance(item, dict) or not isinstance(item.get(mkey), str):
             refuse(path, here, f"a list item without its merge key `{mkey}`")
-        same = [j for j, d in enumerate(dst) if isinstance(d, dict) and d.get(mkey) == item[mkey]]
-        if len(same) > 1:
-            refuse(path, here, f"{mkey}={item[mkey]!r} is in the list {len(same)} times")
+        if item[mkey] in named:
+            refuse(path, here, f"{mkey}={item[mkey]!r} is in the patch more than once")
+        named.add(item[mkey])
         if "$patch" in item:
             if item["$patch"] != "delete" or set(item) != {mkey, "$patch"}:
                 refuse(path, here, "only `$patch: delete` with the merge key alone is supported")
-            if not same:
+            if item[mkey] not in by_key:
                 refuse(path, here, f"$patch: delete of {mkey}={item[mkey]!r}, which is not in the list")
-            del dst[same[0]]
-        elif same:
-            merge_map(path, field, kind, at + (f"[{same[0]}]",), dst[same[0]], item)
-        else:
-            new = {}
-            merge_map(path, field, kind, at + (f"[{len(dst)}]",), new, item)
-            dst.append(new)
+            continue
+        entry = by_key.get(item[mkey], {})
+        merge_map(path, field, kind, at + (f"[{i}]",), entry, item)
+        merged.append(entry)
+    parent[key] = merged + [d for d in dst if d[mkey] not in named]
 
 
 def json6902(path, field, ops, o):

@@ -4,9 +4,13 @@
 # K8S_VERSIONS. kustomization.yaml itself is not a Kubernetes object: the files it lists are validated, and a
 # manifest it does not list is an error (it would never be applied).
 #
-# Then the base and each repair component (daemonset/components/repair-*) are rendered with `kubectl kustomize`
-# (needed: kubectl with its built-in kustomize) through a temporary overlay, validated the same way, and checked for
-# what each repair mode must and must not grant (RBAC verbs, capabilities, the host's /proc).
+# Then the base and each repair component (daemonset/components/repair-*) are rendered through a temporary overlay,
+# validated the same way, and checked for what each repair mode must and must not grant (RBAC verbs, capabilities,
+# the host's /proc). Components need kustomize >= v3.7: a kubectl on PATH whose built-in kustomize is that recent
+# renders them (it is authoritative), and scripts/kustomize-subset.py must then render the same objects. Without
+# one (Debian's kubernetes-client is kubectl 1.20 with kustomize v2.0.3), scripts/kustomize-subset.py renders
+# them: it implements only what the components use and refuses anything else. scripts/test-kustomize-subset.sh
+# checks those refusals.
 #
 #   scripts/validate-manifests.sh            # installs kubernetes-validate with pip when missing
 #   K8S_VERSIONS="1.33.0" scripts/validate-manifests.sh
@@ -69,12 +73,40 @@ for v in $K8S_VERSIONS; do
     fi
 done
 # The repair modes: render base + component, validate, check the privileges each one grants.
-if ! command -v kubectl >/dev/null 2>&1; then
-    echo "FAIL: kubectl (with its built-in kustomize) is needed to render daemonset/components/*" >&2
-    exit 1
-fi
 RENDER=$(mktemp -d -p "$PWD" .validate-manifests.XXXXXX)
 trap 'rm -rf "$RENDER"' EXIT
+
+# Whether `kubectl kustomize` knows components: by the kustomize version kubectl prints (from kubectl 1.24), else
+# (kubectl 1.20 embeds v2.0.3, 1.21-1.23 v4) by rendering a probe component and seeing its patch applied.
+kubectl_has_components() {
+    command -v kubectl >/dev/null 2>&1 || return 1
+    local v major minor
+    v=$(kubectl version --client 2>/dev/null | sed -n 's/^Kustomize Version: v\{0,1\}\([0-9]*\)\.\([0-9]*\).*$/\1 \2/p')
+    if [ -n "$v" ]; then
+        read -r major minor <<<"$v"
+        [ "$major" -gt 3 ] || { [ "$major" -eq 3 ] && [ "$minor" -ge 7 ]; }
+        return
+    fi
+    mkdir -p "$RENDER/probe/overlay" "$RENDER/probe/component"
+    printf '%s\n' "apiVersion: v1" "kind: ConfigMap" "metadata: {name: probe}" "data: {probe: base}" \
+        > "$RENDER/probe/overlay/configmap.yaml"
+    printf '%s\n' "apiVersion: kustomize.config.k8s.io/v1beta1" "kind: Kustomization" \
+        "resources: [configmap.yaml]" "components: [../component]" > "$RENDER/probe/overlay/kustomization.yaml"
+    printf '%s\n' "apiVersion: kustomize.config.k8s.io/v1alpha1" "kind: Component" "patches:" \
+        "  - target: {kind: ConfigMap, name: probe}" \
+        "    patch: '{apiVersion: v1, kind: ConfigMap, metadata: {name: probe}, data: {probe: component}}'" \
+        > "$RENDER/probe/component/kustomization.yaml"
+    kubectl kustomize "$RENDER/probe/overlay" 2>/dev/null | grep -qx '  probe: component'
+}
+if kubectl_has_components; then
+    renderer=kubectl
+else
+    renderer=subset
+    echo "no kubectl with a components-aware kustomize (>= v3.7) on PATH: rendering with scripts/kustomize-subset.py" >&2
+fi
+if ! bash scripts/test-kustomize-subset.sh; then
+    status=1
+fi
 modes=(repair)
 for c in "$DIR"/components/repair-*/; do
     modes+=("$(basename "$c")")
@@ -87,8 +119,39 @@ for mode in "${modes[@]}"; do
         echo "resources: [../../$DIR]"
         [ "$mode" = repair ] || echo "components: [../../$DIR/components/$mode]"
     } > "$RENDER/$mode/kustomization.yaml"
-    if ! kubectl kustomize "$RENDER/$mode" > "$RENDER/$mode.yaml"; then
-        echo "FAIL: $mode: kubectl kustomize failed" >&2
+    if [ "$renderer" = kubectl ]; then
+        if ! kubectl kustomize "$RENDER/$mode" > "$RENDER/$mode.yaml"; then
+            echo "FAIL: $mode: kubectl kustomize failed" >&2
+            status=1
+            continue
+        fi
+        # The fallback must render what kustomize renders, object for object.
+        if ! python3 scripts/kustomize-subset.py "$RENDER/$mode" > "$RENDER/$mode.subset.yaml"; then
+            echo "FAIL: $mode: scripts/kustomize-subset.py failed where kubectl kustomize renders" >&2
+            status=1
+        elif ! python3 - "$mode" "$RENDER/$mode.yaml" "$RENDER/$mode.subset.yaml" <<'PY'
+import sys, yaml
+mode, rendered_by_kubectl, rendered_by_subset = sys.argv[1], sys.argv[2], sys.argv[3]
+def objects(path):
+    out = {}
+    for d in yaml.safe_load_all(open(path)):
+        if d:
+            key = (d["apiVersion"], d["kind"], d["metadata"].get("namespace", ""), d["metadata"]["name"])
+            out.setdefault(key, []).append(d)
+    return out
+k, s = objects(rendered_by_kubectl), objects(rendered_by_subset)
+diff = [" ".join(x for x in key if x) for key in sorted(set(k) | set(s)) if k.get(key) != s.get(key)]
+if diff:
+    print(f"FAIL: {mode}: scripts/kustomize-subset.py and kubectl kustomize render differently: {'; '.join(diff)}",
+          file=sys.stderr)
+    sys.exit(1)
+print(f"ok: {mode}: scripts/kustomize-subset.py renders the same {sum(map(len, k.values()))} objects as kubectl kustomize")
+PY
+        then
+            status=1
+        fi
+    elif ! python3 scripts/kustomize-subset.py "$RENDER/$mode" > "$RENDER/$mode.yaml"; then
+        echo "FAIL: $mode: scripts/kustomize-subset.py failed" >&2
         status=1
         continue
     fi

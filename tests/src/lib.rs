@@ -3,4 +3,5 @@
 pub mod apiserver;
 pub mod chain;
 pub mod netns;
+pub mod report;
 pub mod traffic;

@@ -71,7 +71,7 @@ if [ ! -f "$SRC_FILE" ] || [ "$(cat "$SRC_FILE")" != "$(printf '%s' "$wanted")" 
 fi
 
 PKGS=(etcd-server containerd runc containernetworking-plugins busybox-static golang-go rsync jq dpkg-dev
-      musl-tools iptables iproute2 openssl curl util-linux procps python3 ca-certificates)
+      musl-tools patch iptables iproute2 openssl curl util-linux procps python3 ca-certificates)
 missing=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q '^install ok installed$' || missing+=("$p")

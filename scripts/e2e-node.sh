@@ -15,6 +15,8 @@
 #
 #   bash scripts/e2e-node.sh            E2E_KEEP_BUILD=1: keep the Kubernetes build tree in the cache too
 #   E2E_BENCH_PODS=20 (pods per side of the sandbox benchmark)
+#   E2E_HOLD=1: before the teardown, keep the node up (up to 30 min) until $WORK/hold is removed; how to reach it
+#   (kubectl, nsenter) is printed
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -93,6 +95,13 @@ kill_wait() { # signal pid...: signal, then wait up to 10 s, then SIGKILL
     done
     for p in "$@"; do kill -KILL "$p" 2>/dev/null || true; done
 }
+tree_pids() { # pid and all its descendants
+    local p c
+    for p in "$@"; do
+        echo "$p"
+        for c in $(cat /proc/"$p"/task/*/children 2>/dev/null); do tree_pids "$c"; done
+    done
+}
 ns_pids() { # every process in the holder's mount or network namespace but the holder itself
     [ -n "$HOLDER" ] || return 0
     local mnt net p
@@ -128,6 +137,10 @@ teardown() {
             grep -v -e 'perf_event cgroup path' -e 'configmap_cafile_content' -e 'VerifyControllerAttachedVolume' "$f" \
                 | tail -12 | cut -c1-400
         done
+    fi
+    if [ -n "${K8S_JOB:-}" ] && alive "$K8S_JOB"; then
+        say "stopping the Kubernetes build (pid $K8S_JOB and its children)"
+        kill_wait TERM $(tree_pids "$K8S_JOB")
     fi
     # kubelet first (nothing restarts after it), then the containers (by cgroup), then the shims, containerd and
     # the control plane (by PID, then whatever else is left in the namespaces), then the holder.
@@ -181,31 +194,45 @@ mkdir -p "$WORK"/{logs,pki,images,node,sysctl,bin}
 step "Kubernetes from Debian's source package"
 K8S_VERSION=$(apt-cache showsrc kubernetes | sed -n 's/^Version: //p' | sort -V | tail -1)
 case "$K8S_VERSION" in *1.20.2*) ;; *) die "Debian's kubernetes source is $K8S_VERSION, this test is written for 1.20.2" ;; esac
-KBIN=$K8S_CACHE/k8s-$K8S_VERSION/bin
+# Our patches to the source (tests/e2e/k8s-patches, applied in name order) are part of the cache key.
+PATCHES=("$REPO"/tests/e2e/k8s-patches/*.patch)
+PATCH_ID=$(cat "${PATCHES[@]}" | sha256sum | cut -c1-8)
+KBIN=$K8S_CACHE/k8s-$K8S_VERSION-p$PATCH_ID/bin
 K8S_TOOLS=(kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl)
 have_k8s() { local t; for t in "${K8S_TOOLS[@]}"; do [ -x "$KBIN/$t" ] || return 1; done; }
-if have_k8s; then
-    say "cached: $KBIN ($("$KBIN/kubelet" --version))"
-else
-    build=$K8S_CACHE/build-$K8S_VERSION
-    rm -rf "$build" "$build.src"
+build_k8s() { # the build, from the source package to the cache (runs in the background, beside cargo)
+    local build=$K8S_CACHE/build-$K8S_VERSION t0 p t
+    rm -rf "$build" "$build.src" "$KBIN.tmp"
     mkdir -p "$build.src"
     t0=$(date +%s%N)
-    (cd "$build.src" && apt-get source -qq --download-only "kubernetes=$K8S_VERSION" 2>&1 | grep -v '^W: Download is performed unsandboxed' || true)
-    dpkg-source -x --no-check "$build.src"/kubernetes_*.dsc "$build" >/dev/null
+    (cd "$build.src" && apt-get source -qq --download-only "kubernetes=$K8S_VERSION" 2>&1 \
+        | grep -v '^W: Download is performed unsandboxed' || true)
+    dpkg-source -x --no-check "$build.src"/kubernetes_*.dsc "$build" >/dev/null || return 1
+    for p in "${PATCHES[@]}"; do
+        patch -d "$build" -p1 --forward --quiet < "$p" || { say "patch $p does not apply to kubernetes $K8S_VERSION"; return 1; }
+        say "patched: $(basename "$p")"
+    done
     mkdir -p "$build/.go/src/k8s.io"
     ln -s ../../.. "$build/.go/src/k8s.io/kubernetes"
     say "building kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kubectl (GOPATH mode, offline)"
     (cd "$build" && GOPATH=$build/.go GOPROXY=off GOFLAGS= CGO_ENABLED=0 GOCACHE=$build/.gocache \
         make WHAT="cmd/kube-apiserver cmd/kube-controller-manager cmd/kube-scheduler cmd/kubelet cmd/kubectl" \
-        > "$WORK/logs/k8s-build.log" 2>&1) || { tail -30 "$WORK/logs/k8s-build.log"; die "the Kubernetes build failed"; }
+        > "$WORK/logs/k8s-build.log" 2>&1) || { tail -30 "$WORK/logs/k8s-build.log"; say "the Kubernetes build failed"; return 1; }
     mkdir -p "$KBIN.tmp"
     for t in "${K8S_TOOLS[@]}"; do cp "$build/_output/bin/$t" "$KBIN.tmp/"; done
     mv "$KBIN.tmp" "$KBIN"
     [ -n "${E2E_KEEP_BUILD:-}" ] || rm -rf "$build" "$build.src"
     say "built in $(( $(ms_since "$t0") / 1000 )) s; cached in $KBIN"
+}
+K8S_JOB=""
+if have_k8s; then
+    say "cached: $KBIN ($("$KBIN/kubelet" --version))"
+else
+    # Go uses both cores at first; the release build's fat-LTO link below is one core for minutes: overlap them.
+    build_k8s > "$WORK/logs/k8s-step.log" 2>&1 &
+    K8S_JOB=$!
+    say "not cached: building in the background (log: k8s-step.log)"
 fi
-have_k8s || die "Kubernetes binaries missing in $KBIN"
 
 step "The agent image (scripts/build-image.sh) and the test binaries (static musl)"
 t0=$(date +%s%N)
@@ -219,6 +246,12 @@ CC_x86_64_unknown_linux_musl=musl-gcc RUSTFLAGS="${RUSTFLAGS:-} -C target-featur
     || { tail -30 "$WORK/logs/test-bins.log"; die "building the test binaries failed"; }
 say "test binaries built in $(( $(ms_since "$t0") / 1000 )) s"
 TBIN=$TARGET_DIR/$MUSL/debug
+if [ -n "$K8S_JOB" ]; then
+    wait "$K8S_JOB" || { cat "$WORK/logs/k8s-step.log"; K8S_JOB=""; die "building Kubernetes failed"; }
+    K8S_JOB=""
+    cat "$WORK/logs/k8s-step.log"
+fi
+have_k8s || die "Kubernetes binaries missing in $KBIN"
 
 step "Pause and test images"
 mkdir -p "$WORK/rootfs-pause" "$WORK/rootfs-test/bin" "$WORK/rootfs-test/usr/local/bin" "$WORK/rootfs-test/etc"
@@ -371,6 +404,11 @@ start kube-apiserver "$KBIN/kube-apiserver" --etcd-servers=http://127.0.0.1:2379
     --audit-policy-file="$P/audit-policy.yaml" --audit-log-path="$AUDIT" --audit-log-format=json \
     --kubelet-preferred-address-types=InternalIP --allow-privileged=true --profiling=false
 wait_for 60 "kube-apiserver /readyz" KUBECTL get --raw /readyz || die "kube-apiserver did not come up"
+# Go >= 1.18 with the vendored reflect2 1.0.1 crashed the API server on its first JSON map iteration (a pretty
+# printed answer, as curl gets, hits it at once): proof that the patched build is the one running.
+NET curl -fsS -o /dev/null --cacert "$P/ca.crt" -H "Authorization: Bearer $ADMIN_TOKEN" \
+    "https://127.0.0.1:443/api/v1/namespaces/kube-system?pretty=true" && alive "$kube_apiserver_PID" \
+    || die "kube-apiserver does not survive a pretty-printed JSON answer (is tests/e2e/k8s-patches applied?)"
 start kube-controller-manager "$KBIN/kube-controller-manager" --kubeconfig="$P/kcm.kubeconfig" \
     --authentication-kubeconfig="$P/kcm.kubeconfig" --authorization-kubeconfig="$P/kcm.kubeconfig" \
     --controllers=serviceaccount,serviceaccount-token,daemonset,garbagecollector,namespace,nodelifecycle,root-ca-cert-publisher \
@@ -784,3 +822,10 @@ step "Summary"
 say "istio-cni-node Ready after kubectl apply: ${READY_MS} ms (re-apply: ${READY2_MS:-?} ms)"
 say "plugin API requests per injected pod start (audit log): ${API_PER_POD:-?}"
 say "RunPodSandbox median over $BENCH_PODS pods: with istio-cni ${WITH_MED:-?} ms, plain primary ${WITHOUT_MED:-?} ms"
+if [ -n "${E2E_HOLD:-}" ]; then
+    touch "$WORK/hold"
+    say "E2E_HOLD: the node stays up until $WORK/hold is removed (30 min at most). Reach it with:"
+    say "  nsenter -t $HOLDER --net -- $KBIN/kubectl --kubeconfig $P/admin.kubeconfig get pods -A"
+    say "  nsenter -t $HOLDER --net --mount -- sh     (logs: $WORK/logs)"
+    for _ in $(seq 1800); do [ -e "$WORK/hold" ] || break; sleep 1; done
+fi

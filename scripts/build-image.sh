@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
-# Builds the node agent's container image without Docker: static musl binaries of `node-agent` and `istio-cni`, one
-# reproducible layer (/usr/local/bin/node-agent, /opt/cni/bin/istio-cni), and an OCI image layout (oci-layout,
-# index.json, blobs/sha256/...; plus a docker-style manifest.json) packed into one tar that
-# `ctr -n k8s.io image import` (containerd) accepts. daemonset/daemonset.yaml runs it by name.
+# Builds the node agent's container image without Docker: static musl binaries of `node-agent` and `istio-cni` in
+# one reproducible layer (/usr/local/bin/node-agent, /opt/cni/bin/istio-cni), packed by scripts/oci-pack.sh into an
+# OCI image archive that `ctr -n k8s.io image import` (containerd) accepts. daemonset/daemonset.yaml runs it by name.
 #
 #   scripts/build-image.sh [OUT.tar]        default OUT: $CARGO_TARGET_DIR (or target)/image/meshcni-node-agent.oci.tar
 #   IMAGE_NAME=registry.example/meshcni/node-agent:dev scripts/build-image.sh
@@ -52,65 +51,11 @@ done
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 ROOTFS="$WORK/rootfs"
-LAYOUT="$WORK/layout"
-mkdir -p "$ROOTFS/usr/local/bin" "$ROOTFS/opt/cni/bin" "$LAYOUT/blobs/sha256"
+mkdir -p "$ROOTFS/usr/local/bin" "$ROOTFS/opt/cni/bin"
 install -s -m 0755 "$BIN_DIR/node-agent" "$ROOTFS/usr/local/bin/node-agent"
 install -s -m 0755 "$BIN_DIR/istio-cni" "$ROOTFS/opt/cni/bin/istio-cni"
 chmod 0755 "$ROOTFS/usr" "$ROOTFS/usr/local" "$ROOTFS/usr/local/bin" "$ROOTFS/opt" "$ROOTFS/opt/cni" "$ROOTFS/opt/cni/bin"
 
-# A reproducible layer: sorted names, owner root, fixed times, no pax/atime noise; gzip without name or time.
-tar --create --file "$WORK/layer.tar" --directory "$ROOTFS" \
-    --sort=name --owner=0 --group=0 --numeric-owner --mtime='@0' --format=ustar \
-    usr opt
-gzip -n -9 < "$WORK/layer.tar" > "$WORK/layer.tar.gz"
-
-sha() { sha256sum "$1" | cut -d' ' -f1; }
-size() { stat -c %s "$1"; }
-blob() { # copy a file into blobs/sha256/<digest>, print the digest
-    local d
-    d=$(sha "$1")
-    cp "$1" "$LAYOUT/blobs/sha256/$d"
-    echo "$d"
-}
-
-DIFF_ID=$(sha "$WORK/layer.tar")
-LAYER=$(blob "$WORK/layer.tar.gz")
-LAYER_SIZE=$(size "$WORK/layer.tar.gz")
-
-printf '%s' "{\"architecture\":\"amd64\",\"os\":\"linux\",\"created\":\"1970-01-01T00:00:00Z\",\
-\"config\":{\"Entrypoint\":[\"/usr/local/bin/node-agent\"],\"Env\":[\"PATH=/usr/local/bin:/usr/bin:/bin\"],\
-\"Labels\":{\"org.opencontainers.image.title\":\"meshcni node agent\",\
-\"org.opencontainers.image.description\":\"installs the istio-cni plugin (sidecar mode) on the node\",\
-\"org.opencontainers.image.licenses\":\"Apache-2.0\"}},\
-\"rootfs\":{\"type\":\"layers\",\"diff_ids\":[\"sha256:$DIFF_ID\"]},\
-\"history\":[{\"created\":\"1970-01-01T00:00:00Z\",\"created_by\":\"scripts/build-image.sh\"}]}" > "$WORK/config.json"
-CONFIG=$(blob "$WORK/config.json")
-CONFIG_SIZE=$(size "$WORK/config.json")
-
-printf '%s' "{\"schemaVersion\":2,\"mediaType\":\"application/vnd.oci.image.manifest.v1+json\",\
-\"config\":{\"mediaType\":\"application/vnd.oci.image.config.v1+json\",\"digest\":\"sha256:$CONFIG\",\"size\":$CONFIG_SIZE},\
-\"layers\":[{\"mediaType\":\"application/vnd.oci.image.layer.v1.tar+gzip\",\"digest\":\"sha256:$LAYER\",\"size\":$LAYER_SIZE}]}" \
-    > "$WORK/manifest.json"
-MANIFEST=$(blob "$WORK/manifest.json")
-MANIFEST_SIZE=$(size "$WORK/manifest.json")
-
-TAG=${IMAGE_NAME##*:}
-printf '%s' "{\"schemaVersion\":2,\"mediaType\":\"application/vnd.oci.image.index.v1+json\",\
-\"manifests\":[{\"mediaType\":\"application/vnd.oci.image.manifest.v1+json\",\"digest\":\"sha256:$MANIFEST\",\
-\"size\":$MANIFEST_SIZE,\"platform\":{\"architecture\":\"amd64\",\"os\":\"linux\"},\
-\"annotations\":{\"io.containerd.image.name\":\"$IMAGE_NAME\",\"org.opencontainers.image.ref.name\":\"$TAG\"}}]}" \
-    > "$LAYOUT/index.json"
-printf '%s' '{"imageLayoutVersion":"1.0.0"}' > "$LAYOUT/oci-layout"
-# For `docker load` as well.
-printf '%s' "[{\"Config\":\"blobs/sha256/$CONFIG\",\"RepoTags\":[\"$IMAGE_NAME\"],\"Layers\":[\"blobs/sha256/$LAYER\"]}]" \
-    > "$LAYOUT/manifest.json"
-
-mkdir -p "$(dirname "$OUT")"
-tar --create --file "$OUT" --directory "$LAYOUT" \
-    --sort=name --owner=0 --group=0 --numeric-owner --mtime='@0' --format=ustar \
-    oci-layout index.json manifest.json blobs
-
-echo "image:    $IMAGE_NAME"
-echo "manifest: sha256:$MANIFEST"
-echo "archive:  $OUT ($(size "$OUT") bytes)"
+bash scripts/oci-pack.sh "$ROOTFS" "$IMAGE_NAME" "$OUT" '["/usr/local/bin/node-agent"]' \
+    '{"org.opencontainers.image.title":"meshcni node agent","org.opencontainers.image.description":"installs the istio-cni plugin (sidecar mode) on the node","org.opencontainers.image.licenses":"Apache-2.0"}'
 echo "import:   ctr -n k8s.io image import $OUT"

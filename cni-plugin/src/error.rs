@@ -83,17 +83,32 @@ impl PluginError {
         }
     }
 
-    /// The CNI error object: `msg` says what failed, `details` carries the cause chain.
+    /// The CNI error object: `msg` says what failed and with which value; `details` adds only the causes `msg`
+    /// does not already show (empty when it shows them all).
     pub fn to_cni(&self) -> CniError {
         match self {
             PluginError::Cni(e) => e.clone(),
-            other => CniError::new(
-                other.code(),
-                other.to_string(),
-                StdError::source(other).map(error_chain).unwrap_or_default(),
-            ),
+            other => {
+                let msg = other.to_string();
+                let details = details(&msg, other);
+                CniError::new(other.code(), msg, details)
+            }
         }
     }
+}
+
+/// The causes of `err` that `msg` does not already show, outermost first, joined by ": ". Our messages embed their
+/// cause (`"...: {source}"`), so this is usually empty; a cause whose text a message leaves out (an `io::Error`
+/// behind "cannot read X") is kept. The runtime prints `msg; details` (libcni), so repeating `msg` there showed
+/// every failure twice in the pod's events.
+fn details(msg: &str, err: &(dyn StdError + 'static)) -> String {
+    let mut out: Vec<String> = Vec::new();
+    for text in causes(err).skip(1).map(|e| e.to_string()) {
+        if !text.is_empty() && !msg.contains(&text) && !out.iter().any(|o| o.contains(&text)) {
+            out.push(text);
+        }
+    }
+    out.join(": ")
 }
 
 #[cfg(test)]
@@ -130,13 +145,87 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn cni_details_carry_the_cause_chain_without_the_message() {
+    fn cni_details_do_not_repeat_what_msg_shows() {
         let e = PluginError::Config(crate::config::ConfigError::Decode(
             serde_json::from_str::<u8>("x").unwrap_err(),
         ));
         let cni = e.to_cni();
         assert_eq!(cni.code, codes::DECODING_FAILURE);
         assert!(cni.msg.contains("expected value"), "{cni:?}");
-        assert!(cni.details.starts_with("expected value"), "{cni:?}");
+        assert_eq!(cni.details, "", "{cni:?}");
+    }
+
+    /// As containerd shows a failed ADD in the pod's events: libcni's `msg; details` (`msg` alone when empty).
+    fn as_event(e: &CniError) -> String {
+        if e.details.is_empty() {
+            e.msg.clone()
+        } else {
+            format!("{}; {}", e.msg, e.details)
+        }
+    }
+
+    #[test]
+    fn a_bad_annotation_is_named_once_with_its_value() {
+        let err = PluginError::Redirect {
+            namespace: "default".into(),
+            name: "bad".into(),
+            source: Box::new(RedirectError::Annotation {
+                annotation: "traffic.sidecar.istio.io/includeInboundPorts",
+                value: "80,http".into(),
+                reason: "\"http\" is not a decimal port number".into(),
+            }),
+        };
+        let cni = err.to_cni();
+        assert_eq!(cni.code, codes::INVALID_REDIRECT);
+        assert_eq!(
+            cni.msg,
+            "pod default/bad: annotation traffic.sidecar.istio.io/includeInboundPorts has an invalid value \
+             \"80,http\": \"http\" is not a decimal port number"
+        );
+        assert_eq!(cni.details, "", "details must not repeat msg");
+        let event = as_event(&cni);
+        assert_eq!(event.matches("includeInboundPorts").count(), 1, "{event}");
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("cannot read {path}")]
+    struct Terse {
+        path: &'static str,
+        #[source]
+        source: std::io::Error,
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("kubeconfig: {0}")]
+    struct KubeconfigOuter(#[source] Terse);
+
+    #[test]
+    fn details_keep_the_causes_msg_leaves_out() {
+        let err = KubeconfigOuter(Terse {
+            path: "/etc/cni/net.d/istio-cni-kubeconfig",
+            source: std::io::Error::from_raw_os_error(libc::ENOENT),
+        });
+        let msg = err.to_string();
+        assert_eq!(
+            msg,
+            "kubeconfig: cannot read /etc/cni/net.d/istio-cni-kubeconfig"
+        );
+        // The middle cause is in msg already; the io::Error at the end is not.
+        assert_eq!(
+            details(&msg, &err),
+            "No such file or directory (os error 2)"
+        );
+    }
+
+    #[test]
+    fn a_cause_already_in_msg_is_dropped() {
+        let io = std::io::Error::other("connection refused");
+        #[derive(Debug, thiserror::Error)]
+        #[error("cannot reach the API server: {source}")]
+        struct Verbose {
+            source: std::io::Error,
+        }
+        let err = Verbose { source: io };
+        assert_eq!(details(&err.to_string(), &err), "");
     }
 }

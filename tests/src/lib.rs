@@ -6,5 +6,6 @@ pub mod chain;
 pub mod e2e;
 pub mod netns;
 pub mod nft;
+pub mod report;
 pub mod traffic;
 pub mod userns;

@@ -1,13 +1,13 @@
 //! Test probe for real-traffic tests (see `meshcni_tests::traffic`). One process, single-threaded, so entering
 //! a netns and changing uid apply to all of it:
 //!
-//! `meshcni-netprobe listen --netns PATH --addr IP:PORT --name NAME [--uid N --gid N] [--transparent]`
+//! `meshcni-netprobe listen [--netns PATH] --addr IP:PORT --name NAME [--uid N --gid N] [--transparent]`
 //!   drops to uid/gid and binds (IPv6 sockets are v6-only; with --transparent it binds first, as root), prints
 //!   `READY` on stdout, then for every connection
 //!   writes one JSON line to the client: `{"name", "local", "peer", "orig_dst", "uid"}`; `orig_dst` is what
 //!   SO_ORIGINAL_DST (SOL_IP/SOL_IPV6, 80) returns, or null when the connection was not NATed (no conntrack
 //!   entry, or one whose original destination is the socket's own address).
-//! `meshcni-netprobe connect --netns PATH --addr IP:PORT [--uid N --gid N] [--timeout-ms N]`
+//! `meshcni-netprobe connect [--netns PATH] --addr IP:PORT [--uid N --gid N] [--timeout-ms N]`
 //!   drops to uid/gid BEFORE creating the socket (iptables' owner match looks at the socket's creator),
 //!   connects, prints the listener's line. Exit 2: refused, 3: timed out, 1: anything else.
 //! With `--udp` (both commands): a UDP socket; the listener answers every datagram with its line (`orig_dst` is
@@ -25,14 +25,13 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::time::Duration;
 
 use cni_plugin::netns::Netns;
-use nix::sys::socket::{
-    self, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn, SockaddrIn6, SockaddrStorage,
-};
+use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, SockaddrStorage};
 use nix::unistd::{Gid, Uid};
 
 struct Args {
     cmd: String,
-    netns: String,
+    /// Absent: stay in the current netns (inside a pod's container).
+    netns: Option<String>,
     addr: SocketAddr,
     name: String,
     uid: Option<u32>,
@@ -72,7 +71,7 @@ fn parse_args() -> Result<Args, String> {
     }
     Ok(Args {
         cmd,
-        netns: netns.ok_or("--netns is required")?,
+        netns,
         addr: addr.ok_or("--addr is required")?,
         name,
         uid,
@@ -158,20 +157,6 @@ fn listener(a: &Args) -> Result<TcpListener, String> {
     Ok(TcpListener::from(fd))
 }
 
-/// SO_ORIGINAL_DST, when it differs from the socket's own address (conntrack answers for every tracked
-/// connection; only a NATed one has another original destination).
-fn original_dst(stream: &TcpStream) -> Option<SocketAddr> {
-    let local = stream.local_addr().ok()?;
-    let orig = if local.is_ipv4() {
-        let sin = socket::getsockopt(stream, sockopt::OriginalDst).ok()?;
-        SocketAddr::from(SockaddrIn::from(sin))
-    } else {
-        let sin6 = socket::getsockopt(stream, sockopt::Ip6tOriginalDst).ok()?;
-        SocketAddr::from(SockaddrIn6::from(sin6))
-    };
-    (orig != local).then_some(orig)
-}
-
 /// Creates the listening socket as the listener's user: iptables' owner match looks at the uid that created a
 /// socket (a UDP socket answers from it). Only a transparent socket needs root (CAP_NET_ADMIN) to be created;
 /// the process drops to the user right after.
@@ -248,13 +233,7 @@ fn serve(a: &Args) -> Result<(), String> {
     ready()?;
     for conn in l.incoming() {
         let Ok(mut stream) = conn else { continue };
-        let report = serde_json::json!({
-            "name": a.name,
-            "local": stream.local_addr().ok().map(|s| s.to_string()),
-            "peer": stream.peer_addr().ok().map(|s| s.to_string()),
-            "orig_dst": original_dst(&stream).map(|s| s.to_string()),
-            "uid": Uid::current().as_raw(),
-        });
+        let report = meshcni_tests::report::tcp_report(&a.name, &stream);
         let _ = stream.write_all(format!("{report}\n").as_bytes());
     }
     Ok(())
@@ -303,13 +282,15 @@ fn main() {
             std::process::exit(64);
         }
     };
-    match enter(&args.netns) {
-        // In a pod's user namespace host root is unmapped: "root" there is the pod's root.
-        Ok(true) if args.uid.is_none() => args.uid = Some(0),
-        Ok(_) => {}
-        Err(e) => {
-            eprintln!("meshcni-netprobe: {e}");
-            std::process::exit(1);
+    if let Some(netns) = args.netns.clone() {
+        match enter(&netns) {
+            // In a pod's user namespace host root is unmapped: "root" there is the pod's root.
+            Ok(true) if args.uid.is_none() => args.uid = Some(0),
+            Ok(_) => {}
+            Err(e) => {
+                eprintln!("meshcni-netprobe: {e}");
+                std::process::exit(1);
+            }
         }
     }
     let res = match args.cmd.as_str() {

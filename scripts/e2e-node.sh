@@ -207,7 +207,9 @@ build_k8s() { # the build, from the source package to the cache (runs in the bac
     t0=$(date +%s%N)
     (cd "$build.src" && apt-get source -qq --download-only "kubernetes=$K8S_VERSION" 2>&1 \
         | grep -v '^W: Download is performed unsandboxed' || true)
-    dpkg-source -x --no-check "$build.src"/kubernetes_*.dsc "$build" >/dev/null || return 1
+    # dpkg-source copies the orig tarball beside the tree it extracts: extract inside $build.src, then move.
+    dpkg-source -x --no-check "$build.src"/kubernetes_*.dsc "$build.src/tree" >/dev/null || return 1
+    mv "$build.src/tree" "$build"
     for p in "${PATCHES[@]}"; do
         patch -d "$build" -p1 --forward --quiet < "$p" || { say "patch $p does not apply to kubernetes $K8S_VERSION"; return 1; }
         say "patched: $(basename "$p")"

@@ -17,7 +17,7 @@ if ! command -v iptables-nft-restore >/dev/null || [ ! -x /usr/lib/cni/bridge ] 
 fi
 step "Building (release)"
 cargo build --release --locked --workspace --bins 2>&1 | tail -1
-BIN=$PWD/target/release
+BIN=${CARGO_TARGET_DIR:-$PWD/target}/release
 
 ID=$$
 NODE=meshcni-demo-node-$ID

@@ -421,7 +421,13 @@ fn reconcile_once(
             at
         }
     };
-    if last_status.as_ref() != Some(&report.status) || !report.changed.is_empty() {
+    // A fight's `until` moves on every reconcile: a new deadline alone is not news.
+    let same = match (last_status.as_ref(), &report.status) {
+        (Some(Status::BackingOff { file: a, .. }), Status::BackingOff { file: b, .. }) => a == b,
+        (last, status) => last == Some(status),
+    };
+    if !same || (!report.changed.is_empty() && !matches!(report.status, Status::BackingOff { .. }))
+    {
         match &report.status {
             Status::Ready => tracing::info!(
                 changed = report.changed.len(),
@@ -435,7 +441,7 @@ fn reconcile_once(
             Status::BackingOff { file, until } => tracing::warn!(
                 file = %file.display(),
                 wait_ms = until.saturating_duration_since(now).as_millis() as u64,
-                "deferring the rewrite of a configuration another component keeps reverting; not ready"
+                "another component keeps reverting this configuration: our rewrites are rate-limited; not ready until it stops"
             ),
             Status::Failed { step, error } => {
                 tracing::error!(step = step.result_label(), %error, "reconcile failed; will retry")

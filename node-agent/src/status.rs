@@ -52,7 +52,7 @@ pub fn describe(status: &Status) -> String {
             dir.display()
         ),
         Status::BackingOff { file, .. } => format!(
-            "another component keeps reverting {}; the rewrite is deferred",
+            "another component keeps reverting {}; our rewrites are rate-limited until it stops",
             file.display()
         ),
         Status::Failed { step, error } => format!("{}: {error}", step.result_label()),

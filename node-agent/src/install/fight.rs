@@ -1,6 +1,7 @@
 //! Detecting another writer that keeps reverting our configuration (Cilium with `cni.exclusive=true`, a second
-//! installer with other settings) and backing off exponentially instead of rewriting the shared file in a tight
-//! loop. Pure: time is passed in.
+//! installer with other settings) and rate-limiting our rewrites instead of rewriting the shared file in a tight
+//! loop. The delay is bounded (`MIN_INTERVAL` after our last rewrite, never more): new pods must not start without
+//! our plugin for long, and once the writer stops the next revert is undone at once. Pure: time is passed in.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -9,36 +10,40 @@ use std::time::{Duration, Instant};
 pub const THRESHOLD: usize = 10;
 /// The sliding window over which rewrites are counted.
 pub const WINDOW: Duration = Duration::from_secs(2);
-/// First delay once fighting; it doubles on every further rewrite, up to `MAX_DELAY`.
-pub const BASE_DELAY: Duration = Duration::from_millis(100);
-pub const MAX_DELAY: Duration = Duration::from_secs(30);
-/// No rewrite for this long (plus the current delay) ends the fight.
-pub const QUIET: Duration = Duration::from_secs(10);
+/// While fighting, at least this long between two of our rewrites (at most 4 a second). A revert that comes later
+/// than this after our last rewrite is undone immediately.
+pub const MIN_INTERVAL: Duration = Duration::from_millis(250);
+/// No rewrite for this long ends the fight.
+pub const QUIET: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Default)]
 pub struct FightDetector {
     writes: VecDeque<Instant>,
-    delay: Option<Duration>,
-    not_before: Option<Instant>,
+    fighting: bool,
 }
 
 impl FightDetector {
-    /// May we rewrite now? `Err(until)` while backing off.
+    fn expire(&mut self, now: Instant) {
+        if self
+            .writes
+            .back()
+            .is_some_and(|&last| now.saturating_duration_since(last) > QUIET)
+        {
+            self.fighting = false;
+        }
+    }
+
+    /// May we rewrite now? `Err(until)` while fighting and our last rewrite is less than `MIN_INTERVAL` old.
     pub fn allowed(&self, now: Instant) -> Result<(), Instant> {
-        match self.not_before {
-            Some(t) if now < t => Err(t),
+        match self.writes.back() {
+            Some(&last) if self.fighting && now < last + MIN_INTERVAL => Err(last + MIN_INTERVAL),
             _ => Ok(()),
         }
     }
 
-    /// Records a rewrite; returns the new delay when this rewrite starts or extends a back-off.
-    pub fn record(&mut self, now: Instant) -> Option<Duration> {
-        if let (Some(delay), Some(&last)) = (self.delay, self.writes.back()) {
-            if now.saturating_duration_since(last) > QUIET + delay {
-                self.delay = None;
-                self.writes.clear();
-            }
-        }
+    /// Records a rewrite; returns true when this rewrite starts a fight.
+    pub fn record(&mut self, now: Instant) -> bool {
+        self.expire(now);
         self.writes.push_back(now);
         while self
             .writes
@@ -47,16 +52,17 @@ impl FightDetector {
         {
             self.writes.pop_front();
         }
-        let next = match self.delay {
-            Some(d) => Some((d * 2).min(MAX_DELAY)),
-            None if self.writes.len() >= THRESHOLD => Some(BASE_DELAY),
-            None => None,
-        };
-        if let Some(d) = next {
-            self.delay = Some(d);
-            self.not_before = Some(now + d);
+        if !self.fighting && self.writes.len() >= THRESHOLD {
+            self.fighting = true;
+            return true;
         }
-        next
+        false
+    }
+
+    /// `Some(end)` while fighting: the fight is over at `end` unless we rewrite again before.
+    pub fn fighting(&self, now: Instant) -> Option<Instant> {
+        let end = *self.writes.back()? + QUIET;
+        (self.fighting && now <= end).then_some(end)
     }
 
     /// Rewrites counted in the current window.
@@ -86,38 +92,53 @@ mod tests {
         for i in 0..30 {
             let now = t0 + Duration::from_millis(250 * i);
             assert!(f.allowed(now).is_ok());
-            assert_eq!(f.record(now), None, "rewrite {i}");
+            assert!(!f.record(now), "rewrite {i}");
+            assert_eq!(f.fighting(now), None);
         }
     }
 
     #[test]
-    fn tight_loop_backs_off_exponentially_then_recovers() {
+    fn tight_loop_is_rate_limited_with_a_bounded_delay_then_recovers() {
         let t0 = Instant::now();
         let mut f = FightDetector::default();
         let mut now = t0;
         for _ in 0..THRESHOLD - 1 {
-            assert_eq!(f.record(now), None);
+            assert!(!f.record(now));
             now += Duration::from_millis(5);
         }
-        assert_eq!(f.record(now), Some(BASE_DELAY));
+        assert!(f.record(now), "the tenth rewrite in 2 s starts the fight");
+        assert_eq!(f.fighting(now), Some(now + QUIET));
         assert_eq!(
             f.allowed(now + Duration::from_millis(50)),
-            Err(now + BASE_DELAY)
+            Err(now + MIN_INTERVAL)
         );
-        now += BASE_DELAY;
-        assert!(f.allowed(now).is_ok());
-        assert_eq!(f.record(now), Some(BASE_DELAY * 2));
-        let mut delay = BASE_DELAY * 2;
-        for _ in 0..20 {
-            now += delay;
-            delay = f.record(now).unwrap();
+        // A reverter as fast as can be for 10 s: we rewrite every MIN_INTERVAL, never later, and the fight holds.
+        let mut rewrites = 0;
+        let end = now + Duration::from_secs(10);
+        while now < end {
+            now += Duration::from_millis(1);
+            match f.allowed(now) {
+                Ok(()) => {
+                    assert!(!f.record(now), "one warning per fight");
+                    rewrites += 1;
+                }
+                Err(until) => {
+                    assert!(until - now <= MIN_INTERVAL && MIN_INTERVAL < Duration::from_secs(1))
+                }
+            }
+            assert!(f.fighting(now).is_some());
         }
-        assert_eq!(delay, MAX_DELAY);
-        // Quiet for long enough: the next rewrite is not delayed.
-        now += QUIET + MAX_DELAY + Duration::from_secs(1);
+        assert!((39..=41).contains(&rewrites), "{rewrites} rewrites in 10 s");
+        // The writer stops; a revert later than MIN_INTERVAL after our last rewrite is undone at once.
+        now += MIN_INTERVAL;
         assert!(f.allowed(now).is_ok());
-        assert_eq!(f.record(now), None);
-        assert_eq!(f.recent(), 1);
+        assert!(!f.record(now));
+        // Quiet for long enough: the fight is over, and a new one needs THRESHOLD rewrites again.
+        now += QUIET + Duration::from_millis(1);
+        assert_eq!(f.fighting(now), None);
+        assert!(f.allowed(now).is_ok());
+        assert!(!f.record(now));
+        assert!(f.allowed(now + Duration::from_millis(1)).is_ok());
     }
 
     #[test]

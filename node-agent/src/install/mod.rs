@@ -72,7 +72,8 @@ pub enum Status {
     Ready,
     /// No primary CNI configuration yet (chained mode): waiting for the primary CNI to write one.
     WaitingForPrimary { dir: PathBuf },
-    /// Another writer keeps reverting the file: the rewrite is deferred until then.
+    /// Another writer keeps reverting the file: our rewrites are rate-limited (`fight::MIN_INTERVAL` apart) and the
+    /// agent is not ready. Reconcile again at `until`: the next allowed rewrite, or the end of the fight.
     BackingOff { file: PathBuf, until: Instant },
     /// A step failed (retried later).
     Failed { step: Step, error: String },
@@ -251,7 +252,7 @@ impl Installer {
         let target = self.cfg.conf_dir.join(&target_name);
         if target_name == primary && desired == existing {
             self.switch_installed(&target);
-            return Ok(Status::Ready);
+            return Ok(self.fight_status(now, target));
         }
         if let Err(until) = self.fight.allowed(now) {
             return Ok(Status::BackingOff {
@@ -281,7 +282,7 @@ impl Installer {
         tracing::info!(path = %target.display(), "inserted istio-cni into the CNI configuration");
         self.note_rewrite(now, &target);
         self.switch_installed(&target);
-        Ok(Status::Ready)
+        Ok(self.fight_status(now, target))
     }
 
     fn ensure_standalone(
@@ -301,8 +302,8 @@ impl Installer {
             .is_some_and(|v| v == self.cfg.entry.standalone_value())
             && mode_of(&path) == Some(self.cfg.standalone_mode);
         if right {
-            self.installed_conf = Some(path);
-            return Ok(Status::Ready);
+            self.installed_conf = Some(path.clone());
+            return Ok(self.fight_status(now, path));
         }
         if let Err(until) = self.fight.allowed(now) {
             return Ok(Status::BackingOff { file: path, until });
@@ -315,20 +316,29 @@ impl Installer {
         tracing::info!(path = %path.display(), "wrote standalone istio-cni configuration");
         changed.push(path.clone());
         self.note_rewrite(now, &path);
-        self.installed_conf = Some(path);
-        Ok(Status::Ready)
+        self.installed_conf = Some(path.clone());
+        Ok(self.fight_status(now, path))
+    }
+
+    /// The entry is in place: ready, unless a fight is still on (then not ready until it is over).
+    fn fight_status(&self, now: Instant, file: PathBuf) -> Status {
+        match self.fight.fighting(now) {
+            Some(until) => Status::BackingOff { file, until },
+            None => Status::Ready,
+        }
     }
 
     fn note_rewrite(&mut self, now: Instant, path: &Path) {
-        if let Some(delay) = self.fight.record(now) {
+        if self.fight.record(now) {
             let file = path.display().to_string();
             tracing::warn!(
                 file = %file,
                 rewrites = self.fight.recent(),
                 window_ms = fight::WINDOW.as_millis() as u64,
-                backoff_ms = delay.as_millis() as u64,
+                min_interval_ms = fight::MIN_INTERVAL.as_millis() as u64,
                 "{file} has been changed back and reconciled many times in a short period: a conflicting component \
-                 keeps reverting our configuration; backing off.{}",
+                 keeps reverting our configuration; rewriting it at most every {} ms until it stops.{}",
+                fight::MIN_INTERVAL.as_millis(),
                 fight::hint(&file)
             );
         }

@@ -14,6 +14,7 @@ pub mod pod;
 pub mod redirect;
 pub mod report;
 pub mod rules;
+pub mod sockets;
 
 /// The message of a panic payload (`panic!` with a literal or a formatted string), for turning panics into errors.
 pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {

@@ -18,7 +18,6 @@
 //! A miss is never "not injected".
 
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -27,6 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use super::PodRef;
 use crate::pod::PodInfo;
+use crate::sockets::Socket;
 
 /// The socket's name in the agent's run dir.
 pub const SOCKET_NAME: &str = "pod-cache.sock";
@@ -119,36 +119,26 @@ pub enum Miss {
 
 /// Checks that `path` is a socket only the plugin's own uid can use.
 fn check_socket(path: &Path) -> Result<(), Miss> {
-    let meta = match std::fs::symlink_metadata(path) {
-        Ok(m) => m,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(Miss::NoSocket {
-                path: path.to_path_buf(),
-            })
-        }
-        Err(source) => {
-            return Err(Miss::Stat {
-                path: path.to_path_buf(),
-                source,
-            })
-        }
-    };
-    if !meta.file_type().is_socket() {
-        return Err(Miss::NotSocket {
-            path: path.to_path_buf(),
-        });
-    }
-    let expected = nix::unistd::geteuid().as_raw();
-    let mode = meta.mode() & 0o7777;
-    if meta.uid() != expected || mode & 0o077 != 0 {
-        return Err(Miss::WrongOwner {
-            path: path.to_path_buf(),
-            owner: meta.uid(),
+    let path_buf = || path.to_path_buf();
+    match Socket::inspect(path) {
+        Socket::Missing => Err(Miss::NoSocket { path: path_buf() }),
+        Socket::Unreadable(source) => Err(Miss::Stat {
+            path: path_buf(),
+            source,
+        }),
+        Socket::NotSocket => Err(Miss::NotSocket { path: path_buf() }),
+        Socket::Found {
+            owner,
             mode,
-            expected,
-        });
+            our_uid,
+        } if owner != our_uid || mode & 0o077 != 0 => Err(Miss::WrongOwner {
+            path: path_buf(),
+            owner,
+            mode,
+            expected: our_uid,
+        }),
+        Socket::Found { .. } => Ok(()),
     }
-    Ok(())
 }
 
 /// Interprets the agent's answer line for `pod` (and `uid`, when the runtime passed one).

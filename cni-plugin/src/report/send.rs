@@ -11,7 +11,6 @@
 
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd};
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -21,6 +20,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
 
 use super::{encode_body, LOG_PATH, SOCKET_NAME};
+use crate::sockets::Socket;
 
 /// How a delivery ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,34 +85,22 @@ pub fn request(body: &[u8]) -> Vec<u8> {
 }
 
 fn check_socket(path: &Path) -> Result<(), SendError> {
-    let meta = match std::fs::symlink_metadata(path) {
-        Ok(m) => m,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(SendError::NoSocket {
-                path: path.to_path_buf(),
-            })
-        }
-        Err(source) => {
-            return Err(SendError::Stat {
-                path: path.to_path_buf(),
-                source,
-            })
-        }
-    };
-    if !meta.file_type().is_socket() {
-        return Err(SendError::NotSocket {
-            path: path.to_path_buf(),
-        });
+    let path_buf = || path.to_path_buf();
+    match Socket::inspect(path) {
+        Socket::Missing => Err(SendError::NoSocket { path: path_buf() }),
+        Socket::Unreadable(source) => Err(SendError::Stat {
+            path: path_buf(),
+            source,
+        }),
+        Socket::NotSocket => Err(SendError::NotSocket { path: path_buf() }),
+        // Istio's agent makes its log socket 0666: only the owner is checked.
+        Socket::Found { owner, our_uid, .. } if owner != our_uid => Err(SendError::Untrusted {
+            path: path_buf(),
+            owner,
+            expected: our_uid,
+        }),
+        Socket::Found { .. } => Ok(()),
     }
-    let expected = nix::unistd::geteuid().as_raw();
-    if meta.uid() != expected {
-        return Err(SendError::Untrusted {
-            path: path.to_path_buf(),
-            owner: meta.uid(),
-            expected,
-        });
-    }
-    Ok(())
 }
 
 /// A connection that is refused rather than waited for when nobody accepts.

@@ -49,6 +49,9 @@ pub struct Shared {
     install: Mutex<InstallState>,
     ready: AtomicBool,
     install_ready: Gauge,
+    /// 1 while another writer keeps reverting our entry; fights started since the agent did.
+    fighting: Gauge,
+    fights: Counter,
     installs: Family<Vec<(String, String)>, Counter>,
     reconcile_seconds: Histogram,
     /// The pod cache's state, set by the cache itself (see [`crate::podcache::PodCache::with_metrics`]).
@@ -60,6 +63,8 @@ pub struct Shared {
 impl Shared {
     pub fn new() -> Arc<Self> {
         let install_ready = Gauge::default();
+        let fighting = Gauge::default();
+        let fights = Counter::default();
         let installs = Family::<Vec<(String, String)>, Counter>::default();
         // 100 µs .. ~3 s.
         let reconcile_seconds = Histogram::new([
@@ -71,6 +76,17 @@ impl Shared {
             "istio_cni_install_ready",
             "Whether the CNI plugin installation is ready or not",
             install_ready.clone(),
+        );
+        registry.register(
+            "meshcni_conflist_fight",
+            "1 while another writer keeps reverting the istio-cni entry (our rewrites are then rate-limited)",
+            fighting.clone(),
+        );
+        // The encoder appends `_total` to a counter's name.
+        registry.register(
+            "meshcni_conflist_fights",
+            "Fights with another writer of the CNI configuration since the agent started",
+            fights.clone(),
         );
         // The encoder appends `_total` to a counter's name.
         registry.register(
@@ -108,11 +124,21 @@ impl Shared {
             install: Mutex::new(InstallState::default()),
             ready: AtomicBool::new(false),
             install_ready,
+            fighting,
+            fights,
             installs,
             reconcile_seconds,
             repairs,
             registry,
         })
+    }
+
+    /// Whether a fight with another writer is on; counts each one that starts.
+    pub fn set_fighting(&self, fighting: bool) {
+        let was = self.fighting.set(i64::from(fighting));
+        if fighting && was == 0 {
+            self.fights.inc();
+        }
     }
 
     pub fn set_ready(&self, ready: bool) {

@@ -244,6 +244,7 @@ fn fighting_writer_is_rate_limited_without_a_bypass_window() {
     let started = Instant::now();
     let (mut max_gap, mut rewrites, mut missing_since) = (Duration::ZERO, 0u32, None::<Instant>);
     let mut ready_during_fight = None;
+    let mut metrics_during_fight = String::new();
     while started.elapsed() < Duration::from_secs(10) {
         let now = Instant::now();
         match (has_entry_last(&path), missing_since) {
@@ -257,6 +258,7 @@ fn fighting_writer_is_rate_limited_without_a_bypass_window() {
         }
         if ready_during_fight.is_none() && started.elapsed() > Duration::from_secs(5) {
             ready_during_fight = Some(agent.ready());
+            metrics_during_fight = agent.metrics_text();
         }
         std::thread::sleep(Duration::from_millis(1));
     }
@@ -286,6 +288,15 @@ fn fighting_writer_is_rate_limited_without_a_bypass_window() {
         Some(Some(false)),
         "readiness does not report the fight"
     );
+    for line in [
+        "meshcni_conflist_fight 1",
+        "meshcni_conflist_fights_total 1",
+    ] {
+        assert!(
+            metrics_during_fight.lines().any(|l| l == line),
+            "no {line:?} during the fight:\n{metrics_during_fight}"
+        );
+    }
     let log = agent.log_text();
     assert!(
         log.contains("05-cilium.conflist") && log.contains("keeps reverting our configuration"),

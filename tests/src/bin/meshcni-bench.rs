@@ -477,10 +477,7 @@ fn measure(
     println!("| backend | ADD injected p50 (p90) | floor p50 (p90) | ratio p50 | ratio to iptables-nft floor | CPU p50 | burst {} wall / bound / slowest / failures |", a.burst);
     println!("|---|---|---|---|---|---|---|");
     for &backend in &a.backends {
-        let restore = match backend {
-            BackendChoice::Legacy => "iptables-legacy-restore",
-            _ => "iptables-nft-restore",
-        };
+        let restore = floor_restore(backend);
         warm_up(setup, backend, rules)?;
         let (mut inj, mut cpu, mut floor) = (Vec::new(), Vec::new(), Vec::new());
         for i in 0..a.samples {
@@ -527,12 +524,16 @@ fn warm_up(setup: &Setup, backend: BackendChoice, rules: &str) -> Result<(), Str
     let ns = BenchNetns::new(9000)?;
     add(setup, backend, "injected", &ns.path())?;
     let ns2 = BenchNetns::new(9001)?;
-    let restore = match backend {
+    restore_in(&ns2.path(), floor_restore(backend), rules)?;
+    Ok(())
+}
+
+/// The restore binary whose run is a backend's floor: legacy's for legacy, nft's for nft and native nftables.
+fn floor_restore(backend: BackendChoice) -> &'static str {
+    match backend {
         BackendChoice::Legacy => "iptables-legacy-restore",
         _ => "iptables-nft-restore",
-    };
-    restore_in(&ns2.path(), restore, rules)?;
-    Ok(())
+    }
 }
 
 struct Burst {

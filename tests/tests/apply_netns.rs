@@ -467,10 +467,7 @@ fn auto_detection_follows_existing_rules() {
 fn addresses_are_listed_ipv4_first() {
     let net = PodNet::new("addrs", true);
     let netns = cni_plugin::netns::Netns::open(net.pod.path()).unwrap();
-    let addrs = netns
-        .run(|| apply::Netlink::open().and_then(|nl| nl.addresses()))
-        .unwrap()
-        .unwrap();
+    let addrs = netns.run(apply::addresses).unwrap().unwrap();
     let pos4 = addrs
         .iter()
         .position(|a| *a == std::net::IpAddr::V4(POD_V4));

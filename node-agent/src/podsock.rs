@@ -36,6 +36,17 @@ pub enum SocketError {
     },
 }
 
+/// Whether `name` is one of the sockets the agent binds in its run dir (the pod cache's, the plugin's logs, the
+/// status), for the removal of their temp names at start.
+pub fn is_agent_socket(name: &str) -> bool {
+    [
+        SOCKET_NAME,
+        cni_plugin::report::SOCKET_NAME,
+        crate::status::SOCKET_NAME,
+    ]
+    .contains(&name)
+}
+
 /// The socket's path in `run_dir`.
 pub fn socket_path(run_dir: &Path) -> PathBuf {
     run_dir.join(SOCKET_NAME)
@@ -57,13 +68,13 @@ pub fn bind(path: &Path) -> Result<(UnixListener, SocketId), SocketError> {
         path: path.to_path_buf(),
         source,
     };
-    let tmp = path.with_file_name(format!(
-        ".{}.{}.tmp",
-        path.file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default(),
-        std::process::id()
-    ));
+    // The installer's temp pattern: a bind interrupted by a crash leaves a name the next start removes.
+    let tmp = crate::install::atomic::temp_path(path).map_err(|e| {
+        fail(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            e.to_string(),
+        ))
+    })?;
     match std::fs::remove_file(&tmp) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

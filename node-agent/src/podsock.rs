@@ -287,6 +287,45 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// What a kill between bind and rename leaves (a socket under its temp name) is what the start removes; the
+    /// temp names of anything else in the run dir stay.
+    #[tokio::test]
+    async fn a_socket_left_under_its_temp_name_is_removed_at_start() {
+        use crate::install::atomic::{remove_stale_temps, temp_path};
+        let dir =
+            std::env::temp_dir().join(format!("meshcni-podsock-stale-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        // A crashed agent's bind: the socket file exists under the temp name bind() uses, never renamed.
+        let names = [
+            SOCKET_NAME,
+            cni_plugin::report::SOCKET_NAME,
+            crate::status::SOCKET_NAME,
+        ];
+        let mut leftovers = Vec::new();
+        for name in names {
+            let tmp = temp_path(&dir.join(name)).unwrap();
+            drop(std::os::unix::net::UnixListener::bind(&tmp).unwrap());
+            leftovers.push(tmp);
+        }
+        std::fs::write(dir.join("other.sock.tmp.1.0"), "").unwrap();
+        let mut removed = remove_stale_temps(&dir, is_agent_socket);
+        removed.sort();
+        leftovers.sort();
+        assert_eq!(removed, leftovers);
+        assert!(dir.join("other.sock.tmp.1.0").exists());
+        // A bind leaves only the socket itself.
+        let (_listener, _) = bind(&socket_path(&dir)).unwrap();
+        let mut left: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["other.sock.tmp.1.0", SOCKET_NAME]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[tokio::test]
     async fn a_successors_socket_is_not_removed() {
         let dir = std::env::temp_dir().join(format!("meshcni-podsock-succ-{}", std::process::id()));

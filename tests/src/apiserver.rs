@@ -349,22 +349,21 @@ impl ApiServerBuilder {
             )?;
         let acceptor = TlsAcceptor::from(Arc::new(tls));
 
-        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
-        let listener = match &self.netns {
-            None => StdTcpListener::bind(addr).map_err(|source| ApiServerError::Bind {
-                port: self.port,
-                netns: None,
-                source,
-            })?,
-            Some(ns) => bind_in_netns(ns, addr)?,
-        };
-        let bind_err = |source| ApiServerError::Bind {
-            port: self.port,
+        let mut place = Place {
+            addr: SocketAddr::from((Ipv4Addr::LOCALHOST, self.port)),
             netns: self.netns.clone(),
-            source,
         };
-        let port = listener.local_addr().map_err(bind_err)?.port();
-        listener.set_nonblocking(true).map_err(bind_err)?;
+        let listener = place.bind()?;
+        let port = listener
+            .local_addr()
+            .map_err(|source| ApiServerError::Bind {
+                port: self.port,
+                netns: self.netns.clone(),
+                source,
+            })?
+            .port();
+        // Listening again after a refusal means the same port, not any free one.
+        place.addr.set_port(port);
 
         let token = self.token.unwrap_or_else(random_token);
         let shared = Arc::new(Shared {
@@ -393,10 +392,6 @@ impl ApiServerBuilder {
             .map_err(ApiServerError::Runtime)?;
         let (stop_tx, stop_rx) = oneshot::channel();
         let srv_shared = shared.clone();
-        let place = Place {
-            addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
-            netns: self.netns.clone(),
-        };
         let thread = std::thread::Builder::new()
             .name(format!("test-apiserver-{port}"))
             .spawn(move || rt.block_on(serve(listener, place, acceptor, srv_shared, stop_rx)))

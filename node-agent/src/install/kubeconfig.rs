@@ -37,10 +37,24 @@ pub enum Trust<'a> {
     SkipVerify,
 }
 
+/// Inputs the kubeconfig cannot be written from.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KubeconfigError {
+    /// An empty `certificate-authority-data` reads back as absent: the plugin would then verify the API server
+    /// against the system's roots instead, and fail with a TLS error far from the cause.
+    #[error("the CA bundle is empty (0 bytes): the plugin could not verify the API server")]
+    EmptyCa,
+}
+
 /// Renders the kubeconfig file.
-pub fn render(server: &ApiServer, trust: &Trust<'_>, token: &str) -> String {
+pub fn render(
+    server: &ApiServer,
+    trust: &Trust<'_>,
+    token: &str,
+) -> Result<String, KubeconfigError> {
     let mut cluster = String::new();
     match trust {
+        Trust::Ca([]) => return Err(KubeconfigError::EmptyCa),
         Trust::Ca(pem) => {
             let b64 = base64::engine::general_purpose::STANDARD.encode(pem);
             cluster.push_str(&format!("    certificate-authority-data: {b64}\n"));
@@ -48,7 +62,7 @@ pub fn render(server: &ApiServer, trust: &Trust<'_>, token: &str) -> String {
         Trust::SkipVerify => cluster.push_str("    insecure-skip-tls-verify: true\n"),
     }
     cluster.push_str(&format!("    server: {}\n", scalar(&server.url())));
-    format!(
+    Ok(format!(
         "apiVersion: v1\n\
          clusters:\n\
          - cluster:\n\
@@ -60,7 +74,7 @@ pub fn render(server: &ApiServer, trust: &Trust<'_>, token: &str) -> String {
          users:\n\
          - name: istio-cni\n  user:\n    token: {}\n",
         scalar(token)
-    )
+    ))
 }
 
 /// A YAML scalar for a string: plain when that reads back as the same string, else double-quoted (JSON escapes are
@@ -132,15 +146,15 @@ mod tests {
         let ca = corpus("install/kube-ca.crt");
         let token = "service_account_token_string";
         assert_eq!(
-            render(&server("10.96.0.1"), &Trust::Ca(&ca), token),
+            render(&server("10.96.0.1"), &Trust::Ca(&ca), token).unwrap(),
             String::from_utf8(corpus("install/kubeconfig-tls")).unwrap()
         );
         assert_eq!(
-            render(&server("10.96.0.1"), &Trust::SkipVerify, token),
+            render(&server("10.96.0.1"), &Trust::SkipVerify, token).unwrap(),
             String::from_utf8(corpus("install/kubeconfig-skip-tls")).unwrap()
         );
         assert_eq!(
-            render(&server("50.76.2.1"), &Trust::Ca(&ca), token),
+            render(&server("50.76.2.1"), &Trust::Ca(&ca), token).unwrap(),
             String::from_utf8(corpus("install/kubeconfig-newhost")).unwrap()
         );
     }
@@ -164,7 +178,7 @@ mod tests {
                 .unwrap_or_else(|| panic!("{key} missing"))
         };
         let token = field(&expected, "token");
-        let ours = render(&server("10.110.0.1"), &Trust::Ca(&ca), &token);
+        let ours = render(&server("10.110.0.1"), &Trust::Ca(&ca), &token).unwrap();
         for key in [
             "certificate-authority-data",
             "token",
@@ -185,7 +199,7 @@ mod tests {
         assert_eq!(server("fd00::1").url(), "https://[fd00::1]:443");
         assert_eq!(server("[fd00::1]").url(), "https://[fd00::1]:443");
         assert_eq!(server("10.0.0.1").url(), "https://10.0.0.1:443");
-        let text = render(&server("fd00::1"), &Trust::SkipVerify, "t");
+        let text = render(&server("fd00::1"), &Trust::SkipVerify, "t").unwrap();
         assert!(
             text.contains("    server: https://[fd00::1]:443\n"),
             "{text}"
@@ -203,11 +217,22 @@ mod tests {
             ("a: b", "\"a: b\""),
             ("-x", "\"-x\""),
         ] {
-            let text = render(&server("h"), &Trust::SkipVerify, token);
+            let text = render(&server("h"), &Trust::SkipVerify, token).unwrap();
             assert!(
                 text.ends_with(&format!("    token: {want}\n")),
                 "{token:?}: {text}"
             );
         }
+    }
+
+    /// Found by the kubeconfig fuzz target: an empty CA bundle was written as `certificate-authority-data: ` (no
+    /// value), which reads back as no CA at all.
+    #[test]
+    fn an_empty_ca_bundle_is_refused() {
+        assert_eq!(
+            render(&server("h"), &Trust::Ca(b""), "t"),
+            Err(KubeconfigError::EmptyCa)
+        );
+        assert!(render(&server("h"), &Trust::Ca(b"x"), "t").is_ok());
     }
 }

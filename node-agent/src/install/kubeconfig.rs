@@ -77,14 +77,40 @@ pub fn render(
     ))
 }
 
-/// A YAML scalar for a string: plain when that reads back as the same string, else double-quoted (JSON escapes are
-/// valid YAML double-quoted escapes).
+/// A YAML scalar for a string: plain when that reads back as the same string, else double-quoted.
 fn scalar(s: &str) -> String {
     if plain_safe(s) {
         s.to_string()
     } else {
-        serde_json::Value::String(s.to_string()).to_string()
+        double_quoted(s)
     }
+}
+
+/// A YAML double-quoted scalar: every character that YAML does not allow as it is (`c-printable`: controls, DEL,
+/// the C1 range), the line and paragraph separators, which a YAML 1.1 reader takes as line breaks, and the byte
+/// order mark are written as escapes, so any string reads back unchanged.
+fn double_quoted(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '\r' => out.push_str("\\r"),
+            '\0'..='\u{1f}'
+            | '\u{7f}'..='\u{9f}'
+            | '\u{2028}'
+            | '\u{2029}'
+            | '\u{feff}'
+            | '\u{fffe}'
+            | '\u{ffff}' => out.push_str(&format!("\\u{:04x}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 fn plain_safe(s: &str) -> bool {
@@ -216,6 +242,23 @@ mod tests {
             ("", "\"\""),
             ("a: b", "\"a: b\""),
             ("-x", "\"-x\""),
+        ] {
+            let text = render(&server("h"), &Trust::SkipVerify, token).unwrap();
+            assert!(
+                text.ends_with(&format!("    token: {want}\n")),
+                "{token:?}: {text}"
+            );
+        }
+    }
+
+    /// Found by the kubeconfig fuzz target: a DEL (0x7f) in a token was written raw inside double quotes (JSON's
+    /// escapes), which YAML does not allow: the plugin could not read its kubeconfig at all.
+    #[test]
+    fn unprintable_characters_are_escaped() {
+        for (token, want) in [
+            ("a\u{7f}b", "\"a\\u007fb\""),
+            ("\u{85}\u{2028}\u{feff}", "\"\\u0085\\u2028\\ufeff\""),
+            ("q\"\\\u{1}é", "\"q\\\"\\\\\\u0001é\""),
         ] {
             let text = render(&server("h"), &Trust::SkipVerify, token).unwrap();
             assert!(

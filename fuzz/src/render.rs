@@ -510,6 +510,30 @@ mod tests {
     }
 
     #[test]
+    #[should_panic(expected = "neither a word of the renderer nor a typed value")]
+    fn raw_text_in_a_rule_is_caught() {
+        let values: HashSet<String> = ["eth0".to_string()].into();
+        check_restore("* nat\n-A ISTIO_OUTPUT -o eth0;x -j RETURN\nCOMMIT\n", false, &values);
+    }
+
+    #[test]
+    #[should_panic(expected = "in the IPv4 payload")]
+    fn an_address_of_the_other_family_is_caught() {
+        let values: HashSet<String> = ["fd00::/8".to_string()].into();
+        check_restore("* nat\n-A ISTIO_OUTPUT -d fd00::/8 -j RETURN\nCOMMIT\n", false, &values);
+    }
+
+    #[test]
+    #[should_panic(expected = "is not from the configuration")]
+    fn a_value_the_configuration_does_not_have_is_caught() {
+        let with = CaptureConfig {
+            exclude_interfaces: vec!["eth0".parse().expect("name")],
+            ..CaptureConfig::default()
+        };
+        check_nft_typed(&nftables::render(&with), &CaptureConfig::default());
+    }
+
+    #[test]
     fn every_capture_case_satisfies_the_invariant() {
         let json = cni_plugin::compat::read(cni_plugin::rules::capture_cases::CASES_FILE);
         let json = String::from_utf8(json).expect("utf-8");

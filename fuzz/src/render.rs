@@ -513,14 +513,22 @@ mod tests {
     #[should_panic(expected = "neither a word of the renderer nor a typed value")]
     fn raw_text_in_a_rule_is_caught() {
         let values: HashSet<String> = ["eth0".to_string()].into();
-        check_restore("* nat\n-A ISTIO_OUTPUT -o eth0;x -j RETURN\nCOMMIT\n", false, &values);
+        check_restore(
+            "* nat\n-A ISTIO_OUTPUT -o eth0;x -j RETURN\nCOMMIT\n",
+            false,
+            &values,
+        );
     }
 
     #[test]
     #[should_panic(expected = "in the IPv4 payload")]
     fn an_address_of_the_other_family_is_caught() {
         let values: HashSet<String> = ["fd00::/8".to_string()].into();
-        check_restore("* nat\n-A ISTIO_OUTPUT -d fd00::/8 -j RETURN\nCOMMIT\n", false, &values);
+        check_restore(
+            "* nat\n-A ISTIO_OUTPUT -d fd00::/8 -j RETURN\nCOMMIT\n",
+            false,
+            &values,
+        );
     }
 
     #[test]

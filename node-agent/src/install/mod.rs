@@ -55,6 +55,12 @@ pub enum InstallError {
     Conflist(#[from] conflist::ConflistError),
     #[error(transparent)]
     Write(#[from] atomic::AtomicError),
+    #[error("CA bundle {path}: {source}")]
+    Kubeconfig {
+        path: PathBuf,
+        #[source]
+        source: kubeconfig::KubeconfigError,
+    },
 }
 
 fn read_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> InstallError + 'a {
@@ -172,7 +178,13 @@ impl Installer {
             ca = fs::read(&self.cfg.ca_file).map_err(read_err("CA bundle", &self.cfg.ca_file))?;
             kubeconfig::Trust::Ca(&ca)
         };
-        let desired = kubeconfig::render(&self.cfg.api_server, &trust, &token);
+        let desired =
+            kubeconfig::render(&self.cfg.api_server, &trust, &token).map_err(|source| {
+                InstallError::Kubeconfig {
+                    path: self.cfg.ca_file.clone(),
+                    source,
+                }
+            })?;
         let path = self.cfg.kubeconfig_path();
         if file_is(&path, desired.as_bytes(), Some(self.cfg.kubeconfig_mode)) {
             return Ok(None);

@@ -276,10 +276,29 @@ pub struct Redirected {
     pub backend: &'static str,
 }
 
+/// Why a repair in place failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct RedirectError {
+    pub message: String,
+    /// Another attempt may succeed (the netns not found yet, a transient programming failure); `false` when the
+    /// agent refuses every repair (the host's netns could not be established).
+    pub retry: bool,
+}
+
+impl From<String> for RedirectError {
+    fn from(message: String) -> Self {
+        RedirectError {
+            message,
+            retry: true,
+        }
+    }
+}
+
 /// The netns side of the repair: finds the pod's netns by its IPs and programs `redirect` there. Blocking; called
 /// on a blocking thread.
 pub trait Redirector: Send + Sync + 'static {
-    fn redirect(&self, ips: &[IpAddr], redirect: &Redirect) -> Result<Redirected, String>;
+    fn redirect(&self, ips: &[IpAddr], redirect: &Redirect) -> Result<Redirected, RedirectError>;
 }
 
 /// Istio's `result` label values.
@@ -595,7 +614,7 @@ impl<A: PodActions, R: Redirector> Controller<A, R> {
                     Some((REASON_REPAIR, msg)),
                 )
             }
-            Ok(Err(e)) => failed(e, true),
+            Ok(Err(e)) => failed(e.message, e.retry),
             Err(e) => failed(format!("the repair panicked: {e}"), true),
         }
     }

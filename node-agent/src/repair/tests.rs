@@ -296,7 +296,7 @@ struct Recorder {
     /// Answers of delete/label, in order; empty: Ok.
     answers: Mutex<VecDeque<Result<(), ApiError>>>,
     /// Answers of the redirector, in order; empty: Ok.
-    redirects: Mutex<VecDeque<Result<(), String>>>,
+    redirects: Mutex<VecDeque<Result<(), RedirectError>>>,
 }
 
 impl Recorder {
@@ -340,7 +340,7 @@ impl PodActions for Recorder {
 }
 
 impl Redirector for Recorder {
-    fn redirect(&self, ips: &[IpAddr], _redirect: &Redirect) -> Result<Redirected, String> {
+    fn redirect(&self, ips: &[IpAddr], _redirect: &Redirect) -> Result<Redirected, RedirectError> {
         self.push(Call::Redirect(ips.to_vec()));
         self.redirects
             .lock()
@@ -545,11 +545,11 @@ async fn repair_mode_skips_what_the_plugin_would_skip() {
 async fn failures_are_retried_on_later_events_up_to_the_limit() {
     let mut run = controller(RepairMode::Repair);
     for _ in 0..10 {
-        run.rec
-            .redirects
-            .lock()
-            .unwrap()
-            .push_back(Err("no network namespace has the pod's address".into()));
+        run.rec.redirects.lock().unwrap().push_back(Err(
+            "no network namespace has the pod's address"
+                .to_string()
+                .into(),
+        ));
     }
     let sick = broken_pod("ns", "a", "u1");
     feed(&mut run, vec![Event::Apply(sick.clone()); 8]).await;
@@ -570,12 +570,36 @@ async fn failures_are_retried_on_later_events_up_to_the_limit() {
         .redirects
         .lock()
         .unwrap()
-        .push_back(Err("not yet".into()));
+        .push_back(Err("not yet".to_string().into()));
     feed(&mut run, vec![Event::Apply(sick); 4]).await;
     let redirects = run.rec.redirects();
     assert_eq!(redirects, 2);
     assert_eq!(metric(&run.shared, "repair", "fail"), 1);
     assert_eq!(metric(&run.shared, "repair", "success"), 1);
+}
+
+#[tokio::test]
+async fn a_refused_repair_fails_once_without_retry() {
+    let mut run = controller(RepairMode::Repair);
+    run.rec
+        .redirects
+        .lock()
+        .unwrap()
+        .push_back(Err(RedirectError {
+            message:
+                "the in-place repair is refused: cannot establish the host's network namespace"
+                    .into(),
+            retry: false,
+        }));
+    feed(&mut run, vec![Event::Apply(broken_pod("ns", "a", "u1")); 3]).await;
+    assert_eq!(run.rec.redirects(), 1);
+    assert_eq!(metric(&run.shared, "repair", "fail"), 1);
+    assert!(
+        run.rec.calls().iter().any(|c| matches!(c,
+        Call::Event { message, .. } if message.contains("failed to repair: the in-place repair is refused"))),
+        "{:?}",
+        run.rec.calls()
+    );
 }
 
 #[tokio::test]

@@ -364,6 +364,8 @@ struct Run {
 fn controller(mode: RepairMode) -> Run {
     let rec = Arc::new(Recorder::default());
     let shared = Shared::new();
+    // The plugin is in place (the delete mode waits for it).
+    shared.set_ready(true);
     let controller = Controller::new(config(mode), rec.clone(), rec.clone(), shared.clone());
     Run {
         rec,
@@ -576,6 +578,42 @@ async fn failures_are_retried_on_later_events_up_to_the_limit() {
     assert_eq!(redirects, 2);
     assert_eq!(metric(&run.shared, "repair", "fail"), 1);
     assert_eq!(metric(&run.shared, "repair", "success"), 1);
+}
+
+#[tokio::test]
+async fn delete_mode_waits_for_the_plugin_to_be_in_place() {
+    let mut run = controller(RepairMode::Delete);
+    run.shared.set_ready(false);
+    run.controller = Controller::new(
+        config(RepairMode::Delete),
+        run.rec.clone(),
+        run.rec.clone(),
+        run.shared.clone(),
+    )
+    .with_install_wait(Duration::from_millis(150));
+    let sick = broken_pod("ns", "a", "u1");
+    let started = Instant::now();
+    feed(&mut run, vec![Event::Apply(sick.clone())]).await;
+    assert!(started.elapsed() >= Duration::from_millis(150));
+    assert_eq!(
+        run.rec.deletes(),
+        0,
+        "deleted while the plugin is not in place"
+    );
+    assert_eq!(metric(&run.shared, "delete", "fail"), 1);
+    assert!(
+        run.rec.calls().iter().any(|c| matches!(c,
+        Call::Event { message, .. } if message.contains("not deleted: the plugin is not in place"))),
+        "{:?}",
+        run.rec.calls()
+    );
+    // Ready meanwhile (the installer's first reconcile): the next event deletes it, at once.
+    run.shared.set_ready(true);
+    let started = Instant::now();
+    feed(&mut run, vec![Event::Apply(sick)]).await;
+    assert!(started.elapsed() < Duration::from_millis(100));
+    assert_eq!(run.rec.deletes(), 1);
+    assert_eq!(metric(&run.shared, "delete", "success"), 1);
 }
 
 #[tokio::test]

@@ -289,24 +289,52 @@ fn container_view(proc: &FakeProc, pid_ns: &Path, agent_netns: &Path, runtime_ne
 }
 
 #[test]
-fn where_init_may_not_be_inspected_our_netns_is_the_hosts_only_if_it_is_the_runtimes() {
+fn where_init_may_not_be_inspected_the_hosts_netns_is_the_runtimes() {
     let container = PidNamespace::new();
     let own = own_netns();
-    // hostNetwork: the runtime's process that started us is in our netns.
+    let pod = RunningPod::new("rrt", unique_ip(), None);
+    // The agent in a pod netns of its own (the DaemonSet's default): the runtime's shim is in the host's netns.
+    let node = RunningPod::new("rrt-node", unique_ip(), None);
+    let proc = FakeProc::new();
+    container_view(&proc, &container.path(), &own, node.ns.path());
+    proc.process(60, node.ns.path(), Some(1)); // another host process (the kubelet)
+    proc.process(200, pod.ns.path(), Some(10));
+    let host = HostNetns::runtimes(&proc.dir).unwrap();
+    assert_eq!(host.id, Netns::open(node.ns.path()).unwrap().id());
+    assert_eq!(
+        host.by,
+        HostBy::Runtime {
+            pid: 50,
+            comm: "containerd-shim".into(),
+            agent_inside: false
+        }
+    );
+    let scope = Scope {
+        proc: proc.dir.clone(),
+        host,
+    };
+    let all = candidates(&scope).unwrap();
+    assert!(!all.values().any(|&p| p == 50 || p == 60), "{all:?}");
+    assert!(all.values().any(|&p| p == 200), "{all:?}");
+    assert_eq!(find_pod_netns(&scope, &[pod.ip]).unwrap().pid, 200);
+    // The host's address (a hostNetwork pod's) is never found: its netns is not searched.
+    let e = find_pod_netns(&scope, &[node.ip]).unwrap_err();
+    assert!(matches!(e, SearchError::NotFound { .. }), "{e}");
+
+    // hostNetwork: the agent shares the runtime's netns, which is then never a candidate either.
     let proc = FakeProc::new();
     container_view(&proc, &container.path(), &own, &own);
+    proc.process(200, pod.ns.path(), Some(10));
     let host = HostNetns::runtimes(&proc.dir).unwrap();
     assert_eq!(host.id, Netns::open(&own).unwrap().id());
     assert_eq!(
         host.by,
         HostBy::Runtime {
             pid: 50,
-            comm: "containerd-shim".into()
+            comm: "containerd-shim".into(),
+            agent_inside: true
         }
     );
-    // The search with it: our netns (the host's) is never a candidate, a pod's is.
-    let pod = RunningPod::new("rrt", unique_ip(), None);
-    proc.process(200, pod.ns.path(), Some(10));
     let scope = Scope {
         proc: proc.dir.clone(),
         host,
@@ -318,18 +346,9 @@ fn where_init_may_not_be_inspected_our_netns_is_the_hosts_only_if_it_is_the_runt
             .collect::<Vec<_>>(),
         vec![200]
     );
-    assert_eq!(find_pod_netns(&scope, &[pod.ip]).unwrap().pid, 200);
 
-    // Not hostNetwork: the runtime runs in another netns than ours.
-    let elsewhere = TestNetns::new("rrt-rt");
-    let proc = FakeProc::new();
-    container_view(&proc, &container.path(), &own, elsewhere.path());
-    let e = HostNetns::runtimes(&proc.dir).unwrap_err();
-    assert!(
-        e.contains("hostNetwork: true") && e.contains("process 50 (containerd-shim)"),
-        "{e}"
-    );
     // A /proc whose `self` is not this process.
+    let elsewhere = TestNetns::new("rrt-else");
     let proc = FakeProc::new();
     container_view(&proc, &container.path(), elsewhere.path(), &own);
     let e = HostNetns::runtimes(&proc.dir).unwrap_err();
@@ -359,7 +378,7 @@ fn the_real_proc_gives_inits_netns_or_the_reason_it_cannot() {
         Err(e) => {
             let opened = std::fs::File::open(init).map(|_| ()).unwrap_err();
             assert_eq!(opened.kind(), std::io::ErrorKind::PermissionDenied, "{e}");
-            assert!(matches!(e, SearchError::HostUnverified { .. }), "{e}");
+            assert!(matches!(e, SearchError::NoHostNetns { .. }), "{e}");
             assert!(e.to_string().contains("/proc/1/ns/net"), "{e}");
         }
     }

@@ -19,12 +19,16 @@
 //! ## The host's netns ([`HostNetns::establish`])
 //!
 //! It is init's (`<proc>/1/ns/net`). Where init may not be inspected even by root (EACCES/EPERM: a sandboxed or
-//! hardened init, which the plugin meets too, see `cni_plugin::netns::Netns::is_host`), it is the agent's own,
-//! once verified: the agent runs with `hostNetwork: true`, so its netns must be the one of the container
-//! runtime's process that started it (its nearest ancestor outside its own pid namespace: containerd's shim,
-//! CRI-O's conmon), which runs in the host's netns; a pod's netns never is. Before that, `<proc>` must show this
-//! very process (`<proc>/self/ns/net` is our netns), so a `<proc>` that is not a /proc of ours is refused too.
-//! When neither works, the in-place repair is refused with the reason: guessing could enter the node's own netns.
+//! hardened init, which the plugin meets too, see `cni_plugin::netns::Netns::is_host`), it is the netns of the
+//! container runtime's process that started the agent's container: the agent's nearest ancestor outside its own
+//! pid namespace (containerd's shim, CRI-O's conmon), which the runtime starts in the node's netns, whatever the
+//! pods' network. The agent runs in a pod netns of its own (as Istio's DaemonSet in sidecar mode) or, with
+//! `hostNetwork: true`, in that very netns: both are reported. The plugin's own fallback (the process's netns)
+//! does not fit here: the agent's netns is not the host's unless it is on the host's network. Before the walk,
+//! `<proc>` must show this very process (`<proc>/self/ns/net` is our netns), so a `<proc>` that is not a /proc of a
+//! pid namespace holding us is refused, and so is one where no ancestor is outside our pid namespace (`hostPID`,
+//! or the container's own /proc mounted as the host's). When nothing establishes it, the in-place repair is
+//! refused with the reason: guessing could enter the node's own netns.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -47,9 +51,9 @@ pub enum SearchError {
     },
     #[error(
         "cannot establish the host's network namespace: {init} may not be inspected ({init_error}), and the \
-         agent's own network namespace is not verified to be the host's: {reason}"
+         container runtime's cannot be established instead: {reason}"
     )]
-    HostUnverified {
+    NoHostNetns {
         init: PathBuf,
         init_error: std::io::Error,
         reason: String,
@@ -114,8 +118,13 @@ pub fn parent(proc: &Path, pid: u32) -> Option<u32> {
 pub enum HostBy {
     /// Init's, `<proc>/1/ns/net`.
     Init(PathBuf),
-    /// The agent's own, which is the netns of the container runtime's process `pid` (`comm`) that started it.
-    Runtime { pid: u32, comm: String },
+    /// The netns of the container runtime's process `pid` (`comm`) that started the agent's container;
+    /// `agent_inside`: the agent shares it (`hostNetwork: true`).
+    Runtime {
+        pid: u32,
+        comm: String,
+        agent_inside: bool,
+    },
     /// The netns at this path, as the caller said (tests, which run in the host's netns).
     Given(PathBuf),
 }
@@ -124,9 +133,18 @@ impl std::fmt::Display for HostBy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             HostBy::Init(path) => write!(f, "init's ({})", path.display()),
-            HostBy::Runtime { pid, comm } => write!(
+            HostBy::Runtime {
+                pid,
+                comm,
+                agent_inside,
+            } => write!(
                 f,
-                "the agent's own, shared with the container runtime's process {pid} ({comm})"
+                "the container runtime's, of process {pid} ({comm}) that started the agent's container ({})",
+                if *agent_inside {
+                    "the agent shares it: hostNetwork"
+                } else {
+                    "the agent is in a netns of its own"
+                }
             ),
             HostBy::Given(path) => write!(f, "given ({})", path.display()),
         }
@@ -145,7 +163,7 @@ const MAX_ANCESTORS: usize = 64;
 
 impl HostNetns {
     /// The host's netns as seen through `proc` (see the module docs): init's, or where init may not be inspected,
-    /// the agent's own once verified to be the container runtime's.
+    /// the container runtime's.
     pub fn establish(proc: &Path) -> Result<HostNetns, SearchError> {
         let init = ns_path(proc, 1);
         match ns_id(&init) {
@@ -154,7 +172,7 @@ impl HostNetns {
                 by: HostBy::Init(init),
             }),
             Err(init_error) if init_error.kind() == std::io::ErrorKind::PermissionDenied => {
-                HostNetns::runtimes(proc).map_err(|reason| SearchError::HostUnverified {
+                HostNetns::runtimes(proc).map_err(|reason| SearchError::NoHostNetns {
                     init,
                     init_error,
                     reason,
@@ -176,8 +194,9 @@ impl HostNetns {
         })
     }
 
-    /// This process's netns, verified to be the one of its nearest ancestor outside its own pid namespace (the
-    /// container runtime's process, as `proc` shows them). `Err`: why it cannot be verified.
+    /// The netns of this process's nearest ancestor outside its own pid namespace (the container runtime's process
+    /// that started its container, as `proc` shows them), once `proc` is verified to show this process. `Err`: why
+    /// it cannot be established.
     pub fn runtimes(proc: &Path) -> Result<HostNetns, String> {
         let ours = Path::new(PROCESS_NETNS_PATH);
         let own = ns_id(ours).map_err(|e| format!("cannot read {}: {e}", ours.display()))?;
@@ -226,15 +245,13 @@ impl HostNetns {
                     .map(|c| c.trim().to_string())
                     .unwrap_or_else(|_| "?".into());
                 let theirs = read(ns_path(proc, up))?;
-                if theirs != own {
-                    return Err(format!(
-                        "this process's {own} is not the netns {theirs} of the container runtime's process {up} \
-                         ({comm}) that started it: the agent must run with hostNetwork: true"
-                    ));
-                }
                 return Ok(HostNetns {
-                    id: own,
-                    by: HostBy::Runtime { pid: up, comm },
+                    id: theirs,
+                    by: HostBy::Runtime {
+                        pid: up,
+                        comm,
+                        agent_inside: theirs == own,
+                    },
                 });
             }
             pid = up;

@@ -315,6 +315,16 @@ impl Recorder {
     fn deletes(&self) -> usize {
         self.count(|c| matches!(c, Call::Delete(_)))
     }
+    /// Some Event's message contains `text`.
+    fn assert_event_says(&self, text: &str) {
+        let calls = self.calls();
+        assert!(
+            calls
+                .iter()
+                .any(|c| matches!(c, Call::Event { message, .. } if message.contains(text))),
+            "no Event says {text:?}: {calls:?}"
+        );
+    }
     fn answer(&self) -> Result<(), ApiError> {
         self.answers.lock().unwrap().pop_front().unwrap_or(Ok(()))
     }
@@ -561,10 +571,8 @@ async fn failures_are_retried_on_later_events_up_to_the_limit() {
         metric(&run.shared, "repair", "fail"),
         u64::from(MAX_ATTEMPTS)
     );
-    assert!(
-        run.rec.calls().iter().any(|c| matches!(c,
-        Call::Event { message, .. } if message.contains("failed to repair: no network namespace")))
-    );
+    run.rec
+        .assert_event_says("failed to repair: no network namespace");
 
     // A failure then a success: two attempts, then never again.
     let mut run = controller(RepairMode::Repair);
@@ -601,12 +609,8 @@ async fn delete_mode_waits_for_the_plugin_to_be_in_place() {
         "deleted while the plugin is not in place"
     );
     assert_eq!(metric(&run.shared, "delete", "fail"), 1);
-    assert!(
-        run.rec.calls().iter().any(|c| matches!(c,
-        Call::Event { message, .. } if message.contains("not deleted: the plugin is not in place"))),
-        "{:?}",
-        run.rec.calls()
-    );
+    run.rec
+        .assert_event_says("not deleted: the plugin is not in place");
     // Ready meanwhile (the installer's first reconcile): the next event deletes it, at once.
     run.shared.set_ready(true);
     let started = Instant::now();
@@ -632,12 +636,8 @@ async fn a_refused_repair_fails_once_without_retry() {
     feed(&mut run, vec![Event::Apply(broken_pod("ns", "a", "u1")); 3]).await;
     assert_eq!(run.rec.redirects(), 1);
     assert_eq!(metric(&run.shared, "repair", "fail"), 1);
-    assert!(
-        run.rec.calls().iter().any(|c| matches!(c,
-        Call::Event { message, .. } if message.contains("failed to repair: the in-place repair is refused"))),
-        "{:?}",
-        run.rec.calls()
-    );
+    run.rec
+        .assert_event_says("failed to repair: the in-place repair is refused");
 }
 
 #[tokio::test]

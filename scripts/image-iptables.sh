@@ -139,9 +139,16 @@ for p in "${PKGS[@]}"; do
     copy "usr/share/doc/$p/copyright"
 done
 
-rm -rf "$CACHE"
-mkdir -p "$CACHE"
-mv "$R" "$CACHE/rootfs"
-printf '%s\n' "$WANT" > "$CACHE/complete"
+# Into place with one rename, so a build running beside this one never sees half a tree: if another one put its
+# (identical) tree there first, that one is used.
+mkdir "$TMP/final"
+mv "$R" "$TMP/final/rootfs"
+printf '%s\n' "$WANT" > "$TMP/final/complete"
+if ! mv -T "$TMP/final" "$CACHE" 2>/dev/null; then
+    if [ ! -f "$CACHE/complete" ]; then
+        rm -rf "$CACHE" # left by an interrupted older build
+        mv -T "$TMP/final" "$CACHE"
+    fi
+fi
 say "unpacked into $CACHE: $(find "$CACHE/rootfs" -type f | wc -l) files, $(du -sh "$CACHE/rootfs" | cut -f1)"
 echo "$CACHE/rootfs"

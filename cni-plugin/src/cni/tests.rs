@@ -263,6 +263,21 @@ fn malformed_results_are_decoding_failures() {
     }
 }
 
+/// Found by the prev_result fuzz target: a 0.2.0 result with a top-level `routes` kept it as an unknown field, so
+/// converting it to 1.0.0 either dropped it (when ip4.routes had routes) or printed it as `routes` whatever it
+/// was, e.g. an object: a result that no longer parses.
+#[test]
+fn a_legacy_result_with_top_level_routes_is_mixed() {
+    for routes in [json!({"dst": "0.0.0.0/0"}), json!([{"dst": "10.0.0.0/8"}])] {
+        let prev = json!({"cniVersion": "0.2.0", "ip4": {"ip": "10.1.0.5/16", "routes": [{"dst": "0.0.0.0/0"}]}, "routes": routes});
+        for to in CniVersion::ALL {
+            let e = convert_result(&prev, to).unwrap_err();
+            assert_eq!(e.code, codes::DECODING_FAILURE, "{prev} -> {to}");
+            assert!(e.msg.contains("mixes"), "{e:?}");
+        }
+    }
+}
+
 #[test]
 fn empty_result_has_version_and_dns() {
     assert_eq!(

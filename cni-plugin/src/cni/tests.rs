@@ -278,6 +278,23 @@ fn a_legacy_result_with_top_level_routes_is_mixed() {
     }
 }
 
+/// Found by the cni_request fuzz target: without serde_json's exact float parsing, a number written with many
+/// digits (9999099999999999999 and 91 zeros) was read as one float and the plugin's own output of it read back as
+/// another: what the plugin prints of a configuration or prevResult must be what it received.
+#[test]
+fn floats_pass_through_exactly() {
+    let digits = format!("9999099999999999999{}", "0".repeat(91));
+    let conf =
+        format!(r#"{{"cniVersion":"1.0.0","name":"n","prevResult":{{"x":[{digits}],"y":0.3}}}}"#);
+    let conf = NetConf::parse(conf.as_bytes()).unwrap();
+    let out = convert_result(conf.prev_result.as_ref().unwrap(), CniVersion::V1_0_0).unwrap();
+    let printed = serde_json::to_vec(&out).unwrap();
+    let again: serde_json::Value = serde_json::from_slice(&printed).unwrap();
+    assert_eq!(again, out, "{}", String::from_utf8_lossy(&printed));
+    assert_eq!(out["x"][0].as_f64(), Some(9.9991e109));
+    assert_eq!(serde_json::to_string(&out["y"]).unwrap(), "0.3");
+}
+
 #[test]
 fn empty_result_has_version_and_dns() {
     assert_eq!(

@@ -131,10 +131,14 @@ pub fn convert_result(prev: &Value, to: CniVersion) -> Result<Value, CniError> {
     let mut obj = obj.clone();
     obj.remove("cniVersion");
     let legacy_shape = obj.contains_key("ip4") || obj.contains_key("ip6");
-    let new_shape = obj.contains_key("ips") || obj.contains_key("interfaces");
+    // A top-level `routes` is 0.3.0+ too (0.2.0 keeps routes inside ip4/ip6): kept as an unknown field of a 0.2.0
+    // result, it would collide with the routes a conversion writes (dropped, or left as a non-list).
+    let new_shape = ["ips", "interfaces", "routes"]
+        .iter()
+        .any(|k| obj.contains_key(*k));
     if legacy_shape && new_shape {
         return Err(bad(
-            "prevResult mixes the 0.2.0 (ip4/ip6) and 0.3.0+ (ips/interfaces) formats",
+            "prevResult mixes the 0.2.0 (ip4/ip6) and 0.3.0+ (ips/interfaces/routes) formats",
             "",
         ));
     }

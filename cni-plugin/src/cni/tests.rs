@@ -263,6 +263,38 @@ fn malformed_results_are_decoding_failures() {
     }
 }
 
+/// Found by the prev_result fuzz target: a 0.2.0 result with a top-level `routes` kept it as an unknown field, so
+/// converting it to 1.0.0 either dropped it (when ip4.routes had routes) or printed it as `routes` whatever it
+/// was, e.g. an object: a result that no longer parses.
+#[test]
+fn a_legacy_result_with_top_level_routes_is_mixed() {
+    for routes in [json!({"dst": "0.0.0.0/0"}), json!([{"dst": "10.0.0.0/8"}])] {
+        let prev = json!({"cniVersion": "0.2.0", "ip4": {"ip": "10.1.0.5/16", "routes": [{"dst": "0.0.0.0/0"}]}, "routes": routes});
+        for to in CniVersion::ALL {
+            let e = convert_result(&prev, to).unwrap_err();
+            assert_eq!(e.code, codes::DECODING_FAILURE, "{prev} -> {to}");
+            assert!(e.msg.contains("mixes"), "{e:?}");
+        }
+    }
+}
+
+/// Found by the cni_request fuzz target: without serde_json's exact float parsing, a number written with many
+/// digits (9999099999999999999 and 91 zeros) was read as one float and the plugin's own output of it read back as
+/// another: what the plugin prints of a configuration or prevResult must be what it received.
+#[test]
+fn floats_pass_through_exactly() {
+    let digits = format!("9999099999999999999{}", "0".repeat(91));
+    let conf =
+        format!(r#"{{"cniVersion":"1.0.0","name":"n","prevResult":{{"x":[{digits}],"y":0.3}}}}"#);
+    let conf = NetConf::parse(conf.as_bytes()).unwrap();
+    let out = convert_result(conf.prev_result.as_ref().unwrap(), CniVersion::V1_0_0).unwrap();
+    let printed = serde_json::to_vec(&out).unwrap();
+    let again: serde_json::Value = serde_json::from_slice(&printed).unwrap();
+    assert_eq!(again, out, "{}", String::from_utf8_lossy(&printed));
+    assert_eq!(out["x"][0].as_f64(), Some(9.9991e109));
+    assert_eq!(serde_json::to_string(&out["y"]).unwrap(), "0.3");
+}
+
 #[test]
 fn empty_result_has_version_and_dns() {
     assert_eq!(

@@ -99,6 +99,9 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
     })?;
 
     let installer = Arc::new(Mutex::new(Installer::new(cfg.clone())?));
+    for path in podsock::remove_stale_bind_dirs(&cfg.run_dir) {
+        tracing::info!(path = %path.display(), "removed a socket bind dir left by an interrupted start");
+    }
     // The first watch is set up here so that a directory that cannot be watched stops the agent before anything
     // is written; the watch starts before the first reconcile, so no change after the reconcile's reads is missed.
     let first_watcher = Arc::new(Mutex::new(Some(new_watcher(&cfg, &installer)?)));

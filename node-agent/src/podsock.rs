@@ -50,36 +50,99 @@ fn socket_id(path: &Path) -> std::io::Result<SocketId> {
     Ok((m.dev(), m.ino()))
 }
 
+/// Marks the private directories a socket is bound in before it is moved into place: `.<socket name>` + this +
+/// `<pid>.<random>`.
+const BIND_DIR_MARK: &str = ".bind.";
+
 /// Binds the socket at `path`, owner-only (mode 0600), replacing a stale one (or another agent's: the newest wins).
 /// Returns the listener and the file's identity, for [`remove_if_ours`].
+///
+/// The socket is bound in a fresh directory of ours (mode 0700, a random name, `mkdir` refusing any name that
+/// exists, a planted symlink included) next to `path`, made owner-only there, where nobody else can swap it for a
+/// symlink between the bind and the chmod (chmod follows symlinks), then renamed over `path` (which replaces a
+/// symlink planted at `path` itself, never what it points to). The plugin never sees it with wider permissions.
 pub fn bind(path: &Path) -> Result<(UnixListener, SocketId), SocketError> {
     let fail = |source| SocketError::Bind {
         path: path.to_path_buf(),
         source,
     };
-    let tmp = path.with_file_name(format!(
-        ".{}.{}.tmp",
-        path.file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default(),
-        std::process::id()
-    ));
-    match std::fs::remove_file(&tmp) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(fail(e)),
+    let (Some(run_dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return Err(fail(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "a socket path needs a directory and a file name",
+        )));
+    };
+    let private = make_bind_dir(run_dir, &name.to_string_lossy()).map_err(fail)?;
+    let inner = private.join("s");
+    let placed = UnixListener::bind(&inner).and_then(|listener| {
+        std::fs::set_permissions(&inner, std::fs::Permissions::from_mode(0o600))
+            .and_then(|()| socket_id(&inner))
+            .and_then(|id| std::fs::rename(&inner, path).map(|()| (listener, id)))
+    });
+    if placed.is_err() {
+        let _ = std::fs::remove_file(&inner);
     }
-    let listener = UnixListener::bind(&tmp).map_err(fail)?;
-    let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
-        .and_then(|()| socket_id(&tmp))
-        .and_then(|id| std::fs::rename(&tmp, path).map(|()| id));
-    match placed {
-        Ok(id) => Ok((listener, id)),
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            Err(fail(e))
+    // Empty now (or holding nothing of use): it goes either way.
+    let _ = std::fs::remove_dir(&private);
+    placed.map_err(fail)
+}
+
+/// A new owner-only directory in `run_dir` to bind the socket `name` in.
+fn make_bind_dir(run_dir: &Path, name: &str) -> std::io::Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let mut last = None;
+    for _ in 0..16 {
+        let dir = run_dir.join(format!(
+            ".{name}{BIND_DIR_MARK}{}.{}",
+            std::process::id(),
+            crate::install::atomic::random_suffix()
+        ));
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(e),
+            Err(e) => return Err(e),
         }
     }
+    Err(last.unwrap_or_else(|| std::io::Error::from(std::io::ErrorKind::AlreadyExists)))
+}
+
+/// Removes the bind directories of `run_dir` that a crash between a bind and its rename left behind (and the
+/// socket in one): those older than a minute, so a concurrent agent's bind in progress is never disturbed.
+/// Returns what was removed.
+pub fn remove_stale_bind_dirs(run_dir: &Path) -> Vec<PathBuf> {
+    let mut removed = Vec::new();
+    let Ok(entries) = std::fs::read_dir(run_dir) else {
+        return removed;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if !name.starts_with('.') || !name.contains(BIND_DIR_MARK) {
+            continue;
+        }
+        // lstat: only a real directory of that name is ours; a symlink named like one is removed as a file.
+        let Ok(md) = std::fs::symlink_metadata(entry.path()) else {
+            continue;
+        };
+        let old = md
+            .modified()
+            .ok()
+            .and_then(|m| m.elapsed().ok())
+            .is_some_and(|age| age > Duration::from_secs(60));
+        if !old {
+            continue;
+        }
+        let gone = if md.is_dir() {
+            let _ = std::fs::remove_file(entry.path().join("s"));
+            std::fs::remove_dir(entry.path())
+        } else {
+            std::fs::remove_file(entry.path())
+        };
+        if gone.is_ok() {
+            removed.push(entry.path());
+        }
+    }
+    removed
 }
 
 /// Removes the socket at `path` if it is still the one `id` names; whether it did. During a DaemonSet rolling
@@ -273,6 +336,52 @@ mod tests {
         assert!(remove_if_ours(&path, id).unwrap());
         assert!(!path.exists());
         assert!(!remove_if_ours(&path, id).unwrap(), "already gone");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_symlink_at_the_socket_path_is_replaced_not_followed() {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        let dir = std::env::temp_dir().join(format!("meshcni-podsock-link-{}", std::process::id()));
+        let outside = dir.with_extension("outside");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        let victim = outside.join("victim");
+        std::fs::write(&victim, "victim").unwrap();
+        std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let path = socket_path(&dir);
+        std::os::unix::fs::symlink(&victim, &path).unwrap();
+        let (_listener, _id) = bind(&path).unwrap();
+        let md = std::fs::symlink_metadata(&path).unwrap();
+        assert!(md.file_type().is_socket() && md.mode() & 0o777 == 0o600);
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "victim");
+        assert_eq!(std::fs::metadata(&victim).unwrap().mode() & 0o777, 0o644);
+        // The private bind dir is gone: only the socket is left in the run dir.
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from(SOCKET_NAME)]);
+        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::remove_dir_all(&outside).unwrap();
+    }
+
+    #[test]
+    fn stale_bind_dirs_are_removed_when_old() {
+        let dir =
+            std::env::temp_dir().join(format!("meshcni-podsock-stale-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fresh = make_bind_dir(&dir, SOCKET_NAME).unwrap();
+        let old = make_bind_dir(&dir, SOCKET_NAME).unwrap();
+        std::fs::write(old.join("s"), "").unwrap();
+        let past = std::time::SystemTime::now() - Duration::from_secs(120);
+        std::fs::File::open(&old)
+            .unwrap()
+            .set_modified(past)
+            .unwrap();
+        assert_eq!(remove_stale_bind_dirs(&dir), vec![old.clone()]);
+        assert!(fresh.is_dir() && !old.exists());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

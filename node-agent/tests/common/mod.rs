@@ -226,10 +226,46 @@ impl Agent {
     }
 
     pub fn start_named(node: &Node, extra: &[(&str, &str)], name: &str) -> Agent {
+        Self::spawn(node, extra, name, false)
+    }
+
+    /// Starts the agent stopped (SIGSTOP) before it runs any code of its own, so a test knows its pid before it
+    /// does anything (its temp names contain it); [`Agent::resume`] lets it go on. A shell stops itself, then
+    /// execs the agent, which keeps its pid (a child stopped between fork and exec would block `spawn`, which
+    /// waits for the exec).
+    pub fn start_paused(node: &Node, extra: &[(&str, &str)], name: &str) -> Agent {
+        let agent = Self::spawn(node, extra, name, true);
+        let stat = format!("/proc/{}/stat", agent.pid());
+        wait_for(
+            "the agent's shell to stop before exec",
+            Duration::from_secs(10),
+            Duration::from_millis(2),
+            || {
+                let text = fs::read_to_string(&stat).ok()?;
+                // The state follows the parenthesised command name.
+                let state = text.rsplit_once(')')?.1.split_whitespace().next()?;
+                (state == "T").then_some(())
+            },
+        );
+        agent
+    }
+
+    /// Lets an agent started with [`Agent::start_paused`] run.
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    fn spawn(node: &Node, extra: &[(&str, &str)], name: &str, paused: bool) -> Agent {
         let (health, metrics) = (free_port(), free_port());
         let log = node.root.join(format!("{name}-{health}.log"));
         let logf = fs::File::create(&log).unwrap();
-        let mut cmd = Command::new(AGENT);
+        let mut cmd = if paused {
+            let mut sh = Command::new("/bin/sh");
+            sh.args(["-c", "kill -STOP $$ && exec \"$0\"", AGENT]);
+            sh
+        } else {
+            Command::new(AGENT)
+        };
         cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .envs(node.env(health, metrics))

@@ -235,6 +235,8 @@ pub async fn serve(
 /// The agent's own API client, from its service account (the token file is re-read by kube as kubelet rotates it)
 /// and the API server the plugin's kubeconfig names.
 pub async fn client(cfg: &Config) -> Result<kube::Client, String> {
+    // kube re-reads the token file; each new token is registered by the installer's reconcile too.
+    crate::install::register_token(cfg);
     let mut cluster = serde_json::json!({ "server": cfg.api_server.url() });
     if cfg.skip_tls_verify {
         cluster["insecure-skip-tls-verify"] = true.into();

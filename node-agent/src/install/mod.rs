@@ -163,7 +163,10 @@ impl Installer {
     fn ensure_kubeconfig(&self) -> Result<Option<PathBuf>, InstallError> {
         let token_path = self.cfg.token_path();
         let token = fs::read_to_string(&token_path)
+            .map(cni_plugin::redact::Secret::new)
             .map_err(read_err("service-account token", &token_path))?;
+        // A rotated token is a new secret: known to the log scrubber before anything can quote it.
+        cni_plugin::redact::register(token.expose());
         let ca;
         let trust = if self.cfg.skip_tls_verify {
             kubeconfig::Trust::SkipVerify
@@ -171,7 +174,7 @@ impl Installer {
             ca = fs::read(&self.cfg.ca_file).map_err(read_err("CA bundle", &self.cfg.ca_file))?;
             kubeconfig::Trust::Ca(&ca)
         };
-        let desired = kubeconfig::render(&self.cfg.api_server, &trust, &token);
+        let desired = kubeconfig::render(&self.cfg.api_server, &trust, token.expose());
         let path = self.cfg.kubeconfig_path();
         if file_is(&path, desired.as_bytes(), Some(self.cfg.kubeconfig_mode)) {
             return Ok(None);
@@ -414,6 +417,14 @@ impl Installer {
             Some(e) => Err(e),
             None => Ok(()),
         }
+    }
+}
+
+/// Makes the service-account token known to the log scrubber (`cni_plugin::redact`); a token that cannot be read
+/// yet is registered by the reconcile that reads it.
+pub fn register_token(cfg: &Config) {
+    if let Ok(token) = fs::read_to_string(cfg.token_path()) {
+        cni_plugin::redact::register(&token);
     }
 }
 

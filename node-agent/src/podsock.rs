@@ -51,7 +51,7 @@ fn socket_id(path: &Path) -> std::io::Result<SocketId> {
 }
 
 /// Marks the private directories a socket is bound in before it is moved into place: `.<socket name>` + this +
-/// `<pid>.<random>`.
+/// `<random>`.
 const BIND_DIR_MARK: &str = ".bind.";
 
 /// Binds the socket at `path`, owner-only (mode 0600), replacing a stale one (or another agent's: the newest wins).
@@ -74,7 +74,7 @@ pub fn bind(path: &Path) -> Result<(UnixListener, SocketId), SocketError> {
     };
     let private = make_bind_dir(run_dir, &name.to_string_lossy()).map_err(fail)?;
     let inner = private.join("s");
-    let placed = UnixListener::bind(&inner).and_then(|listener| {
+    let placed = bind_in(&private, &inner).and_then(|listener| {
         std::fs::set_permissions(&inner, std::fs::Permissions::from_mode(0o600))
             .and_then(|()| socket_id(&inner))
             .and_then(|id| std::fs::rename(&inner, path).map(|()| (listener, id)))
@@ -87,14 +87,30 @@ pub fn bind(path: &Path) -> Result<(UnixListener, SocketId), SocketError> {
     placed.map_err(fail)
 }
 
+/// Binds `inner` (the socket `s` in the directory `private`). A socket's path is limited to 107 bytes, and the
+/// bind dir's name adds to the run dir's: the bind goes through the directory's descriptor
+/// (`/proc/self/fd/<fd>/s`, 20-odd bytes whatever the run dir), or through `inner` itself where there is no /proc.
+fn bind_in(private: &Path, inner: &Path) -> std::io::Result<UnixListener> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(private)?;
+    let via_fd = PathBuf::from(format!("/proc/self/fd/{}/s", dir.as_raw_fd()));
+    match UnixListener::bind(&via_fd) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => UnixListener::bind(inner),
+        other => other,
+    }
+}
+
 /// A new owner-only directory in `run_dir` to bind the socket `name` in.
 fn make_bind_dir(run_dir: &Path, name: &str) -> std::io::Result<PathBuf> {
     use std::os::unix::fs::DirBuilderExt;
     let mut last = None;
     for _ in 0..16 {
         let dir = run_dir.join(format!(
-            ".{name}{BIND_DIR_MARK}{}.{}",
-            std::process::id(),
+            ".{name}{BIND_DIR_MARK}{}",
             crate::install::atomic::random_suffix()
         ));
         match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
@@ -367,6 +383,23 @@ mod tests {
         assert_eq!(names, vec![std::ffi::OsString::from(SOCKET_NAME)]);
         std::fs::remove_dir_all(&dir).unwrap();
         std::fs::remove_dir_all(&outside).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_long_run_dir_is_no_longer_for_the_bind() {
+        // The socket's own path is just under the 107-byte limit; the bind dir's path is over it.
+        let base =
+            std::env::temp_dir().join(format!("meshcni-podsock-long-{}", std::process::id()));
+        let mut dir = base.clone();
+        let target = 107 - SOCKET_NAME.len() - 1;
+        let pad = target.saturating_sub(dir.as_os_str().len() + 1);
+        dir.push("d".repeat(pad.max(1)));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = socket_path(&dir);
+        assert!(path.as_os_str().len() <= 107, "{}", path.display());
+        let (_listener, _id) = bind(&path).unwrap();
+        assert!(std::fs::symlink_metadata(&path).is_ok());
+        std::fs::remove_dir_all(&base).unwrap();
     }
 
     #[test]

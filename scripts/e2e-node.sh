@@ -836,6 +836,61 @@ else
     fail "default/web2 did not start after the re-apply"
 fi
 
+step "Least privilege: the agent as the runtime runs it, its files, its API calls"
+agent_pid=""
+for p in $(cgroup_pids); do
+    [ "$(cat "/proc/$p/comm" 2>/dev/null)" = node-agent ] && agent_pid=$p
+done
+if [ -n "$agent_pid" ]; then
+    # The DaemonSet's securityContext, as containerd applied it: the root mount read-only, the capabilities
+    # exactly those the manifest adds, not privileged.
+    caps_added=$(KUBECTL -n kube-system get daemonset istio-cni-node \
+        -o jsonpath='{.spec.template.spec.containers[0].securityContext.capabilities.add}')
+    priv=$(python3 - "$agent_pid" "$caps_added" <<'PY'
+import json, sys
+pid, added = sys.argv[1], json.loads(sys.argv[2] or "[]")
+bits = {"CHOWN": 0, "DAC_OVERRIDE": 1, "DAC_READ_SEARCH": 2, "FOWNER": 3, "KILL": 5, "SETGID": 6, "SETUID": 7,
+        "SETPCAP": 8, "NET_BIND_SERVICE": 10, "NET_ADMIN": 12, "NET_RAW": 13, "SYS_CHROOT": 18, "SYS_PTRACE": 19,
+        "SYS_ADMIN": 21}
+want = sum(1 << bits[c] for c in added)
+status = dict(l.split(":", 1) for l in open(f"/proc/{pid}/status") if ":" in l)
+eff = int(status["CapEff"].strip(), 16)
+root = [l.split() for l in open(f"/proc/{pid}/mountinfo") if l.split()[4] == "/"]
+ro = bool(root) and "ro" in root[-1][5].split(",")
+problems = []
+if eff != want:
+    problems.append(f"CapEff {eff:#x}, the manifest adds {added} = {want:#x}")
+if not ro:
+    problems.append(f"the root mount is not read-only: {root[-1][5] if root else 'no / mount'}")
+print("; ".join(problems) or f"root filesystem read-only, CapEff {eff:#x} = {'+'.join(added)}")
+sys.exit(1 if problems else 0)
+PY
+) && pass "the agent (pid $agent_pid): $priv" || fail "the agent (pid $agent_pid): $priv"
+else
+    fail "no node-agent process in the node's cgroups"
+fi
+modes=$(cd "$WORK/node/istio-cni" && stat -c '%n %a %F' istio-cni-kubeconfig log.sock status.sock pod-cache.sock 2>&1 | tr '\n' ';')
+case "$modes" in
+    "istio-cni-kubeconfig 600 regular file;log.sock 600 socket;status.sock 600 socket;pod-cache.sock 600 socket;")
+        pass "owner-only on the node: $modes" ;;
+    *) fail "the run dir's files: $modes" ;;
+esac
+# Every request of our service account during the whole run (agent and plugin): none refused by RBAC.
+forbidden=$(python3 - "$AUDIT" "$SA_USER" <<'PY'
+import json, sys
+bad = set()
+for line in open(sys.argv[1]):
+    e = json.loads(line)
+    if e.get("stage") == "ResponseComplete" and e.get("user", {}).get("username") == sys.argv[2] \
+            and e.get("responseStatus", {}).get("code") == 403:
+        o = e.get("objectRef", {})
+        bad.add(f'{e.get("verb")} {o.get("apiGroup", "")}/{o.get("resource")}/{o.get("subresource", "")}')
+print(", ".join(sorted(bad)))
+PY
+)
+[ -z "$forbidden" ] && pass "audit log: no request of $SA_USER was forbidden by RBAC" \
+    || fail "audit log: RBAC refused $SA_USER: $forbidden"
+
 # --- 8. the repair controller in each mode: its own file -------------------------------------------------------------
 source "$REPO/tests/e2e/repair.sh"
 

@@ -172,8 +172,18 @@ def want(cond, what):
 ds = docs[("DaemonSet", "istio-cni-node")]
 pod = ds["spec"]["template"]["spec"]
 c = next(c for c in pod["containers"] if c["name"] == "install-cni")
-caps = set(c["securityContext"]["capabilities"]["add"])
+sc = c["securityContext"]
+caps = set(sc["capabilities"]["add"])
+want(sc.get("privileged") is False, "privileged: false")
+want(sc.get("allowPrivilegeEscalation") is (None if mode == "repair" else False),
+     "allowPrivilegeEscalation: false but beside the repair's SYS_ADMIN")
+want(sc.get("readOnlyRootFilesystem") is True, "readOnlyRootFilesystem: true")
+want(sc["capabilities"].get("drop") == ["ALL"], "capabilities: drop ALL")
+want(not pod.get("hostNetwork") and not pod.get("hostPID") and not pod.get("hostIPC"), "no host namespaces")
 mounts = {m["mountPath"]: m for m in c.get("volumeMounts", [])}
+# What the agent writes: the host's CNI bin and conf dirs, its run dir (kubeconfig, sockets). Nothing else.
+WRITABLE = {"/host/opt/cni/bin", "/host/etc/cni/net.d", "/var/run/istio-cni"}
+want(all(m.get("readOnly") is True for p, m in mounts.items() if p not in WRITABLE), "read-only mounts but the host dirs it writes")
 volumes = {v["name"] for v in pod.get("volumes", [])}
 data = docs[("ConfigMap", "istio-cni-config")]["data"]
 role = docs.get(("ClusterRole", "istio-cni-repair"))
@@ -191,9 +201,9 @@ want(("cni-host-procfs" in volumes) == in_place, "the host /proc volume")
 want(("/tmp" in mounts) == in_place, "the /tmp mount (the in-place repair's xtables lock files)")
 want(("tmp" in volumes) == in_place, "the tmp volume")
 expect = {
-    "repair": {"create events", "patch events"},
-    "repair-delete": {"create events", "patch events", "delete pods"},
-    "repair-label": {"create events", "patch events", "patch pods/status"},
+    "repair": {"create events"},
+    "repair-delete": {"create events", "delete pods"},
+    "repair-label": {"create events", "patch pods/status"},
     "repair-off": set(),
 }[mode]
 want(grants == expect, f"repair RBAC {sorted(grants)}")
@@ -207,7 +217,8 @@ want(switches == {
     "repair-off": ("false", "false", "false", "false"),
 }[mode], f"REPAIR_* switches {switches}")
 main = docs[("ClusterRole", "istio-cni")]
-want(all(set(r["verbs"]) <= {"get", "list", "watch"} for r in main["rules"]), "the main role only reads")
+want([(r["apiGroups"], r["resources"], sorted(r["verbs"])) for r in main["rules"]]
+     == [([""], ["pods"], ["get", "list", "watch"])], "the main role: get, list, watch of pods only")
 if problems:
     print(f"FAIL: {mode}: " + "; ".join(problems), file=sys.stderr)
     sys.exit(1)

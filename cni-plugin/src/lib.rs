@@ -11,6 +11,7 @@ pub mod lookup;
 pub mod netns;
 pub mod plugin;
 pub mod pod;
+pub mod redact;
 pub mod redirect;
 pub mod report;
 pub mod rules;

@@ -21,7 +21,7 @@ fn init_logging(level: LogLevel, buffer: Arc<LogBuffer>) {
         .json()
         .with_current_span(true)
         .with_span_list(false)
-        .with_writer(std::io::stderr);
+        .with_writer(cni_plugin::redact::Redacted(std::io::stderr));
     // Ignore the error: a subscriber may only be set once per process, and logging must never fail the plugin.
     let _ = tracing_subscriber::registry()
         .with(filter)
@@ -45,11 +45,13 @@ fn flush_to_agent(buffer: &LogBuffer) {
     }
 }
 
+/// Prints `v` as one line on stdout. An error's text may quote an API server's answer: it is scrubbed of the
+/// kubeconfig's token (the runtime logs it and shows it in the pod's events).
 fn print_json(v: &serde_json::Value) -> bool {
+    let text = v.to_string();
+    let text = cni_plugin::redact::scrub(&text);
     let mut out = std::io::stdout().lock();
-    serde_json::to_writer(&mut out, v).is_ok()
-        && out.write_all(b"\n").is_ok()
-        && out.flush().is_ok()
+    out.write_all(text.as_bytes()).is_ok() && out.write_all(b"\n").is_ok() && out.flush().is_ok()
 }
 
 fn run(

@@ -509,6 +509,16 @@ impl Args {
                 reason: "not one of debug, info, warn, error, none".into(),
             });
         }
+        if self.kubeconfig_mode & 0o027 != 0 {
+            // It holds the service-account token: any host user who can read it can act as the agent.
+            return Err(ConfigError::Invalid {
+                var: KUBECONFIG_MODE,
+                value: format!("{:04o}", self.kubeconfig_mode),
+                reason: "the kubeconfig holds the service-account token: no access for others and no group \
+                         write (0600, or 0640 for a group that may read it)"
+                    .into(),
+            });
+        }
         let conf_name = self.cni_conf_name.filter(|n| !n.is_empty());
         if let Some(name) = &conf_name {
             if name.contains('/') || name == "." || name == ".." {

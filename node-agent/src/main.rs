@@ -16,9 +16,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Known before anything is logged or printed: no line may carry it (see cni_plugin::redact).
+    node_agent::install::register_token(&cfg);
     if let Some(Subcommand::Status(status)) = command {
         let (text, ready) = node_agent::status::run(&cfg, &status);
-        print!("{text}");
+        print!("{}", cni_plugin::redact::scrub(&text));
         return if ready {
             ExitCode::SUCCESS
         } else {
@@ -33,7 +35,7 @@ fn main() -> ExitCode {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(directive));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(cni_plugin::redact::Redacted(std::io::stderr))
         .with_ansi(false)
         .init();
     let runtime = match tokio::runtime::Builder::new_current_thread()

@@ -173,10 +173,14 @@ pub struct Processed {
     pub add_records: usize,
 }
 
-/// Logs every line of a body again, counts its ADD records and keeps them as recent events.
+/// Logs every line of a body again, counts its ADD records and keeps them as recent events. The body is scrubbed of
+/// the secrets the agent knows first (a plugin that is not ours may log what an API server echoed): nothing of it
+/// reaches the agent's log or `node-agent status` unscrubbed.
 pub fn process(shared: &Shared, body: &[u8]) -> Result<Processed, report::BodyError> {
     let mut done = Processed::default();
-    for parsed in report::parse_body(body)? {
+    let text = String::from_utf8_lossy(body);
+    let body = cni_plugin::redact::scrub(&text);
+    for parsed in report::parse_body(body.as_bytes())? {
         let line = match parsed {
             Ok(l) => l,
             Err(e) => {

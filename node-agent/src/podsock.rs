@@ -36,17 +36,6 @@ pub enum SocketError {
     },
 }
 
-/// Whether `name` is one of the sockets the agent binds in its run dir (the pod cache's, the plugin's logs, the
-/// status), for the removal of their temp names at start.
-pub fn is_agent_socket(name: &str) -> bool {
-    [
-        SOCKET_NAME,
-        cni_plugin::report::SOCKET_NAME,
-        crate::status::SOCKET_NAME,
-    ]
-    .contains(&name)
-}
-
 /// The socket's path in `run_dir`.
 pub fn socket_path(run_dir: &Path) -> PathBuf {
     run_dir.join(SOCKET_NAME)
@@ -61,36 +50,115 @@ fn socket_id(path: &Path) -> std::io::Result<SocketId> {
     Ok((m.dev(), m.ino()))
 }
 
+/// Marks the private directories a socket is bound in before it is moved into place: `.<socket name>` + this +
+/// `<random>`.
+const BIND_DIR_MARK: &str = ".bind.";
+
 /// Binds the socket at `path`, owner-only (mode 0600), replacing a stale one (or another agent's: the newest wins).
 /// Returns the listener and the file's identity, for [`remove_if_ours`].
+///
+/// The socket is bound in a fresh directory of ours (mode 0700, a random name, `mkdir` refusing any name that
+/// exists, a planted symlink included) next to `path`, made owner-only there, where nobody else can swap it for a
+/// symlink between the bind and the chmod (chmod follows symlinks), then renamed over `path` (which replaces a
+/// symlink planted at `path` itself, never what it points to). The plugin never sees it with wider permissions.
 pub fn bind(path: &Path) -> Result<(UnixListener, SocketId), SocketError> {
     let fail = |source| SocketError::Bind {
         path: path.to_path_buf(),
         source,
     };
-    // The installer's temp pattern: a bind interrupted by a crash leaves a name the next start removes.
-    let tmp = crate::install::atomic::temp_path(path).map_err(|e| {
-        fail(std::io::Error::new(
+    let (Some(run_dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return Err(fail(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
-            e.to_string(),
-        ))
-    })?;
-    match std::fs::remove_file(&tmp) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(fail(e)),
+            "a socket path needs a directory and a file name",
+        )));
+    };
+    let private = make_bind_dir(run_dir, &name.to_string_lossy()).map_err(fail)?;
+    let inner = private.join("s");
+    let placed = bind_in(&private, &inner).and_then(|listener| {
+        std::fs::set_permissions(&inner, std::fs::Permissions::from_mode(0o600))
+            .and_then(|()| socket_id(&inner))
+            .and_then(|id| std::fs::rename(&inner, path).map(|()| (listener, id)))
+    });
+    if placed.is_err() {
+        let _ = std::fs::remove_file(&inner);
     }
-    let listener = UnixListener::bind(&tmp).map_err(fail)?;
-    let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
-        .and_then(|()| socket_id(&tmp))
-        .and_then(|id| std::fs::rename(&tmp, path).map(|()| id));
-    match placed {
-        Ok(id) => Ok((listener, id)),
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            Err(fail(e))
+    // Empty now (or holding nothing of use): it goes either way.
+    let _ = std::fs::remove_dir(&private);
+    placed.map_err(fail)
+}
+
+/// Binds `inner` (the socket `s` in the directory `private`). A socket's path is limited to 107 bytes, and the
+/// bind dir's name adds to the run dir's: the bind goes through the directory's descriptor
+/// (`/proc/self/fd/<fd>/s`, 20-odd bytes whatever the run dir), or through `inner` itself where there is no /proc.
+fn bind_in(private: &Path, inner: &Path) -> std::io::Result<UnixListener> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(private)?;
+    let via_fd = PathBuf::from(format!("/proc/self/fd/{}/s", dir.as_raw_fd()));
+    match UnixListener::bind(&via_fd) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => UnixListener::bind(inner),
+        other => other,
+    }
+}
+
+/// A new owner-only directory in `run_dir` to bind the socket `name` in.
+fn make_bind_dir(run_dir: &Path, name: &str) -> std::io::Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let mut last = None;
+    for _ in 0..16 {
+        let dir = run_dir.join(format!(
+            ".{name}{BIND_DIR_MARK}{}",
+            crate::install::atomic::random_suffix()
+        ));
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(e),
+            Err(e) => return Err(e),
         }
     }
+    Err(last.unwrap_or_else(|| std::io::Error::from(std::io::ErrorKind::AlreadyExists)))
+}
+
+/// Removes the bind directories of `run_dir` that a crash between a bind and its rename left behind (and the
+/// socket in one): those older than a minute, so a concurrent agent's bind in progress is never disturbed.
+/// Returns what was removed.
+pub fn remove_stale_bind_dirs(run_dir: &Path) -> Vec<PathBuf> {
+    let mut removed = Vec::new();
+    let Ok(entries) = std::fs::read_dir(run_dir) else {
+        return removed;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if !name.starts_with('.') || !name.contains(BIND_DIR_MARK) {
+            continue;
+        }
+        // lstat: only a real directory of that name is ours; a symlink named like one is removed as a file.
+        let Ok(md) = std::fs::symlink_metadata(entry.path()) else {
+            continue;
+        };
+        let old = md
+            .modified()
+            .ok()
+            .and_then(|m| m.elapsed().ok())
+            .is_some_and(|age| age > Duration::from_secs(60));
+        if !old {
+            continue;
+        }
+        let gone = if md.is_dir() {
+            let _ = std::fs::remove_file(entry.path().join("s"));
+            std::fs::remove_dir(entry.path())
+        } else {
+            std::fs::remove_file(entry.path())
+        };
+        if gone.is_ok() {
+            removed.push(entry.path());
+        }
+    }
+    removed
 }
 
 /// Removes the socket at `path` if it is still the one `id` names; whether it did. During a DaemonSet rolling
@@ -183,6 +251,8 @@ pub async fn serve(
 /// The agent's own API client, from its service account (the token file is re-read by kube as kubelet rotates it)
 /// and the API server the plugin's kubeconfig names.
 pub async fn client(cfg: &Config) -> Result<kube::Client, String> {
+    // kube re-reads the token file; each new token is registered by the installer's reconcile too.
+    crate::install::register_token(cfg);
     let mut cluster = serde_json::json!({ "server": cfg.api_server.url() });
     if cfg.skip_tls_verify {
         cluster["insecure-skip-tls-verify"] = true.into();
@@ -287,42 +357,66 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
-    /// What a kill between bind and rename leaves (a socket under its temp name) is what the start removes; the
-    /// temp names of anything else in the run dir stay.
     #[tokio::test]
-    async fn a_socket_left_under_its_temp_name_is_removed_at_start() {
-        use crate::install::atomic::{remove_stale_temps, temp_path};
-        let dir =
-            std::env::temp_dir().join(format!("meshcni-podsock-stale-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+    async fn a_symlink_at_the_socket_path_is_replaced_not_followed() {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        let dir = std::env::temp_dir().join(format!("meshcni-podsock-link-{}", std::process::id()));
+        let outside = dir.with_extension("outside");
         std::fs::create_dir_all(&dir).unwrap();
-        // A crashed agent's bind: the socket file exists under the temp name bind() uses, never renamed.
-        let names = [
-            SOCKET_NAME,
-            cni_plugin::report::SOCKET_NAME,
-            crate::status::SOCKET_NAME,
-        ];
-        let mut leftovers = Vec::new();
-        for name in names {
-            let tmp = temp_path(&dir.join(name)).unwrap();
-            drop(std::os::unix::net::UnixListener::bind(&tmp).unwrap());
-            leftovers.push(tmp);
-        }
-        std::fs::write(dir.join("other.sock.tmp.1.0"), "").unwrap();
-        let mut removed = remove_stale_temps(&dir, is_agent_socket);
-        removed.sort();
-        leftovers.sort();
-        assert_eq!(removed, leftovers);
-        assert!(dir.join("other.sock.tmp.1.0").exists());
-        // A bind leaves only the socket itself.
-        let (_listener, _) = bind(&socket_path(&dir)).unwrap();
-        let mut left: Vec<String> = std::fs::read_dir(&dir)
+        std::fs::create_dir_all(&outside).unwrap();
+        let victim = outside.join("victim");
+        std::fs::write(&victim, "victim").unwrap();
+        std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let path = socket_path(&dir);
+        std::os::unix::fs::symlink(&victim, &path).unwrap();
+        let (_listener, _id) = bind(&path).unwrap();
+        let md = std::fs::symlink_metadata(&path).unwrap();
+        assert!(md.file_type().is_socket() && md.mode() & 0o777 == 0o600);
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "victim");
+        assert_eq!(std::fs::metadata(&victim).unwrap().mode() & 0o777, 0o644);
+        // The private bind dir is gone: only the socket is left in the run dir.
+        let names: Vec<_> = std::fs::read_dir(&dir)
             .unwrap()
             .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .map(|e| e.file_name())
             .collect();
-        left.sort();
-        assert_eq!(left, ["other.sock.tmp.1.0", SOCKET_NAME]);
+        assert_eq!(names, vec![std::ffi::OsString::from(SOCKET_NAME)]);
+        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::remove_dir_all(&outside).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_long_run_dir_is_no_longer_for_the_bind() {
+        // The socket's own path is just under the 107-byte limit; the bind dir's path is over it.
+        let base =
+            std::env::temp_dir().join(format!("meshcni-podsock-long-{}", std::process::id()));
+        let mut dir = base.clone();
+        let target = 107 - SOCKET_NAME.len() - 1;
+        let pad = target.saturating_sub(dir.as_os_str().len() + 1);
+        dir.push("d".repeat(pad.max(1)));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = socket_path(&dir);
+        assert!(path.as_os_str().len() <= 107, "{}", path.display());
+        let (_listener, _id) = bind(&path).unwrap();
+        assert!(std::fs::symlink_metadata(&path).is_ok());
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    #[test]
+    fn stale_bind_dirs_are_removed_when_old() {
+        let dir =
+            std::env::temp_dir().join(format!("meshcni-podsock-stale-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fresh = make_bind_dir(&dir, SOCKET_NAME).unwrap();
+        let old = make_bind_dir(&dir, SOCKET_NAME).unwrap();
+        std::fs::write(old.join("s"), "").unwrap();
+        let past = std::time::SystemTime::now() - Duration::from_secs(120);
+        std::fs::File::open(&old)
+            .unwrap()
+            .set_modified(past)
+            .unwrap();
+        assert_eq!(remove_stale_bind_dirs(&dir), vec![old.clone()]);
+        assert!(fresh.is_dir() && !old.exists());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

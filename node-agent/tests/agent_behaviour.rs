@@ -426,7 +426,8 @@ fn single_conf_becomes_conflist_keeping_mode_and_primary_moves() {
         read_json(&list),
         read_json(&corpus("install-e2e/expected/minikube_cni.conflist.clean"))
     );
-    assert!(agent.stop(libc::SIGTERM).success());
+    let status = agent.stop(libc::SIGTERM);
+    assert!(status.success(), "{status}; log:\n{}", agent.log_text());
     assert_eq!(
         read_json(&calico),
         read_json(&corpus("install-e2e/pre/calico.conflist"))

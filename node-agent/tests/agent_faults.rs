@@ -22,7 +22,6 @@ use std::fs;
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -342,12 +341,16 @@ fn start_with_conf_mount(node: &Node, conf: ConfMount) -> Agent {
         ),
         ConfMount::Bind => (dir.clone(), None, libc::MS_BIND, None),
     };
-    Agent::start_with(node, &[], "agent", move |cmd| {
-        // SAFETY: unshare(2) and mount(2) only, on C strings made before the fork; nothing allocates.
-        unsafe {
-            cmd.pre_exec(move || {
-                let null: *const libc::c_char = std::ptr::null();
-                let no_data: *const libc::c_void = std::ptr::null();
+    // Runs between fork and exec: unshare(2) and mount(2) only, on C strings made before the fork; nothing
+    // allocates.
+    Agent::start_with_hook(
+        node,
+        "agent",
+        Box::new(move || {
+            let null: *const libc::c_char = std::ptr::null();
+            let no_data: *const libc::c_void = std::ptr::null();
+            // SAFETY: see above.
+            unsafe {
                 if libc::unshare(libc::CLONE_NEWNS) != 0
                     || libc::mount(
                         null,
@@ -366,10 +369,10 @@ fn start_with_conf_mount(node: &Node, conf: ConfMount) -> Agent {
                 {
                     return Err(std::io::Error::last_os_error());
                 }
-                Ok(())
-            });
-        }
-    })
+            }
+            Ok(())
+        }),
+    )
 }
 
 /// `path` as the agent sees it (through its mount namespace).

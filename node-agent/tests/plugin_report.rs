@@ -288,18 +288,8 @@ fn median_add(plugin: &Path, run_dir: &Path, n: usize) -> Duration {
     common::percentile(&times, 0.5)
 }
 
-struct TempDir(PathBuf);
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn temp_dir(tag: &str) -> TempDir {
-    let d = std::env::temp_dir().join(format!("meshcni-report-e2e-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    TempDir(d)
+fn temp_dir(tag: &str) -> common::TempDir {
+    common::TempDir::new(&format!("report-e2e-{tag}"))
 }
 
 #[test]

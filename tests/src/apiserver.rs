@@ -54,7 +54,7 @@ use base64::Engine as _;
 use bytes::Bytes;
 use futures::StreamExt as _;
 use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{Full, StreamBody};
+use http_body_util::{BodyExt as _, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
@@ -270,6 +270,11 @@ struct State {
     watches_paused: bool,
     /// Bumped by [`ApiServer::end_watches`]: a stream started in an older generation ends.
     watch_generation: u64,
+    /// Events created (`POST .../events`), as received.
+    events: Vec<Value>,
+    /// Every error answer (4xx, 5xx) quotes the request as received, headers included (see
+    /// [`ApiServer::echo_requests`]).
+    echo: bool,
 }
 
 struct Shared {
@@ -667,6 +672,18 @@ impl ApiServer {
         self.shared.resets.load(Ordering::SeqCst)
     }
 
+    /// From now on every error answer (4xx, 5xx: faults, refusals, 404s) carries the request as received in its
+    /// `Status` message, headers included: the `Authorization` header with the bearer token too. A misbehaving
+    /// server or proxy could do that; a client must never log the token it is shown back.
+    pub fn echo_requests(&self, on: bool) {
+        self.shared.lock().echo = on;
+    }
+
+    /// The core/v1 Events created so far (`POST /api/v1/namespaces/{ns}/events`), as received.
+    pub fn events(&self) -> Vec<Value> {
+        self.shared.lock().events.clone()
+    }
+
     /// Faults not consumed yet.
     pub fn pending_faults(&self) -> usize {
         self.shared.lock().faults.len()
@@ -984,37 +1001,43 @@ fn classify(method: &hyper::Method, path: &str, query: &str) -> RequestKind {
 }
 
 async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Resp, Dropped> {
-    let path = req.uri().path().to_string();
-    let query = req.uri().query().unwrap_or("").to_string();
-    let kind = classify(req.method(), &path, &query);
+    let (parts, body) = req.into_parts();
+    let path = parts.uri.path().to_string();
+    let query = parts.uri.query().unwrap_or("").to_string();
+    let kind = classify(&parts.method, &path, &query);
     let list_or_watch = matches!(kind, RequestKind::PodList | RequestKind::PodWatch);
-    let (fault, refused) = {
+    let (fault, refused, echo) = {
         let mut st = shared.lock();
         *st.requests.entry(path.clone()).or_insert(0) += 1;
         st.total += 1;
         st.log.push(LoggedRequest {
-            method: req.method().to_string(),
+            method: parts.method.to_string(),
             path: path.clone(),
             query: query.clone(),
             kind,
         });
+        let echo = st.echo;
         if list_or_watch {
-            (None, st.refuse_list_watch)
+            (None, st.refuse_list_watch, echo)
         } else {
-            (st.faults.pop_front(), None)
+            (st.faults.pop_front(), None, echo)
         }
     };
-    match fault {
-        None => {}
+    // A body that cannot be read is an empty one: a write then fails to decode, with a 400.
+    let body = body
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    let resp = match fault {
         Some(Fault::Drop | Fault::Reset) => return Err(Dropped),
-        Some(Fault::Partial { status, body, hang }) => return Ok(partial(status, body, hang)),
-        Some(Fault::Delay(d)) => tokio::time::sleep(d).await,
-        Some(Fault::Status(code)) => {
-            return Ok(status_response(
-                code,
-                &format!("injected fault: HTTP {code}"),
-            ))
-        }
+        // A body cut short or stuck half-way is not a Status to quote the request in.
+        Some(Fault::Partial {
+            status,
+            body: partial_body,
+            hang,
+        }) => return Ok(partial(status, partial_body, hang)),
+        Some(Fault::Status(code)) => status_response(code, &format!("injected fault: HTTP {code}")),
         Some(Fault::Raw {
             status,
             headers,
@@ -1024,25 +1047,50 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Resp, Dro
             for (k, v) in headers {
                 b = b.header(k, v);
             }
-            return Ok(b
-                .body(full(Bytes::from(body)))
-                .unwrap_or_else(|e| status_response(500, &format!("bad raw fault: {e}"))));
+            b.body(full(Bytes::from(body)))
+                .unwrap_or_else(|e| status_response(500, &format!("bad raw fault: {e}")))
         }
+        Some(Fault::Delay(d)) => {
+            tokio::time::sleep(d).await;
+            route(&parts, &body, &path, &query, refused, &shared)
+        }
+        None => route(&parts, &body, &path, &query, refused, &shared),
+    };
+    Ok(if echo { echoed(resp, &parts) } else { resp })
+}
+
+/// An error answer turned into one that quotes the request as received (method, URI, every header).
+fn echoed(resp: Resp, parts: &hyper::http::request::Parts) -> Resp {
+    let code = resp.status().as_u16();
+    if code < 400 {
+        return resp;
     }
-    Ok(route(&req, &path, &query, refused, &shared))
+    let headers: Vec<String> = parts
+        .headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {}", String::from_utf8_lossy(v.as_bytes())))
+        .collect();
+    status_response(
+        code,
+        &format!(
+            "HTTP {code} for the request as received: {} {} {}",
+            parts.method,
+            parts.uri,
+            headers.join("; ")
+        ),
+    )
 }
 
 fn route(
-    req: &Request<Incoming>,
+    req: &hyper::http::request::Parts,
+    body: &Bytes,
     path: &str,
     query: &str,
     refused: Option<u16>,
     shared: &Arc<Shared>,
 ) -> Resp {
-    if req.method() != hyper::Method::GET {
-        return status_response(405, &format!("method {} not allowed", req.method()));
-    }
-    if path == "/version" {
+    let get = req.method == hyper::Method::GET;
+    if get && path == "/version" {
         return json_response(
             200,
             &json!({"major": "1", "minor": "33", "gitVersion": "v1.33.0-meshcni-stub", "platform": "linux/amd64"}),
@@ -1056,7 +1104,7 @@ fn route(
     }
     let expected = format!("Bearer {}", shared.token);
     let authorized = req
-        .headers()
+        .headers
         .get(hyper::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v == expected);
@@ -1064,17 +1112,20 @@ fn route(
         return status_response(401, "Unauthorized");
     }
     let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    match parts.as_slice() {
-        ["api", "v1", "namespaces", ns, "pods", name] => {
+    let method = &req.method;
+    match (method.as_str(), parts.as_slice()) {
+        ("GET", ["api", "v1", "namespaces", ns, "pods", name]) => {
             let st = reload(shared);
             match st.served.get(&(ns.to_string(), name.to_string())) {
                 Some((_, pod)) => json_response(200, pod),
                 None => not_found("pods", name),
             }
         }
-        ["api", "v1", "pods"] => list_or_watch(shared, None, query, refused),
-        ["api", "v1", "namespaces", ns, "pods"] => list_or_watch(shared, Some(ns), query, refused),
-        ["api", "v1", "namespaces", ns] => {
+        ("GET", ["api", "v1", "pods"]) => list_or_watch(shared, None, query, refused),
+        ("GET", ["api", "v1", "namespaces", ns, "pods"]) => {
+            list_or_watch(shared, Some(ns), query, refused)
+        }
+        ("GET", ["api", "v1", "namespaces", ns]) => {
             let st = reload(shared);
             if let Some(n) = st.namespaces.get(*ns) {
                 return json_response(200, n);
@@ -1088,11 +1139,139 @@ fn route(
             }
             not_found("namespaces", ns)
         }
-        _ => status_response(
+        ("DELETE", ["api", "v1", "namespaces", ns, "pods", name]) => {
+            delete_pod(shared, (ns, name), body)
+        }
+        ("PATCH", ["api", "v1", "namespaces", ns, "pods", name, "status"]) => {
+            let merge = req
+                .headers
+                .get(hyper::header::CONTENT_TYPE)
+                .is_some_and(|v| v.as_bytes() == b"application/merge-patch+json");
+            if !merge {
+                return status_response(
+                    415,
+                    "the stub applies merge patches (application/merge-patch+json) only",
+                );
+            }
+            patch_pod(shared, (ns, name), body)
+        }
+        ("POST", ["api", "v1", "namespaces", ns, "events"]) => create_event(shared, ns, body),
+        ("GET", _) => status_response(
             404,
             &format!("the server could not find the requested resource {path}"),
         ),
+        _ => status_response(405, &format!("method {method} not allowed on {path}")),
     }
+}
+
+/// `DELETE` of a pod added with [`ApiServer::add_pod`], honouring the `preconditions` (UID, resource version) of
+/// the `DeleteOptions` body: the pod as it was served (200), then a DELETED watch event.
+fn delete_pod(shared: &Arc<Shared>, (ns, name): (&str, &str), body: &[u8]) -> Resp {
+    let options: Value = if body.is_empty() {
+        Value::Null
+    } else {
+        match serde_json::from_slice(body) {
+            Ok(v) => v,
+            Err(e) => return status_response(400, &format!("DeleteOptions: {e}")),
+        }
+    };
+    let key = (ns.to_string(), name.to_string());
+    let served = {
+        let mut st = reload(shared);
+        let Some((_, served)) = st.served.get(&key).cloned() else {
+            return not_found("pods", name);
+        };
+        if st.dir_pods.contains_key(&key) {
+            return status_response(405, "the stub cannot delete a pod of its pod dir");
+        }
+        for (field, pointer) in [
+            ("uid", "/metadata/uid"),
+            ("resourceVersion", "/metadata/resourceVersion"),
+        ] {
+            let Some(want) = options["preconditions"][field].as_str() else {
+                continue;
+            };
+            let have = served
+                .pointer(pointer)
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            if want != have {
+                return status_response(
+                    409,
+                    &format!("Precondition failed: {field} in precondition: {want}, {field} in object meta: {have}"),
+                );
+            }
+        }
+        st.pods.remove(&key);
+        st.publish(&key);
+        served
+    };
+    shared.notify();
+    json_response(200, &served)
+}
+
+/// A merge patch (RFC 7386) of a pod added with [`ApiServer::add_pod`], through its `status` subresource: the
+/// patched pod (200), a new resource version and a MODIFIED watch event.
+fn patch_pod(shared: &Arc<Shared>, (ns, name): (&str, &str), body: &[u8]) -> Resp {
+    let patch: Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(e) => return status_response(400, &format!("merge patch: {e}")),
+    };
+    let key = (ns.to_string(), name.to_string());
+    let patched = {
+        let mut st = reload(shared);
+        let Some(source) = st.pods.get_mut(&key) else {
+            return not_found("pods", name);
+        };
+        merge_patch(source, &patch);
+        st.publish(&key);
+        st.served.get(&key).map(|(_, v)| v.clone())
+    };
+    shared.notify();
+    match patched {
+        Some(pod) => json_response(200, &pod),
+        None => not_found("pods", name),
+    }
+}
+
+/// RFC 7386: objects merge key by key, `null` removes, anything else replaces.
+pub fn merge_patch(target: &mut Value, patch: &Value) {
+    let Value::Object(fields) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = json!({});
+    }
+    if let Value::Object(t) = target {
+        for (k, v) in fields {
+            if v.is_null() {
+                t.remove(k);
+            } else {
+                merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
+            }
+        }
+    }
+}
+
+/// `POST` of a core/v1 Event into `ns`: kept (see [`ApiServer::events`]) and answered as created (201).
+fn create_event(shared: &Arc<Shared>, ns: &str, body: &[u8]) -> Resp {
+    let event: Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(e) => return status_response(400, &format!("Event: {e}")),
+    };
+    if let Some(other) = event
+        .pointer("/metadata/namespace")
+        .and_then(Value::as_str)
+        .filter(|n| *n != ns)
+    {
+        return status_response(
+            400,
+            &format!("the namespace of the provided object ({other}) does not match the namespace sent on the request ({ns})"),
+        );
+    }
+    shared.lock().events.push(event.clone());
+    json_response(201, &event)
 }
 
 /// Locks the state after re-reading the pod dir (a broken dir is logged; the last good read stays served).

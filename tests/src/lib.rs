@@ -7,6 +7,7 @@ pub mod e2e;
 pub mod netns;
 pub mod nft;
 pub mod preload;
+pub mod rbac;
 pub mod report;
 pub mod traffic;
 pub mod userns;

@@ -239,10 +239,13 @@ impl LockFile {
             netns.ino,
             std::process::id()
         ));
+        // The only file the plugin creates, in the host's (shared, world-writable) temp dir: a new file or
+        // nothing. O_EXCL never opens a name that exists, a planted symlink included; O_NOFOLLOW says so too.
         OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&path)
             .map_err(|source| ApplyError::LockFile {
                 path: path.clone(),

@@ -49,6 +49,7 @@ pub async fn load_config(
             cluster.proxy_url = Some(PROXY_PLACEHOLDER.to_string());
         }
     }
+    register_tokens(&kc);
     let mut config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
         .await
         .map_err(|e| invalid(error_chain(&e)))?;
@@ -68,6 +69,25 @@ pub async fn load_config(
         );
     }
     Ok(config)
+}
+
+/// Makes the kubeconfig's tokens (inline, or in a `tokenFile`) known to [`crate::redact`], before anything that
+/// could quote one (an error of the client, an API server echoing the request) is logged.
+fn register_tokens(kc: &Kubeconfig) {
+    use secrecy::ExposeSecret;
+    for named in &kc.auth_infos {
+        let Some(auth) = named.auth_info.as_ref() else {
+            continue;
+        };
+        if let Some(token) = auth.token.as_ref() {
+            crate::redact::register(token.expose_secret());
+        }
+        if let Some(file) = auth.token_file.as_deref() {
+            if let Ok(token) = std::fs::read_to_string(file) {
+                crate::redact::register(&token);
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -190,6 +190,8 @@ where
             msg,
             fields,
         };
-        self.buffer.push(line.to_json());
+        // Scrubbed here, not only by the stderr writer: these lines go to the agent's log and `node-agent status`.
+        self.buffer
+            .push(crate::redact::scrub(&line.to_json()).into_owned());
     }
 }

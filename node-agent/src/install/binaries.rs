@@ -127,7 +127,9 @@ impl Binaries {
                 source: e,
             })?;
             let src_fp = fingerprint(&src_md);
-            if let Ok(md) = fs::metadata(&target) {
+            // lstat: a symlink planted at the target's name is not our binary (whatever it points to), and is
+            // replaced by one.
+            if let Ok(md) = fs::symlink_metadata(&target) {
                 // Taken before the content is compared: any change after it alters the fingerprint.
                 let fp = fingerprint(&md);
                 if self.verified.get(name) == Some(&(src_fp, fp)) {

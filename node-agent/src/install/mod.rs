@@ -11,7 +11,6 @@ pub mod kubeconfig;
 
 use std::fs;
 use std::io;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -170,7 +169,10 @@ impl Installer {
     fn ensure_kubeconfig(&self) -> Result<Option<PathBuf>, InstallError> {
         let token_path = self.cfg.token_path();
         let token = fs::read_to_string(&token_path)
+            .map(cni_plugin::redact::Secret::new)
             .map_err(read_err("service-account token", &token_path))?;
+        // A rotated token is a new secret: known to the log scrubber before anything can quote it.
+        cni_plugin::redact::register(token.expose());
         let ca;
         let trust = if self.cfg.skip_tls_verify {
             kubeconfig::Trust::SkipVerify
@@ -179,7 +181,7 @@ impl Installer {
             kubeconfig::Trust::Ca(&ca)
         };
         let desired =
-            kubeconfig::render(&self.cfg.api_server, &trust, &token).map_err(|source| {
+            kubeconfig::render(&self.cfg.api_server, &trust, token.expose()).map_err(|source| {
                 InstallError::Kubeconfig {
                     path: self.cfg.ca_file.clone(),
                     source,
@@ -210,14 +212,11 @@ impl Installer {
             if !conflist::is_config_name(&name) {
                 continue;
             }
-            match fs::read(entry.path()) {
-                Ok(bytes) => files.push((name, bytes)),
-                // A directory named like a config, or a file removed since listing: kubelet skips it too.
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::NotFound | io::ErrorKind::IsADirectory
-                    ) => {}
+            match read_config_file(&entry.path()) {
+                Ok(Some(bytes)) => files.push((name, bytes)),
+                // A directory, FIFO or socket named like a config, or a file removed since listing: not a
+                // configuration (kubelet could not load it either).
+                Ok(None) => {}
                 Err(e) => {
                     return Err(InstallError::Read {
                         what: "CNI configuration",
@@ -262,7 +261,13 @@ impl Installer {
         let desired = conflist::insert_entry(&file, &existing, &self.cfg.entry.entry())?;
         let target_name = conflist::target_name(&primary);
         let target = self.cfg.conf_dir.join(&target_name);
-        if target_name == primary && desired == existing {
+        // Our entry lives in a regular file of the conf dir: a primary that is a symlink (read through, as kubelet
+        // does) is replaced by a file of its own, never written through; the file it points to is left as it is.
+        let regular = fs::symlink_metadata(&target).is_ok_and(|md| md.is_file());
+        if !regular && target_name == primary {
+            tracing::info!(path = %target.display(), "the primary CNI configuration is not a regular file (a symlink?): writing ours in its place, leaving what it points to alone");
+        }
+        if target_name == primary && desired == existing && regular {
             self.switch_installed(&target);
             return Ok(self.fight_status(now, target));
         }
@@ -308,11 +313,14 @@ impl Installer {
             .clone()
             .unwrap_or_else(|| conflist::DEFAULT_STANDALONE_NAME.to_string());
         let path = self.cfg.conf_dir.join(name);
-        let right = fs::read(&path)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
-            .is_some_and(|v| v == self.cfg.entry.standalone_value())
-            && mode_of(&path) == Some(self.cfg.standalone_mode);
+        let right = match atomic::read_regular(&path) {
+            Ok(Some((bytes, mode))) => {
+                mode == self.cfg.standalone_mode
+                    && serde_json::from_slice::<Value>(&bytes)
+                        .is_ok_and(|v| v == self.cfg.entry.standalone_value())
+            }
+            _ => false,
+        };
         if right {
             self.installed_conf = Some(path.clone());
             return Ok(self.fight_status(now, path));
@@ -424,6 +432,14 @@ impl Installer {
     }
 }
 
+/// Makes the service-account token known to the log scrubber (`cni_plugin::redact`); a token that cannot be read
+/// yet is registered by the reconcile that reads it.
+pub fn register_token(cfg: &Config) {
+    if let Ok(token) = fs::read_to_string(cfg.token_path()) {
+        cni_plugin::redact::register(&token);
+    }
+}
+
 fn failed(step: Step, error: impl std::fmt::Display, changed: Vec<PathBuf>) -> Report {
     Report {
         status: Status::Failed {
@@ -434,15 +450,39 @@ fn failed(step: Step, error: impl std::fmt::Display, changed: Vec<PathBuf>) -> R
     }
 }
 
-fn mode_of(path: &Path) -> Option<u32> {
-    fs::metadata(path)
-        .ok()
-        .map(|m| m.permissions().mode() & 0o7777)
+/// Is there a regular file at `path` itself (a symlink is not followed: it is never "our file", whatever it points
+/// to) whose content is exactly `content` and, when given, whose mode is `mode`?
+fn file_is(path: &Path, content: &[u8], mode: Option<u32>) -> bool {
+    matches!(
+        atomic::read_regular(path),
+        Ok(Some((bytes, m))) if bytes == content && mode.is_none_or(|want| want == m)
+    )
 }
 
-/// Is the file's content exactly `content` (and its mode `mode`, when given)?
-fn file_is(path: &Path, content: &[u8], mode: Option<u32>) -> bool {
-    fs::read(path).is_ok_and(|b| b == content) && mode.is_none_or(|m| mode_of(path) == Some(m))
+/// A configuration file of the conf dir, as kubelet reads it: symlinks followed (a primary CNI may keep its file
+/// elsewhere), but only a regular file is read, and never waited on (`O_NONBLOCK`: a FIFO planted there cannot
+/// hang the reconcile). `None`: gone, or not a regular file.
+fn read_config_file(path: &Path) -> io::Result<Option<Vec<u8>>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = match fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.kind() == io::ErrorKind::IsADirectory => return Ok(None),
+        // A socket (ENXIO) is not a configuration either.
+        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    if !file.metadata()?.is_file() {
+        return Ok(None);
+    }
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes)?;
+    Ok(Some(bytes))
 }
 
 /// Removes our entry from a conflist, preserving its mode and owner. `Ok(false)` when there was none (or no file).
@@ -475,7 +515,7 @@ mod tests {
     use super::*;
     use crate::config::Args;
     use clap::Parser;
-    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
     fn node(tag: &str) -> (PathBuf, Config) {
         let root =

@@ -24,13 +24,16 @@ impl KubeActions {
     }
 }
 
+/// The error of a call. The server's message is scrubbed of the token (a server or proxy may quote the request):
+/// it goes into logs, `node-agent status` and the pod's Event, which anyone who may read Events sees.
 fn api_error(what: String, e: kube::Error) -> ApiError {
+    let scrub = |s: &str| cni_plugin::redact::scrub(s).into_owned();
     match e {
         kube::Error::Api(s) if s.code == 404 => ApiError::NotFound { what },
         kube::Error::Api(s) => ApiError::Status {
             what,
             status: s.code,
-            message: s.message.clone(),
+            message: scrub(&s.message),
         },
         other => {
             // The whole chain: a TLS failure says only "client error (Connect)" at the top.
@@ -41,7 +44,10 @@ fn api_error(what: String, e: kube::Error) -> ApiError {
                 message.push_str(&s.to_string());
                 source = s.source();
             }
-            ApiError::Request { what, message }
+            ApiError::Request {
+                what,
+                message: scrub(&message),
+            }
         }
     }
 }

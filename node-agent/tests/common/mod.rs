@@ -68,6 +68,28 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     Some((status, body))
 }
 
+/// A temp dir, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// `<tmp>/meshcni-<tag>-<pid>`, fresh.
+    pub fn new(tag: &str) -> TempDir {
+        let d = std::env::temp_dir().join(format!("meshcni-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).unwrap();
+        TempDir(d)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Runs in the agent's process between fork and exec (async-signal-safe calls only).
+pub type PreExec = Box<dyn FnMut() -> std::io::Result<()> + Send + Sync>;
+
 /// A node's directories.
 pub struct Node {
     pub root: PathBuf,
@@ -226,30 +248,100 @@ impl Agent {
     }
 
     pub fn start_named(node: &Node, extra: &[(&str, &str)], name: &str) -> Agent {
-        Self::start_with(node, extra, name, |_| {})
+        Self::spawn(node, extra, name, false)
     }
 
-    /// Like [`Agent::start_named`], with `customize` given the command last (e.g. a `pre_exec`).
-    pub fn start_with(
+    /// Starts the agent stopped (SIGSTOP) before it runs any code of its own, so a test knows its pid before it
+    /// does anything (its temp names contain it); [`Agent::resume`] lets it go on. A shell stops itself, then
+    /// execs the agent, which keeps its pid (a child stopped between fork and exec would block `spawn`, which
+    /// waits for the exec).
+    pub fn start_paused(node: &Node, extra: &[(&str, &str)], name: &str) -> Agent {
+        let agent = Self::spawn(node, extra, name, true);
+        let stat = format!("/proc/{}/stat", agent.pid());
+        wait_for(
+            "the agent's shell to stop before exec",
+            Duration::from_secs(10),
+            Duration::from_millis(2),
+            || {
+                let text = fs::read_to_string(&stat).ok()?;
+                // The state follows the parenthesised command name.
+                let state = text.rsplit_once(')')?.1.split_whitespace().next()?;
+                (state == "T").then_some(())
+            },
+        );
+        agent
+    }
+
+    /// Lets an agent started with [`Agent::start_paused`] run.
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    /// Starts the agent with exactly the environment `env(health_port, metrics_port)` returns (and PATH), none
+    /// of this fixture's defaults: for a test that runs the settings of a manifest.
+    pub fn start_env(
         node: &Node,
-        extra: &[(&str, &str)],
         name: &str,
-        customize: impl FnOnce(&mut Command),
+        env: impl FnOnce(u16, u16) -> Vec<(String, String)>,
     ) -> Agent {
         let (health, metrics) = (free_port(), free_port());
+        Self::spawn_with(
+            node,
+            name,
+            false,
+            health,
+            metrics,
+            env(health, metrics),
+            None,
+        )
+    }
+
+    /// Starts the agent with this fixture's environment and `hook` run in its process before exec (to take
+    /// privileges away as a container runtime does).
+    pub fn start_with_hook(node: &Node, name: &str, hook: PreExec) -> Agent {
+        let (health, metrics) = (free_port(), free_port());
+        let env = node.env(health, metrics);
+        Self::spawn_with(node, name, false, health, metrics, env, Some(hook))
+    }
+
+    fn spawn(node: &Node, extra: &[(&str, &str)], name: &str, paused: bool) -> Agent {
+        let (health, metrics) = (free_port(), free_port());
+        let mut env = node.env(health, metrics);
+        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        Self::spawn_with(node, name, paused, health, metrics, env, None)
+    }
+
+    fn spawn_with(
+        node: &Node,
+        name: &str,
+        paused: bool,
+        health: u16,
+        metrics: u16,
+        env: Vec<(String, String)>,
+        hook: Option<PreExec>,
+    ) -> Agent {
         let log = node.root.join(format!("{name}-{health}.log"));
         let logf = fs::File::create(&log).unwrap();
-        let mut cmd = Command::new(AGENT);
+        let mut cmd = if paused {
+            let mut sh = Command::new("/bin/sh");
+            sh.args(["-c", "kill -STOP $$ && exec \"$0\"", AGENT]);
+            sh
+        } else {
+            Command::new(AGENT)
+        };
         cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .envs(node.env(health, metrics))
+            .envs(env)
             .stdin(Stdio::null())
             .stdout(logf.try_clone().unwrap())
             .stderr(logf);
-        for (k, v) in extra {
-            cmd.env(k, v);
+        if let Some(hook) = hook {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: the hook's contract (PreExec) is the one pre_exec asks for.
+            unsafe {
+                cmd.pre_exec(hook);
+            }
         }
-        customize(&mut cmd);
         let child = cmd.spawn().expect("spawn node-agent");
         Agent {
             child,
@@ -257,6 +349,21 @@ impl Agent {
             metrics,
             log,
         }
+    }
+
+    /// `node-agent status` of this agent on `node` with `args`: (exit code, stdout).
+    pub fn status(&self, node: &Node, args: &[&str]) -> (i32, String) {
+        let out = Command::new(AGENT)
+            .env_clear()
+            .envs(node.env(self.health, self.metrics))
+            .arg("status")
+            .args(args)
+            .output()
+            .expect("run node-agent status");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
     }
 
     pub fn pid(&self) -> i32 {
@@ -285,6 +392,21 @@ impl Agent {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// Whether /readyz said 200 within `limit`: `Err` with the exit status if the agent stopped instead.
+    pub fn ready_within(&mut self, limit: Duration) -> Result<bool, ExitStatus> {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if self.ready() == Some(true) {
+                return Ok(true);
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(false)
     }
 
     /// Waits until the health server answers (ready or not).
@@ -318,21 +440,6 @@ impl Agent {
             }
             std::thread::sleep(Duration::from_millis(2));
         }
-    }
-
-    /// `node-agent status` of this agent on `node` with `args`: (exit code, stdout).
-    pub fn status(&self, node: &Node, args: &[&str]) -> (i32, String) {
-        let out = Command::new(AGENT)
-            .env_clear()
-            .envs(node.env(self.health, self.metrics))
-            .arg("status")
-            .args(args)
-            .output()
-            .expect("run node-agent status");
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-        )
     }
 
     pub fn metrics_text(&self) -> String {

@@ -95,11 +95,13 @@ fn reset(node: &Node, start: Start, c: &Contents) {
     fs::write(node.conf.join(PRIMARY), &c.conflist_old).expect("write the primary conflist");
 }
 
-/// A temp file of ours: `<target>.tmp.<pid>.<n>`; (target, pid).
+/// A temp file of ours: `<target>.tmp.<pid>.<n>.<64 random bits in hex>`; (target, pid).
 fn temp_of(name: &str) -> Option<(String, u32)> {
     let (target, rest) = name.split_once(".tmp.")?;
-    let (pid, n) = rest.split_once('.')?;
+    let (pid, rest) = rest.split_once('.')?;
+    let (n, random) = rest.split_once('.')?;
     n.parse::<u64>().ok()?;
+    u64::from_str_radix(random, 16).ok()?;
     Some((target.to_string(), pid.parse().ok()?))
 }
 

@@ -398,7 +398,7 @@ fn reconcile_once(
     let elapsed = started.elapsed();
     shared.observe_reconcile(elapsed);
     let now = Instant::now();
-    shared.set_fighting(matches!(report.status, Status::BackingOff { .. }));
+    shared.set_fighting(installer.fighting(now));
     let next = match &report.status {
         Status::Ready => {
             shared.set_ready(true);

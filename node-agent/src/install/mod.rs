@@ -127,6 +127,12 @@ impl Installer {
         self.binaries.names().map(String::from).collect()
     }
 
+    /// Whether a fight with another writer is on (whatever the last reconcile found: a torn read of the fighter's
+    /// in-place write in the middle of it is no end of the fight).
+    pub fn fighting(&self, now: Instant) -> bool {
+        self.fight.fighting(now).is_some()
+    }
+
     /// The file holding our entry, if any.
     pub fn installed_conf(&self) -> Option<&Path> {
         self.installed_conf.as_deref()

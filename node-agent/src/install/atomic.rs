@@ -32,7 +32,10 @@ pub enum AtomicError {
     },
 }
 
-fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> AtomicError + 'a {
+pub(super) fn io_err<'a>(
+    op: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(io::Error) -> AtomicError + 'a {
     move |source| AtomicError::Io {
         op,
         path: path.to_path_buf(),
@@ -116,6 +119,20 @@ fn replace_with(
 /// Atomically replaces `target` with `content`.
 pub fn write(target: &Path, content: &[u8], attrs: Attrs) -> Result<(), AtomicError> {
     replace_with(target, attrs, |f| f.write_all(content))
+}
+
+/// [`write`], and `hold` runs on the new file before it is renamed into place: what it does to the file (a lock on a
+/// duplicate of its descriptor) is in effect before anyone can see the file.
+pub fn write_held(
+    target: &Path,
+    content: &[u8],
+    attrs: Attrs,
+    hold: impl FnOnce(&File) -> io::Result<()>,
+) -> Result<(), AtomicError> {
+    replace_with(target, attrs, |f| {
+        f.write_all(content)?;
+        hold(f)
+    })
 }
 
 /// Atomically replaces `target` with a copy of `source` (streamed: a large binary is never held in memory).

@@ -112,13 +112,18 @@ while [ "$ROLL_AFTER" -lt "$ROLL_PODS_AFTER_READY" ]; do
     sleep 0.5
 done
 
-# Every pod started during the restart: Running and redirected (maybe after a refusal), never without rules.
+# Every pod started during the restart: Running and redirected (maybe after a refusal), never without rules. One
+# deadline for all of them; a pod whose istio-validation exited 126 is done at once (it stays unredirected).
+roll_settled() { pod_ready default "$1" || roll_init_126 "$1"; }
 ROLL_REDIRECTED=0
 ROLL_REFUSED=0
 ROLL_BAD=()
+ROLL_WAIT_END=$(( $(date +%s) + ROLL_LIMIT_S ))
 for i in $(seq "$ROLL_N"); do
     p=roll-$i
-    if ! wait_for 120 "pod default/$p Ready" pod_ready default "$p"; then
+    left=$(( ROLL_WAIT_END - $(date +%s) ))
+    [ "$left" -ge 1 ] || left=1
+    if ! wait_for "$left" "pod default/$p Ready" roll_settled "$p"; then
         ROLL_BAD+=("$p: not Ready ($(KUBECTL -n default get pod "$p" -o jsonpath='{.status.phase}' 2>/dev/null))")
         continue
     fi

@@ -24,7 +24,7 @@ if [ "$BUILD" = musl ] && ! { rustup target list --installed 2>/dev/null | grep 
 fi
 cargo build --release --locked -p cni-plugin -p node-agent -p meshcni-tests --bins >&2
 if [ "$BUILD" = musl ]; then
-  CC_x86_64_unknown_linux_musl=musl-gcc RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+crt-static" \
+  CC_x86_64_unknown_linux_musl=musl-gcc env -u RUSTFLAGS \
     cargo build --release --locked --target "$MUSL" -p cni-plugin --bin istio-cni >&2
   PLUGIN_DIR=$TARGET_DIR/$MUSL/release
 else

@@ -32,10 +32,10 @@ if [ -z "${SKIP_BUILD:-}" ]; then
             die "musl-gcc not found (Debian: apt-get install musl-tools)"
         fi
     fi
-    # ring (rustls) compiles C: use musl's compiler for the target; link statically (the plugin runs on the host,
-    # whatever its libc).
+    # ring (rustls) compiles C: use musl's compiler for the target. The link flags (static, not PIE: the plugin
+    # runs on the host, whatever its libc) are in .cargo/config.toml, which RUSTFLAGS would override.
     CC_x86_64_unknown_linux_musl=musl-gcc \
-    RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+crt-static" \
+    env -u RUSTFLAGS \
         cargo build --release --locked --target "$TARGET" -p node-agent -p cni-plugin \
         --bin node-agent --bin istio-cni
 fi

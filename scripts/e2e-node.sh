@@ -248,7 +248,7 @@ bash scripts/build-image.sh "$WORK/images/agent.tar" > "$WORK/logs/agent-image.l
     || { tail -30 "$WORK/logs/agent-image.log"; die "scripts/build-image.sh failed"; }
 say "agent image $AGENT_IMAGE built in $(( $(ms_since "$t0") / 1000 )) s"
 t0=$(date +%s%N)
-CC_x86_64_unknown_linux_musl=musl-gcc RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+crt-static" \
+CC_x86_64_unknown_linux_musl=musl-gcc env -u RUSTFLAGS \
     cargo build --locked --target "$MUSL" -p meshcni-tests --bin meshcni-standin-proxy --bin meshcni-validation \
     --bin meshcni-netprobe --bin meshcni-pause > "$WORK/logs/test-bins.log" 2>&1 \
     || { tail -30 "$WORK/logs/test-bins.log"; die "building the test binaries failed"; }

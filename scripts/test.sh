@@ -8,7 +8,7 @@ if [ "$(id -u)" -ne 0 ]; then
   echo "scripts/test.sh: the netns, traffic and chain tests need root; run as root (sudo $0)" >&2
   exit 1
 fi
-for tool in iptables-legacy-restore iptables-nft-restore ip6tables-legacy-restore ip nft /usr/lib/cni/bridge /usr/lib/cni/host-local; do
+for tool in iptables-legacy-restore iptables-nft-restore ip6tables-legacy-restore ip nft nsenter /usr/lib/cni/bridge /usr/lib/cni/host-local; do
   command -v "$tool" >/dev/null 2>&1 || [ -x "$tool" ] || {
     echo "scripts/test.sh: missing $tool: run bash scripts/ci-deps.sh (Debian packages) first" >&2
     exit 1

@@ -257,6 +257,45 @@ impl Netns {
         Ok(Some(Userns { fd, id: owner }))
     }
 
+    /// Runs `f` on the calling thread inside this network namespace, then returns the thread to the netns it was
+    /// in, and returns `f`'s value: no thread to start and hand over to, for work that needs nothing but the netns
+    /// (netlink sockets). The caller must not start threads or runtimes in `f` that outlive it (they would stay in
+    /// this netns), nor change its mount namespace (the iptables tools' sandbox needs [`Netns::run`]). A panic in
+    /// `f` becomes [`NetnsError::Panicked`] after the thread is back. Should the way back fail, which needs a kernel
+    /// that refuses a namespace it just left, the process aborts: it must not go on in the pod's netns.
+    pub fn run_here<T>(&self, f: impl FnOnce() -> T) -> Result<T, NetnsError> {
+        let home = Netns::current()?;
+        nix::sched::setns(self.file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|source| {
+            NetnsError::Setns {
+                path: self.path.clone(),
+                source,
+            }
+        })?;
+        let inside = Netns::current().and_then(|here| {
+            if here.id == self.id {
+                Ok(())
+            } else {
+                Err(NetnsError::Verify {
+                    path: self.path.clone(),
+                    expected: self.id,
+                    found: here.id,
+                })
+            }
+        });
+        let result = inside.map(|()| std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)));
+        if let Err(e) = nix::sched::setns(home.file.as_fd(), CloneFlags::CLONE_NEWNET) {
+            tracing::error!(netns = %self.path.display(), error = %e, "cannot return to our own network namespace; aborting");
+            std::process::abort();
+        }
+        match result? {
+            Ok(value) => Ok(value),
+            Err(payload) => Err(NetnsError::Panicked {
+                path: self.path.clone(),
+                message: crate::panic_message(payload.as_ref()),
+            }),
+        }
+    }
+
     /// Runs `f` on a dedicated fresh thread that entered this network namespace, and returns its value. The
     /// caller's thread never changes namespace; the thread dies after `f`. A panic in `f` becomes
     /// [`NetnsError::Panicked`].
@@ -420,6 +459,30 @@ mod tests {
             NetnsError::Panicked { message, .. } => assert!(message.contains("boom in netns")),
             other => panic!("unexpected {other}"),
         }
+    }
+
+    #[test]
+    fn run_here_enters_the_netns_and_comes_back() {
+        // A scratch netns kept alive by its open fd after its thread is gone.
+        let other = run_in_scratch_netns(|| Netns::current().unwrap()).unwrap();
+        let before = Netns::current().unwrap().id();
+        assert_ne!(other.id(), before);
+        let inner = other.run_here(|| Netns::current().unwrap().id()).unwrap();
+        assert_eq!(inner, other.id());
+        assert_eq!(Netns::current().unwrap().id(), before);
+
+        let err = other
+            .run_here(|| -> u32 { panic!("boom on the calling thread") })
+            .unwrap_err();
+        assert!(
+            matches!(&err, NetnsError::Panicked { message, .. } if message.contains("boom on the calling thread")),
+            "{err}"
+        );
+        assert_eq!(
+            Netns::current().unwrap().id(),
+            before,
+            "back after a panic too"
+        );
     }
 
     #[test]

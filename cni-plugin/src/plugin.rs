@@ -180,7 +180,7 @@ pub fn add(req: &Request, cfg: &PluginConfig) -> Result<AddOutcome, PluginError>
                 lookup::agent::Miss::NoSocket { .. } => debug!(%miss, "asking the API server"),
                 _ => info!(%miss, "not answered by the agent's cache; asking the API server"),
             }
-            lookup::pod(&cfg.kubeconfig, &pod, &policy).map_err(PluginError::Lookup)?
+            lookup::pod(&cfg.kubeconfig, &pod, uid, &policy).map_err(PluginError::Lookup)?
         }
     };
     if let Decision::Skip(reason) = decide(&pi) {

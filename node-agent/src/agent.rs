@@ -108,6 +108,10 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
     })?;
 
     let installer = Arc::new(Mutex::new(Installer::new(cfg.clone())?));
+    // A socket bind interrupted by a crash (between bind and rename) leaves its temp name in the run dir.
+    for path in crate::install::atomic::remove_stale_temps(&cfg.run_dir, podsock::is_agent_socket) {
+        tracing::info!(path = %path.display(), "removed a socket left under its temp name by an interrupted start");
+    }
     // The first watch is set up here so that a directory that cannot be watched stops the agent before anything
     // is written; the watch starts before the first reconcile, so no change after the reconcile's reads is missed.
     let first_watcher = Arc::new(Mutex::new(Some(new_watcher(&cfg, &installer)?)));

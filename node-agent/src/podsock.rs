@@ -36,6 +36,17 @@ pub enum SocketError {
     },
 }
 
+/// Whether `name` is one of the sockets the agent binds in its run dir (the pod cache's, the plugin's logs, the
+/// status), for the removal of their temp names at start.
+pub fn is_agent_socket(name: &str) -> bool {
+    [
+        SOCKET_NAME,
+        cni_plugin::report::SOCKET_NAME,
+        crate::status::SOCKET_NAME,
+    ]
+    .contains(&name)
+}
+
 /// The socket's path in `run_dir`.
 pub fn socket_path(run_dir: &Path) -> PathBuf {
     run_dir.join(SOCKET_NAME)
@@ -57,13 +68,13 @@ pub fn bind(path: &Path) -> Result<(UnixListener, SocketId), SocketError> {
         path: path.to_path_buf(),
         source,
     };
-    let tmp = path.with_file_name(format!(
-        ".{}.{}.tmp",
-        path.file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default(),
-        std::process::id()
-    ));
+    // The installer's temp pattern: a bind interrupted by a crash leaves a name the next start removes.
+    let tmp = crate::install::atomic::temp_path(path).map_err(|e| {
+        fail(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            e.to_string(),
+        ))
+    })?;
     match std::fs::remove_file(&tmp) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -285,6 +296,45 @@ mod tests {
         assert!(remove_if_ours(&path, id).unwrap());
         assert!(!path.exists());
         assert!(!remove_if_ours(&path, id).unwrap(), "already gone");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// What a kill between bind and rename leaves (a socket under its temp name) is what the start removes; the
+    /// temp names of anything else in the run dir stay.
+    #[tokio::test]
+    async fn a_socket_left_under_its_temp_name_is_removed_at_start() {
+        use crate::install::atomic::{remove_stale_temps, temp_path};
+        let dir =
+            std::env::temp_dir().join(format!("meshcni-podsock-stale-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        // A crashed agent's bind: the socket file exists under the temp name bind() uses, never renamed.
+        let names = [
+            SOCKET_NAME,
+            cni_plugin::report::SOCKET_NAME,
+            crate::status::SOCKET_NAME,
+        ];
+        let mut leftovers = Vec::new();
+        for name in names {
+            let tmp = temp_path(&dir.join(name)).unwrap();
+            drop(std::os::unix::net::UnixListener::bind(&tmp).unwrap());
+            leftovers.push(tmp);
+        }
+        std::fs::write(dir.join("other.sock.tmp.1.0"), "").unwrap();
+        let mut removed = remove_stale_temps(&dir, is_agent_socket);
+        removed.sort();
+        leftovers.sort();
+        assert_eq!(removed, leftovers);
+        assert!(dir.join("other.sock.tmp.1.0").exists());
+        // A bind leaves only the socket itself.
+        let (_listener, _) = bind(&socket_path(&dir)).unwrap();
+        let mut left: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["other.sock.tmp.1.0", SOCKET_NAME]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

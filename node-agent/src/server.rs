@@ -220,15 +220,8 @@ fn handle(shared: &Shared, endpoints: Endpoints, req: &Request<Incoming>) -> Res
     match (endpoints, req.uri().path()) {
         (Endpoints::Health, "/healthz") => respond(StatusCode::OK, "text/plain", "ok\n".into()),
         (Endpoints::Health, "/readyz") => {
-            if shared.is_ready() {
-                respond(StatusCode::OK, "text/plain", "ready\n".into())
-            } else {
-                respond(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "text/plain",
-                    "not ready\n".into(),
-                )
-            }
+            let (status, body) = readyz(shared);
+            respond(status, "text/plain", body)
         }
         (Endpoints::Metrics, "/metrics") => respond(
             StatusCode::OK,
@@ -237,6 +230,21 @@ fn handle(shared: &Shared, endpoints: Endpoints, req: &Request<Incoming>) -> Res
         ),
         _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
     }
+}
+
+/// `/readyz`: 200 when the last reconcile found everything in place; else 503 and why, as that reconcile found it
+/// (the step, the file, the errno), which is what `kubectl describe pod` shows of a failed readiness probe.
+fn readyz(shared: &Shared) -> (StatusCode, String) {
+    if shared.is_ready() {
+        return (StatusCode::OK, "ready\n".into());
+    }
+    let detail = shared.install_state().detail;
+    let body = if detail.is_empty() {
+        "not ready\n".to_string()
+    } else {
+        format!("not ready: {detail}\n")
+    };
+    (StatusCode::SERVICE_UNAVAILABLE, body)
 }
 
 /// Binds the listener now (so a port in use stops the agent at start, naming the variable).
@@ -280,6 +288,33 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, endpoints: Endpoi
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn readyz_says_why_not() {
+        use crate::install::{Status, Step};
+        let s = Shared::new();
+        assert_eq!(
+            readyz(&s),
+            (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into()),
+            "before the first reconcile"
+        );
+        let failed = Status::Failed {
+            step: Step::CreateCniConfig,
+            error: "cannot write /etc/cni/net.d/10-calico.conflist: write ...: ENOSPC: No space left on device"
+                .into(),
+        };
+        s.set_install_state(InstallState::of(&failed, None));
+        let (status, body) = readyz(&s);
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            body,
+            "not ready: CREATE_CNI_CONFIG_FAILURE: cannot write /etc/cni/net.d/10-calico.conflist: write ...: \
+             ENOSPC: No space left on device\n"
+        );
+        s.set_ready(true);
+        s.set_install_state(InstallState::of(&Status::Ready, None));
+        assert_eq!(readyz(&s), (StatusCode::OK, "ready\n".into()));
+    }
 
     #[test]
     fn metric_names_are_istios() {

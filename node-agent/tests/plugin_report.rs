@@ -99,17 +99,7 @@ fn add(
 
 /// `node-agent status` of this node's agent: (exit code, stdout).
 fn status(s: &Setup, args: &[&str]) -> (i32, String) {
-    let out = Command::new(common::AGENT)
-        .env_clear()
-        .envs(s.node.env(s.agent.health, s.agent.metrics))
-        .arg("status")
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    )
+    s.agent.status(&s.node, args)
 }
 
 /// The agent's log lines about `pod` (re-logged plugin lines carry `pod=<name>`).

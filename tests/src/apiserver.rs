@@ -14,8 +14,11 @@
 //!   watcher asks for them (see [`watch`](self#list-and-watch)).
 //! * Faults, consumed one per request in FIFO order whatever the path, list and watch of pods excepted (they have
 //!   their own switch, [`ApiServer::refuse_list_watch`], so an agent's watch never eats a fault meant for a
-//!   plugin's GET): a canned status, a raw answer, a delay before the normal answer, or dropping the connection
-//!   without an answer.
+//!   plugin's GET): a canned status, a raw answer, a delay before the normal answer, dropping the connection
+//!   without an answer, an answer whose body stops half-way (cut, or hanging), or a TCP reset of the next
+//!   connection ([`Fault::Reset`], consumed when the connection is accepted). [`ApiServer::refuse_connections_for`]
+//!   closes the listening socket for a while: connections are refused, as by a server that is down. Together
+//!   they script a flapping server request by request.
 //! * A request log ([`ApiServer::request_log`]) that tells a GET of one pod from a list or watch of pods, counts
 //!   per path (query excluded) and a count of failed TLS handshakes, so a test can assert "no GET of this pod was
 //!   made" or "the client gave up during the handshake".
@@ -126,6 +129,17 @@ pub enum Fault {
     Delay(Duration),
     /// Close the connection without answering.
     Drop,
+    /// Answer with this status and a `content-length` 1 KiB beyond `body`, send `body`, then close the connection
+    /// (`hang: false`: the client sees the body cut short) or send nothing more while the client waits
+    /// (`hang: true`: a server stuck in the middle of its answer).
+    Partial {
+        status: u16,
+        body: String,
+        hang: bool,
+    },
+    /// Reset the next connection (TCP RST, before the TLS handshake) when it is accepted; a request on an open
+    /// connection that finds it first closes that connection without an answer instead.
+    Reset,
 }
 
 /// What a kubeconfig for the stub contains; tweak fields (a wrong CA, a wrong token, another server) to test
@@ -270,6 +284,14 @@ struct Shared {
     state: Mutex<State>,
     token: String,
     tls_failures: AtomicU64,
+    /// Connections reset by [`Fault::Reset`].
+    resets: AtomicU64,
+    /// Until when the listening socket stays closed ([`ApiServer::refuse_connections_for`]).
+    refuse_until: Mutex<Option<tokio::time::Instant>>,
+    /// Wakes the accept loop when `refuse_until` was set.
+    listen_changed: tokio::sync::Notify,
+    /// Whether the listening socket is open (the accept loop's view).
+    listening: std::sync::atomic::AtomicBool,
     /// Bumped after every change a watch may care about (a pod, a pause, an end).
     changed: watch::Sender<u64>,
 }
@@ -335,22 +357,21 @@ impl ApiServerBuilder {
             )?;
         let acceptor = TlsAcceptor::from(Arc::new(tls));
 
-        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
-        let listener = match &self.netns {
-            None => StdTcpListener::bind(addr).map_err(|source| ApiServerError::Bind {
-                port: self.port,
-                netns: None,
-                source,
-            })?,
-            Some(ns) => bind_in_netns(ns, addr)?,
-        };
-        let bind_err = |source| ApiServerError::Bind {
-            port: self.port,
+        let mut place = Place {
+            addr: SocketAddr::from((Ipv4Addr::LOCALHOST, self.port)),
             netns: self.netns.clone(),
-            source,
         };
-        let port = listener.local_addr().map_err(bind_err)?.port();
-        listener.set_nonblocking(true).map_err(bind_err)?;
+        let listener = place.bind()?;
+        let port = listener
+            .local_addr()
+            .map_err(|source| ApiServerError::Bind {
+                port: self.port,
+                netns: self.netns.clone(),
+                source,
+            })?
+            .port();
+        // Listening again after a refusal means the same port, not any free one.
+        place.addr.set_port(port);
 
         let token = self.token.unwrap_or_else(random_token);
         let shared = Arc::new(Shared {
@@ -360,6 +381,10 @@ impl ApiServerBuilder {
             }),
             token: token.clone(),
             tls_failures: AtomicU64::new(0),
+            resets: AtomicU64::new(0),
+            refuse_until: Mutex::new(None),
+            listen_changed: tokio::sync::Notify::new(),
+            listening: std::sync::atomic::AtomicBool::new(true),
             changed: watch::Sender::new(0),
         });
         {
@@ -377,7 +402,7 @@ impl ApiServerBuilder {
         let srv_shared = shared.clone();
         let thread = std::thread::Builder::new()
             .name(format!("test-apiserver-{port}"))
-            .spawn(move || rt.block_on(serve(listener, acceptor, srv_shared, stop_rx)))
+            .spawn(move || rt.block_on(serve(listener, place, acceptor, srv_shared, stop_rx)))
             .map_err(ApiServerError::Runtime)?;
         Ok(ApiServer {
             port,
@@ -388,6 +413,29 @@ impl ApiServerBuilder {
             stop: Some(stop_tx),
             thread: Some(thread),
         })
+    }
+}
+
+/// Where the server listens: to listen there again after [`ApiServer::refuse_connections_for`].
+#[derive(Debug, Clone)]
+struct Place {
+    addr: SocketAddr,
+    netns: Option<PathBuf>,
+}
+
+impl Place {
+    fn bind(&self) -> Result<StdTcpListener, ApiServerError> {
+        let bind_err = |source| ApiServerError::Bind {
+            port: self.addr.port(),
+            netns: self.netns.clone(),
+            source,
+        };
+        let listener = match &self.netns {
+            None => StdTcpListener::bind(self.addr).map_err(bind_err)?,
+            Some(ns) => bind_in_netns(ns, self.addr)?,
+        };
+        listener.set_nonblocking(true).map_err(bind_err)?;
+        Ok(listener)
     }
 }
 
@@ -623,6 +671,28 @@ impl ApiServer {
         }
     }
 
+    /// Closes the listening socket now: every connection is refused (`ECONNREFUSED`, a server that is down) until
+    /// `d` has passed; then the server listens on the same port again. Open connections are not touched.
+    pub fn refuse_connections_for(&self, d: Duration) {
+        *self
+            .shared
+            .refuse_until
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(tokio::time::Instant::now() + d);
+        self.shared.listen_changed.notify_one();
+        // The accept loop closes the socket on its own thread: wait until it did (bounded), so that the caller's
+        // next connection is refused.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while self.shared.listening.load(Ordering::SeqCst) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Connections reset by [`Fault::Reset`].
+    pub fn connections_reset(&self) -> u64 {
+        self.shared.resets.load(Ordering::SeqCst)
+    }
+
     /// Faults not consumed yet.
     pub fn pending_faults(&self) -> usize {
         self.shared.lock().faults.len()
@@ -763,22 +833,67 @@ pub fn read_pod_dir(dir: &Path) -> Result<Vec<Value>, ApiServerError> {
     Ok(pods)
 }
 
+fn register(listener: StdTcpListener) -> Option<tokio::net::TcpListener> {
+    tokio::net::TcpListener::from_std(listener)
+        .map_err(|e| eprintln!("test apiserver: cannot register the listener: {e}"))
+        .ok()
+}
+
+/// Until when connections are to be refused, if that is still ahead.
+fn refusing(shared: &Shared) -> Option<tokio::time::Instant> {
+    let until = *shared
+        .refuse_until
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    until.filter(|t| *t > tokio::time::Instant::now())
+}
+
 async fn serve(
     listener: StdTcpListener,
+    place: Place,
     acceptor: TlsAcceptor,
     shared: Arc<Shared>,
     mut stop: oneshot::Receiver<()>,
 ) {
-    let listener = match tokio::net::TcpListener::from_std(listener) {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("test apiserver: cannot register the listener: {e}");
-            return;
-        }
+    let Some(mut listener) = register(listener) else {
+        return;
     };
     loop {
+        if let Some(until) = refusing(&shared) {
+            // Down: no listening socket at all, so the kernel refuses every connection.
+            drop(listener);
+            shared.listening.store(false, Ordering::SeqCst);
+            tokio::select! {
+                _ = &mut stop => return,
+                _ = tokio::time::sleep_until(until) => {}
+                _ = shared.listen_changed.notified() => {}
+            }
+            listener = loop {
+                if refusing(&shared).is_some() {
+                    tokio::select! {
+                        _ = &mut stop => return,
+                        _ = shared.listen_changed.notified() => {}
+                        _ = tokio::time::sleep(Duration::from_millis(5)) => {}
+                    }
+                    continue;
+                }
+                match place.bind().map(register) {
+                    Ok(Some(l)) => {
+                        shared.listening.store(true, Ordering::SeqCst);
+                        break l;
+                    }
+                    Ok(None) => return,
+                    Err(e) => {
+                        eprintln!("test apiserver: listening again: {e}");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            };
+            continue;
+        }
         let accepted = tokio::select! {
             _ = &mut stop => return,
+            _ = shared.listen_changed.notified() => continue,
             a = listener.accept() => a,
         };
         let (tcp, _) = match accepted {
@@ -789,6 +904,11 @@ async fn serve(
                 continue;
             }
         };
+        if take_reset(&shared) {
+            reset(tcp);
+            shared.resets.fetch_add(1, Ordering::SeqCst);
+            continue;
+        }
         let acceptor = acceptor.clone();
         let shared = shared.clone();
         tokio::spawn(async move {
@@ -807,6 +927,54 @@ async fn serve(
                 .await;
         });
     }
+}
+
+/// Pops a [`Fault::Reset`] at the head of the queue.
+fn take_reset(shared: &Shared) -> bool {
+    let mut st = shared.lock();
+    let reset = st.faults.front() == Some(&Fault::Reset);
+    if reset {
+        st.faults.pop_front();
+    }
+    reset
+}
+
+/// Closes the connection with a TCP RST: `SO_LINGER` with a zero timeout, then close (nothing blocks).
+fn reset(tcp: tokio::net::TcpStream) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    if let Err(e) = nix::sys::socket::setsockopt(&tcp, nix::sys::socket::sockopt::Linger, &linger) {
+        eprintln!("test apiserver: SO_LINGER for a reset: {e}");
+    }
+    drop(tcp);
+}
+
+/// The answer of [`Fault::Partial`]: the headers promise 1 KiB more than `body`; after `body` the stream ends
+/// (hyper then aborts the connection: the body is cut) or never yields again.
+fn partial(status: u16, body: String, hang: bool) -> Resp {
+    let declared = body.len() + 1024;
+    let chunks = futures::stream::unfold(Some(body), move |left| async move {
+        match left {
+            Some(body) => Some((Ok::<_, Infallible>(Frame::data(Bytes::from(body))), None)),
+            None => {
+                if hang {
+                    std::future::pending::<()>().await;
+                }
+                // Let hyper flush the head and the part first: ending at once aborts the connection before it
+                // sent anything.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                None
+            }
+        }
+    });
+    Response::builder()
+        .status(status)
+        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .header(hyper::header::CONTENT_LENGTH, declared)
+        .body(UnsyncBoxBody::new(StreamBody::new(chunks.boxed())))
+        .unwrap_or_else(|e| status_response(500, &format!("bad partial fault: {e}")))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -868,7 +1036,8 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Resp, Dro
     };
     match fault {
         None => {}
-        Some(Fault::Drop) => return Err(Dropped),
+        Some(Fault::Drop | Fault::Reset) => return Err(Dropped),
+        Some(Fault::Partial { status, body, hang }) => return Ok(partial(status, body, hang)),
         Some(Fault::Delay(d)) => tokio::time::sleep(d).await,
         Some(Fault::Status(code)) => {
             return Ok(status_response(

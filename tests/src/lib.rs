@@ -6,6 +6,7 @@ pub mod chain;
 pub mod e2e;
 pub mod netns;
 pub mod nft;
+pub mod preload;
 pub mod report;
 pub mod traffic;
 pub mod userns;

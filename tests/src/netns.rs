@@ -212,6 +212,37 @@ pub fn istio_by_table(save: &str) -> std::collections::BTreeMap<String, Vec<Stri
         .collect()
 }
 
+/// Everything of a capture found in `ns`, on every backend, for "nothing was installed": each line of either
+/// iptables flavour, either family, that names an `ISTIO_` chain; each of Istio's nftables tables (`inet
+/// istio-proxy-*`); each TPROXY policy rule (`lookup 133`). Empty when there is none.
+pub fn capture_traces(ns: &TestNetns) -> Vec<String> {
+    let mut out = Vec::new();
+    for flavour in [Flavour::Legacy, Flavour::Nft] {
+        for family in [Family::V4, Family::V6] {
+            out.extend(
+                ns.save(flavour, family)
+                    .lines()
+                    .filter(|l| l.contains("ISTIO_"))
+                    .map(|l| format!("{} {l}", flavour.save_binary(family))),
+            );
+        }
+    }
+    out.extend(
+        crate::nft::istio_tables(ns)
+            .into_iter()
+            .map(|t| format!("nftables table inet {t}")),
+    );
+    for family in ["-4", "-6"] {
+        out.extend(
+            ns.ip(&[family, "rule", "show"])
+                .lines()
+                .filter(|l| l.contains("lookup 133"))
+                .map(|l| format!("ip {family} rule {l}")),
+        );
+    }
+    out
+}
+
 /// iptables-save of the host for every flavour and family, normalised, and its whole nftables ruleset (without
 /// counter values; the native backend's tables would show there): to prove a test left the host alone.
 pub fn host_snapshot() -> Vec<(String, String)> {

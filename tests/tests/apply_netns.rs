@@ -467,10 +467,7 @@ fn auto_detection_follows_existing_rules() {
 fn addresses_are_listed_ipv4_first() {
     let net = PodNet::new("addrs", true);
     let netns = cni_plugin::netns::Netns::open(net.pod.path()).unwrap();
-    let addrs = netns
-        .run(|| apply::Netlink::open().and_then(|nl| nl.addresses()))
-        .unwrap()
-        .unwrap();
+    let addrs = netns.run(apply::addresses).unwrap().unwrap();
     let pos4 = addrs
         .iter()
         .position(|a| *a == std::net::IpAddr::V4(POD_V4));
@@ -936,17 +933,20 @@ mod binary {
         }
     }
 
-    /// iptables-restore fails in the nat table after the mangle table was loaded (a TPROXY target injected into
-    /// nat, which the kernel refuses): legacy commits table by table, nft as a whole; either way nothing of ours
-    /// stays, nor the ruleset's rules in built-in chains, in a fresh netns and over rules of ours.
-    #[test]
-    fn a_failure_in_a_later_table_rolls_back_the_earlier_ones() {
+    /// A restore fault half-way through the TPROXY ruleset (tables mangle, then nat), for each flavour: the
+    /// stand-in `script` (which touches `$DIR/fired` when the fault fired) makes the ADD fail with a message holding
+    /// `says`, into a fresh netns and over the rules of an earlier ADD (another capture), and the netns then holds
+    /// nothing of ours, not even the ruleset's rules in built-in chains (TPROXY's marks in mangle). The stated
+    /// guarantee of the iptables backends: a failed ADD leaves no rule of ours, never the previous ruleset nor a
+    /// mix (a repeated ADD replaces the previous rules table by table, so a fault in a later table finds the
+    /// earlier tables replaced already: all of it goes). Without the stand-in the same ADD works (the control).
+    fn assert_halfway_fault_leaves_nothing(tag: &str, script: &str, says: &str) {
         for flavour in FLAVOURS {
             let backend = match flavour {
                 Flavour::Legacy => "legacy",
                 Flavour::Nft => "nft",
             };
-            let fx = fixture("laterfail");
+            let fx = fixture(tag);
             fx.srv
                 .add_pod(pod_with(
                     "tproxy",
@@ -955,17 +955,32 @@ mod binary {
                 ))
                 .unwrap();
             fx.srv.add_pod(sample_pod("default", "basic")).unwrap();
-            // Every restore that adds rules gets the bad rule in nat; removals (the rollback) pass through.
-            let script = "in=$(mktemp)\ncat > \"$in\"\nif grep -q '^-A ' \"$in\"; then\n  : > \"$DIR/injected\"\n  sed -i '/^\\* nat$/,/^COMMIT$/ s|^COMMIT$|-A ISTIO_OUTPUT -p tcp -j TPROXY --on-port 15006 --tproxy-mark 0x539/0xffffffff\\nCOMMIT|' \"$in\"\nfi\n\"$REAL\" \"$@\" < \"$in\"\nrc=$?\nrm -f \"$in\"\nexit $rc";
-            let path_var = faulty_tools(
-                &fx,
-                "laterfail",
-                &[flavour.restore_binary(Family::V4)],
-                script,
-            );
-            let marker = fx.run_dir.join("laterfail").join("injected");
+            let path_var = faulty_tools(&fx, tag, &[flavour.restore_binary(Family::V4)], script);
+            let fired = fx.run_dir.join(tag).join("fired");
+            let assert_nothing_left = |net: &PodNet, out: &PluginOutput| {
+                assert!(!out.success, "{flavour:?}: {out:?}");
+                assert!(
+                    fired.exists(),
+                    "{flavour:?}: the fault did not fire: {out:?}"
+                );
+                let msg = out.json()["msg"].as_str().unwrap_or_default().to_string();
+                assert!(
+                    msg.contains(says)
+                        && !msg.contains("removing the rules already applied failed"),
+                    "{flavour:?}: {msg}"
+                );
+                no_istio_anywhere(&net.pod);
+                for (table, lines) in by_table(&net.pod.save(flavour, Family::V4)) {
+                    assert!(
+                        lines.iter().all(|l| !l.starts_with("-A ")),
+                        "{flavour:?}: rules left in {table}: {lines:?}"
+                    );
+                }
+                assert!(processes_in(net.pod.path()).is_empty());
+                assert!(lock_files_of(net.pod.path()).is_empty());
+            };
 
-            let net = PodNet::new("laterfail", false);
+            let net = PodNet::new(tag, false);
             let out = add_with(
                 &fx,
                 "tproxy",
@@ -973,32 +988,42 @@ mod binary {
                 Some(path_var.clone()),
                 backend,
             );
-            assert!(!out.success, "{flavour:?}: {out:?}");
-            assert!(marker.exists(), "the fault was not injected: {out:?}");
-            let msg = out.json()["msg"].as_str().unwrap_or_default().to_string();
-            assert!(
-                msg.contains("iptables")
-                    && !msg.contains("removing the rules already applied failed"),
-                "{msg}"
-            );
-            no_istio_anywhere(&net.pod);
-            let mangle = by_table(&net.pod.save(flavour, Family::V4))
-                .remove("mangle")
-                .unwrap_or_default();
-            assert!(
-                mangle.iter().all(|l| !l.starts_with("-A ")),
-                "{flavour:?}: {mangle:?}"
-            );
+            assert_nothing_left(&net, &out);
 
-            // Over rules of ours already there.
-            std::fs::remove_file(&marker).unwrap();
-            let net = PodNet::new("laterfail", false);
+            std::fs::remove_file(&fired).unwrap();
+            let net = PodNet::new(tag, false);
             let ok = add_with(&fx, "basic", net.pod.path(), None, backend);
             assert!(ok.success, "{ok:?}");
+            assert!(!istio_lines(&net.pod.save(flavour, Family::V4)).is_empty());
             let out = add_with(&fx, "tproxy", net.pod.path(), Some(path_var), backend);
-            assert!(!out.success && marker.exists(), "{flavour:?}: {out:?}");
-            no_istio_anywhere(&net.pod);
-            assert!(processes_in(net.pod.path()).is_empty());
+            assert_nothing_left(&net, &out);
+
+            let ok = add_with(&fx, "tproxy", net.pod.path(), None, backend);
+            assert!(ok.success, "{flavour:?}: control: {ok:?}");
+            assert!(!istio_lines(&net.pod.save(flavour, Family::V4)).is_empty());
         }
+    }
+
+    /// iptables-restore that dies after committing part of its input, as a restore killed or crashing half-way
+    /// would: the stand-in feeds the real restore the input up to its middle `-A` line (closing that table with
+    /// `COMMIT`), which the kernel takes, then exits 1 (all of mangle and part of nat are in the netns then).
+    #[test]
+    fn a_restore_dying_after_committing_part_of_its_input_leaves_nothing() {
+        // Restores that add rules commit their first half and die; removals (the rollback) pass through.
+        let script = "in=$(mktemp)\ncat > \"$in\"\nif grep -q '^-A ' \"$in\"; then\n  keep=$(( ($(grep -c '^-A ' \"$in\") + 1) / 2 ))\n  awk -v keep=\"$keep\" '{ print } /^-A / { n++ } n == keep && /^-A / { print \"COMMIT\"; exit }' \"$in\" > \"$in.part\"\n  \"$REAL\" \"$@\" < \"$in.part\" && : > \"$DIR/fired\"\n  rm -f \"$in\" \"$in.part\"\n  echo 'iptables-restore: killed after committing part of its input (injected)' >&2\n  exit 1\nfi\n\"$REAL\" \"$@\" < \"$in\"\nrc=$?\nrm -f \"$in\"\nexit $rc";
+        assert_halfway_fault_leaves_nothing(
+            "halfway",
+            script,
+            "killed after committing part of its input (injected)",
+        );
+    }
+
+    /// iptables-restore fails in the nat table after the mangle table was loaded (a TPROXY target injected into
+    /// nat, which the kernel refuses): legacy commits table by table, nft as a whole.
+    #[test]
+    fn a_failure_in_a_later_table_rolls_back_the_earlier_ones() {
+        // Every restore that adds rules gets the bad rule in nat; removals (the rollback) pass through.
+        let script = "in=$(mktemp)\ncat > \"$in\"\nif grep -q '^-A ' \"$in\"; then\n  : > \"$DIR/fired\"\n  sed -i '/^\\* nat$/,/^COMMIT$/ s|^COMMIT$|-A ISTIO_OUTPUT -p tcp -j TPROXY --on-port 15006 --tproxy-mark 0x539/0xffffffff\\nCOMMIT|' \"$in\"\nfi\n\"$REAL\" \"$@\" < \"$in\"\nrc=$?\nrm -f \"$in\"\nexit $rc";
+        assert_halfway_fault_leaves_nothing("laterfail", script, "iptables");
     }
 }

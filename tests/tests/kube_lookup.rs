@@ -99,6 +99,7 @@ fn found_pod_is_returned_with_one_request() {
     let pod = lookup::pod(
         &kc,
         &PodRef::new("default", "web-1"),
+        None,
         &policy(Duration::from_secs(10)),
     )
     .expect("lookup");
@@ -134,6 +135,7 @@ fn kubeconfig_written_as_json_works_too() {
     lookup::pod(
         &kc,
         &PodRef::new("default", "web-1"),
+        None,
         &policy(Duration::from_secs(10)),
     )
     .expect("lookup");
@@ -146,6 +148,7 @@ fn not_found_fails_at_once() {
     let e = lookup::pod(
         &kc,
         &PodRef::new("default", "gone"),
+        None,
         &policy(Duration::from_secs(30)),
     )
     .expect_err("404");
@@ -167,6 +170,7 @@ fn removed_pod_is_not_found() {
     lookup::pod(
         &kc,
         &PodRef::new("default", "web-1"),
+        None,
         &policy(Duration::from_secs(10)),
     )
     .expect("lookup");
@@ -174,6 +178,7 @@ fn removed_pod_is_not_found() {
     let e = lookup::pod(
         &kc,
         &PodRef::new("default", "web-1"),
+        None,
         &policy(Duration::from_secs(10)),
     )
     .expect_err("404");
@@ -191,6 +196,7 @@ fn wrong_token_gets_401_at_once_naming_the_token() {
     let e = lookup::pod(
         &kc,
         &PodRef::new("default", "web-1"),
+        None,
         &policy(Duration::from_secs(30)),
     )
     .expect_err("401");
@@ -212,6 +218,7 @@ fn forbidden_gets_403_at_once_naming_rbac() {
     let e = lookup::pod(
         &kc,
         &PodRef::new("default", "web-1"),
+        None,
         &policy(Duration::from_secs(30)),
     )
     .expect_err("403");
@@ -234,6 +241,7 @@ fn other_client_errors_are_not_retried() {
     let e = lookup::pod(
         &kc,
         &PodRef::new("default", "web-1"),
+        None,
         &policy(Duration::from_secs(30)),
     )
     .expect_err("400");
@@ -249,6 +257,7 @@ fn two_500s_then_ok_succeeds_on_the_third_request() {
     let pod = lookup::pod(
         &kc,
         &PodRef::new("default", "web-1"),
+        None,
         &policy(Duration::from_secs(30)),
     )
     .expect("lookup");
@@ -264,6 +273,7 @@ fn too_many_requests_then_ok() {
     lookup::pod(
         &kc,
         &PodRef::new("default", "web-1"),
+        None,
         &policy(Duration::from_secs(30)),
     )
     .expect("lookup");
@@ -286,6 +296,7 @@ fn non_status_error_body_then_ok() {
     lookup::pod(
         &kc,
         &PodRef::new("default", "web-1"),
+        None,
         &policy(Duration::from_secs(30)),
     )
     .expect("lookup");
@@ -299,6 +310,7 @@ fn persistent_503_gives_up_at_the_deadline_with_the_last_status() {
     let e = lookup::pod(
         &kc,
         &PodRef::new("default", "web-1"),
+        None,
         &policy(Duration::from_millis(500)),
     )
     .expect_err("deadline");
@@ -324,6 +336,7 @@ fn dropped_connection_is_retried() {
     lookup::pod(
         &kc,
         &PodRef::new("default", "web-1"),
+        None,
         &policy(Duration::from_secs(30)),
     )
     .expect("lookup");
@@ -338,7 +351,7 @@ fn a_request_without_answer_times_out_and_is_retried() {
         request_timeout: Duration::from_millis(300),
         ..policy(Duration::from_secs(30))
     };
-    lookup::pod(&kc, &PodRef::new("default", "web-1"), &p).expect("lookup");
+    lookup::pod(&kc, &PodRef::new("default", "web-1"), None, &p).expect("lookup");
     assert_eq!(srv.pod_requests("default", "web-1"), 2);
 }
 
@@ -351,7 +364,7 @@ fn a_request_timeout_never_exceeds_the_deadline() {
         request_timeout: Duration::from_secs(20),
         ..policy(Duration::from_millis(400))
     };
-    let e = lookup::pod(&kc, &PodRef::new("default", "web-1"), &p).expect_err("deadline");
+    let e = lookup::pod(&kc, &PodRef::new("default", "web-1"), None, &p).expect_err("deadline");
     assert!(e.is_transient(), "{e}");
     assert!(
         matches!(e.kind, LookupErrorKind::DeadlineExceeded { .. }),
@@ -372,6 +385,7 @@ fn connection_refused_is_retried_until_the_deadline() {
     let e = lookup::pod(
         &kc,
         &PodRef::new("default", "web-1"),
+        None,
         &policy(Duration::from_secs(1)),
     )
     .expect_err("refused");
@@ -403,6 +417,7 @@ fn missing_kubeconfig_fails_at_once_naming_it() {
     let e = lookup::pod(
         &kc,
         &PodRef::new("default", "web-1"),
+        None,
         &policy(Duration::from_secs(30)),
     )
     .expect_err("missing");
@@ -448,6 +463,7 @@ fn invalid_kubeconfigs_fail_at_once_without_a_request() {
         let e = lookup::pod(
             &kc,
             &PodRef::new("default", "web-1"),
+            None,
             &policy(Duration::from_secs(30)),
         )
         .expect_err(name);
@@ -470,6 +486,7 @@ fn unreadable_kubeconfig_directory_fails_naming_it() {
     let e = lookup::pod(
         &dir.0,
         &PodRef::new("default", "web-1"),
+        None,
         &policy(Duration::from_secs(30)),
     )
     .expect_err("dir");
@@ -489,6 +506,7 @@ fn invalid_pod_reference_makes_no_request() {
         let e = lookup::pod(
             &kc,
             &PodRef::new(ns, name),
+            None,
             &policy(Duration::from_secs(30)),
         )
         .expect_err(name);
@@ -512,6 +530,7 @@ fn wrong_ca_is_a_permanent_tls_error_showing_the_cause() {
     let e = lookup::pod(
         &kc,
         &PodRef::new("default", "web-1"),
+        None,
         &policy(Duration::from_secs(30)),
     )
     .expect_err("tls");
@@ -552,6 +571,7 @@ fn expired_server_certificate_is_a_permanent_tls_error() {
     let e = lookup::pod(
         &kc,
         &PodRef::new("default", "web-1"),
+        None,
         &policy(Duration::from_secs(30)),
     )
     .expect_err("expired");
@@ -571,6 +591,7 @@ fn insecure_skip_tls_verify_is_honoured() {
     lookup::pod(
         &kc,
         &PodRef::new("default", "web-1"),
+        None,
         &policy(Duration::from_secs(10)),
     )
     .expect("lookup");
@@ -631,6 +652,7 @@ fn proxy_env_child() {
     let pod = lookup::pod(
         Path::new(&kc),
         &PodRef::new("default", "web-1"),
+        None,
         &policy(Duration::from_secs(5)),
     )
     .unwrap_or_else(|e| panic!("lookup with HTTPS_PROXY set: {e}"));
@@ -759,6 +781,7 @@ fn stub_in_a_netns_is_reachable_there_only() {
         lookup::pod(
             &kc2,
             &PodRef::new("default", "web-1"),
+            None,
             &policy(Duration::from_secs(10)),
         )
         .map(|p| app_label(&p).map(str::to_string))
@@ -774,6 +797,7 @@ fn stub_in_a_netns_is_reachable_there_only() {
     lookup::pod(
         &kc,
         &PodRef::new("default", "web-1"),
+        None,
         &policy(Duration::from_millis(300)),
     )
     .expect_err("from the host");
@@ -844,13 +868,13 @@ fn binary_serves_a_pod_dir_until_sigterm() {
         .contains("BEGIN CERTIFICATE"));
 
     let p = policy(Duration::from_secs(10));
-    let pod = lookup::pod(&kc, &PodRef::new("demo", "web-1"), &p).expect("pod from the dir");
+    let pod = lookup::pod(&kc, &PodRef::new("demo", "web-1"), None, &p).expect("pod from the dir");
     assert_eq!(app_label(&pod), Some("web-1"));
     // The dir is re-read on each request: a new file is served, a removed one is gone.
     std::fs::write(pod_file("web-2"), sample_pod("demo", "web-2").to_string()).expect("pod file");
-    lookup::pod(&kc, &PodRef::new("demo", "web-2"), &p).expect("new pod from the dir");
+    lookup::pod(&kc, &PodRef::new("demo", "web-2"), None, &p).expect("new pod from the dir");
     std::fs::remove_file(pod_file("web-1")).expect("rm");
-    let e = lookup::pod(&kc, &PodRef::new("demo", "web-1"), &p).expect_err("removed");
+    let e = lookup::pod(&kc, &PodRef::new("demo", "web-1"), None, &p).expect_err("removed");
     assert_eq!(e.http_status(), Some(404), "{e}");
 
     let mut proc_ = proc_;

@@ -1327,3 +1327,90 @@ fn a_batch_refused_in_its_middle_changes_nothing_through_the_plugin() {
     assert!(!rules.contains("lookup 133"), "{rules}");
     assert_default_capture(&probe, &pod, false, localhost_v4());
 }
+
+/// The batch's last message refused by the kernel, through the real binary: the `nft_refuse_last` shim (preloaded
+/// into the plugin) renames the chain of the batch's last rule, so the kernel refuses exactly that message
+/// (ENOENT) and with it the whole transaction. Into a fresh netns: the ADD fails naming the backend and the rule,
+/// and no table of ours exists, nothing is captured. Over the rules of an earlier ADD (REDIRECT; the new capture
+/// adds DNS capture, so its batch deletes nat and ends with the rules of a new raw table): the earlier ruleset
+/// stays exactly as it was and still captures, no raw table. Native nftables never leaves a mix: nothing on a
+/// first ADD, the previous rules on a repeated one. Without the shim the same ADDs succeed (the control).
+#[test]
+fn a_batch_refused_at_its_last_message_leaves_nothing_or_the_previous_rules() {
+    let cluster = Cluster::new("lastmsg");
+    let probe = netprobe!();
+    require_root();
+    let shim = meshcni_tests::preload::nft_refuse_last();
+    let marker = cluster.run_dir.join("preload-marker");
+    let preloaded = |pod: &TestPod| {
+        let _ = std::fs::remove_file(&marker);
+        let out = pod
+            .invocation("ADD", &pod.net.pod.path().display().to_string())
+            .env("LD_PRELOAD", shim.display().to_string())
+            .env("MESHCNI_PRELOAD_MARKER", marker.display().to_string())
+            .run_with_timeout(PLUGIN_TIMEOUT);
+        let fired = std::fs::read_to_string(&marker).unwrap_or_default();
+        (out, fired)
+    };
+    // The marker names the message the shim changed: the one before BATCH_END, i.e. the last.
+    let assert_last = |fired: &str, chain: &str| {
+        let (index, count) = fired
+            .trim()
+            .strip_prefix("message ")
+            .and_then(|l| l.split_once(": chain "))
+            .and_then(|(pos, c)| (c == chain).then_some(pos))
+            .and_then(|pos| pos.split_once(" of "))
+            .and_then(|(i, n)| Some((i.parse::<usize>().ok()?, n.parse::<usize>().ok()?)))
+            .unwrap_or_else(|| panic!("the shim did not fire once on chain {chain}: {fired:?}"));
+        assert_eq!(index + 2, count, "not the last message: {fired}");
+    };
+
+    let pod = cluster.pod(
+        "lastmsg",
+        Backend::Nftables,
+        injected(&[], &[], None),
+        Stack::V4,
+    );
+    let _world = start_world(&probe, &pod.net, WorldOpts::default());
+    let (out, fired) = preloaded(&pod);
+    let (code, msg) = add_error(&out);
+    assert_eq!(code, Some(103), "{out:?}");
+    assert!(
+        msg.contains("nftables: the kernel refused rule \"add rule inet istio-proxy-nat ")
+            && msg.ends_with(": ENOENT: No such file or directory"),
+        "{msg}"
+    );
+    assert!(msg.contains("default/lastmsg-nftables"), "{msg}");
+    assert_last(&fired, "istio-output");
+    pod.assert_no_rules_at_all();
+    assert_nothing_captured(&probe, &pod, false);
+    // The control: the same ADD without the shim.
+    pod.add();
+    assert_default_capture(&probe, &pod, false, localhost_v4());
+    let before = nft::ruleset(&pod.net.pod);
+    assert_eq!(nft::istio_tables(&pod.net.pod), ["istio-proxy-nat"]);
+
+    let mut dns = injected(&[], &[PROXY_ENV_DNS], None);
+    dns["metadata"]["name"] = json!(pod.name);
+    cluster.srv.add_pod(dns).unwrap();
+    let (out, fired) = preloaded(&pod);
+    let (code, msg) = add_error(&out);
+    assert_eq!(code, Some(103), "{out:?}");
+    assert!(
+        msg.contains("nftables: the kernel refused rule \"add rule inet istio-proxy-raw "),
+        "{msg}"
+    );
+    assert_last(&fired, "istio-output-dns");
+    assert_eq!(
+        nft::ruleset(&pod.net.pod),
+        before,
+        "the refused batch changed the ruleset"
+    );
+    assert_default_capture(&probe, &pod, false, localhost_v4());
+    // The control: without the shim the DNS capture replaces the rules (raw table and all).
+    pod.add();
+    assert_eq!(
+        nft::istio_tables(&pod.net.pod),
+        ["istio-proxy-nat", "istio-proxy-raw"]
+    );
+}

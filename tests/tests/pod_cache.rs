@@ -109,6 +109,18 @@ impl Start {
         );
     }
 
+    /// The ADD failed with CNI error `code`, its message holding `says`, and nothing was programmed.
+    #[track_caller]
+    fn assert_failed(&self, code: u64, says: &str) {
+        assert_eq!(self.out.error_code(), Some(code), "{:?}", self.out);
+        let msg = self.out.json()["msg"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(msg.contains(says), "{msg}");
+        assert!(self.rules().is_empty(), "{:?}", self.rules());
+    }
+
     #[track_caller]
     fn assert_passed_through(&self) {
         assert!(self.out.success, "ADD failed: {:?}", self.out);
@@ -249,8 +261,12 @@ fn a_uid_mismatch_falls_back_to_the_get() {
     srv.add_pod(plain("db-0", "uid-db-old")).unwrap();
     let (node, mut agent) = node_with_agent("uid", &srv);
 
-    // The runtime starts another pod than the cached one: the GET decides.
-    add_counted(&srv, &node, "web", Some("uid-someone-else"), 1).assert_redirected();
+    // The runtime starts another pod than the cached one: the GET decides, and the API server's pod of that name
+    // is not the runtime's either (another UID): refused, nothing programmed.
+    add_counted(&srv, &node, "web", Some("uid-someone-else"), 1).assert_failed(
+        100,
+        "has uid \"uid-web\", not the runtime's K8S_POD_UID \"uid-someone-else\"",
+    );
 
     // A StatefulSet pod recreated under the same name, now with a sidecar, while the watch lags (paused): the cache
     // still holds the old pod without one. Believing it would leave the new pod uncaptured.

@@ -5,8 +5,10 @@
 //! the iptables backends render Istio's iptables-restore text, the native nftables backend its netlink batch.
 //! Text is an output of a backend, never the interface between the core and the backends.
 //!
-//! Everything happens on one dedicated thread inside the pod netns ([`Netns::run`]); for the iptables backends that
-//! thread also gets a private mount namespace for their children ([`sandbox`]) and a pod-scoped xtables lock file.
+//! Everything happens inside the pod netns: for the iptables backends on one dedicated thread ([`Netns::run`]) that
+//! also gets a private mount namespace for their children ([`sandbox`]) and a pod-scoped xtables lock file; for
+//! native nftables, which needs only netlink sockets, on the calling thread, which enters and leaves the netns
+//! ([`Netns::run_here`]).
 //! Nothing is applied before the whole configuration has been validated, and a failed ADD leaves no rule behind:
 //! if the IPv6 restore fails after IPv4 succeeded, or the routes fail, our rules are removed again.
 
@@ -28,7 +30,7 @@ use crate::redirect::Redirect;
 use crate::rules::{self, CaptureConfig, RouteSetup};
 
 pub use iptables::{Family, Flavour, IptablesRestore};
-pub use routes::{Netlink, RouteError, RoutesOutcome};
+pub use routes::{addresses, Netlink, RouteError, RoutesOutcome};
 pub use sandbox::Sandbox;
 pub use text::TextError;
 
@@ -287,6 +289,11 @@ pub fn program(
         _ => Some(LockFile::create(netns.id())?),
     };
     let lock_path = lock.as_ref().map(LockFile::path);
+    if choice == BackendChoice::Nftables {
+        // Native nftables needs nothing but netlink sockets opened in the netns: the calling thread enters it
+        // and comes back, saving a thread and two hand-overs per ADD.
+        return netns.run_here(|| on_netns_thread(&netns, choice, None, target))?;
+    }
     let span = tracing::Span::current();
     netns.run(|| {
         let _entered = span.enter();
@@ -295,11 +302,11 @@ pub fn program(
 }
 
 /// The capture of `target` in this netns (the calling thread's).
-fn capture_of(netns: &Netns, netlink: &Netlink, target: &Target) -> Result<Capture, ApplyError> {
+fn capture_of(netns: &Netns, target: &Target) -> Result<Capture, ApplyError> {
     let config = match target {
         Target::Config(config) => config.clone(),
         Target::Redirect(redirect) => {
-            let addrs = netlink.addresses()?;
+            let addrs = addresses()?;
             let enable_ipv6 =
                 rules::ipv6_enabled(&addrs, redirect.dual_stack()).ok_or_else(|| {
                     ApplyError::NoPodIp {
@@ -319,8 +326,13 @@ fn on_netns_thread(
     lock_path: Option<&Path>,
     target: &Target,
 ) -> Result<Programmed, ApplyError> {
-    let netlink = Netlink::open()?;
-    let capture = capture_of(netns, &netlink, target)?;
+    let capture = capture_of(netns, target)?;
+    // Opened before anything is applied, so that failing to open it leaves nothing behind.
+    let netlink = if Netlink::needed_for(&capture.routes) {
+        Some(Netlink::open()?)
+    } else {
+        None
+    };
     tracing::debug!(config = ?capture.config, routes = ?capture.routes, "capture");
     let families = capture.families();
     let sandbox = lock_path.map(|lock| sandbox::enter(Some(lock)));
@@ -348,7 +360,11 @@ fn on_netns_thread(
         }
         Err(e) => return Err(e),
     };
-    let routes = match netlink.configure(&capture.routes) {
+    let configured = match &netlink {
+        Some(netlink) => netlink.configure(&capture.routes),
+        None => Ok(RoutesOutcome::default()),
+    };
+    let routes = match configured {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(error = %e, "routes failed; removing the rules again");

@@ -1,8 +1,10 @@
 //! Addresses, policy rules and routes of the calling thread's netns, over rtnetlink (Istio's
 //! `tproxy.ConfigureRoutes`), all idempotent: a second ADD leaves exactly one of each.
 //!
-//! The netlink socket is opened by [`Netlink::open`] on the calling thread, so call it on the netns thread: the
-//! socket then belongs to the pod's netns for its whole life. A current-thread tokio runtime drives it.
+//! Every socket is opened on the calling thread, so call these on the netns thread: a socket belongs to the netns
+//! it was opened in for its whole life. [`addresses`], which every ADD needs, is one synchronous dump; only the
+//! routes that some captures need ([`Netlink`]: IPv6's loopback address, TPROXY) start a current-thread tokio
+//! runtime for rtnetlink.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -31,6 +33,12 @@ pub enum RouteError {
     },
     #[error("the netns has no loopback interface \"lo\"")]
     NoLoopback,
+    #[error("netlink address dump failed: {0}")]
+    Dump(std::io::Error),
+    #[error("netlink address dump failed: the kernel answered error {errno} ({})", std::io::Error::from_raw_os_error(*errno))]
+    DumpRefused { errno: i32 },
+    #[error("netlink address dump failed: cannot parse the kernel's answer: {0}")]
+    DumpMalformed(String),
 }
 
 fn nl(op: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> RouteError {
@@ -45,6 +53,73 @@ pub struct RoutesOutcome {
     pub added: Vec<String>,
     /// Things that were already there.
     pub present: Vec<String>,
+}
+
+/// All interface addresses of the calling thread's netns, in the kernel's dump order (IPv4 first, then IPv6, each
+/// by interface), like Go's `net.InterfaceAddrs` which Istio's `getLocalIP` walks: one `RTM_GETADDR` dump on a
+/// plain netlink socket, no runtime.
+pub fn addresses() -> Result<Vec<IpAddr>, RouteError> {
+    use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST};
+    use rtnetlink::packet_route::address::AddressMessage;
+    use rtnetlink::packet_route::RouteNetlinkMessage;
+    use rtnetlink::sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+
+    let mut socket = Socket::new(NETLINK_ROUTE).map_err(RouteError::Socket)?;
+    socket.bind_auto().map_err(RouteError::Socket)?;
+    let mut request =
+        NetlinkMessage::from(RouteNetlinkMessage::GetAddress(AddressMessage::default()));
+    request.header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    request.header.sequence_number = 1;
+    request.finalize();
+    let mut bytes = vec![0; request.buffer_len()];
+    request.serialize(&mut bytes);
+    socket
+        .send_to(&bytes, &SocketAddr::new(0, 0), 0)
+        .map_err(RouteError::Dump)?;
+    let mut out = Vec::new();
+    let mut buf = Vec::with_capacity(64 * 1024);
+    loop {
+        buf.clear();
+        socket.recv(&mut buf, 0).map_err(RouteError::Dump)?;
+        let mut at = 0;
+        while at < buf.len() {
+            let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&buf[at..])
+                .map_err(|e| RouteError::DumpMalformed(e.to_string()))?;
+            let len = msg.header.length as usize;
+            if len == 0 {
+                return Err(RouteError::DumpMalformed("a message of length 0".into()));
+            }
+            // Messages are 4-byte aligned in a datagram.
+            at += (len + 3) & !3;
+            match msg.payload {
+                NetlinkPayload::Done(_) => return Ok(out),
+                NetlinkPayload::Error(e) => {
+                    if let Some(code) = e.code {
+                        return Err(RouteError::DumpRefused { errno: -code.get() });
+                    }
+                }
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewAddress(m)) => {
+                    if let Some(ip) = address_of(&m) {
+                        out.push(ip);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// An address message's address: its local address when it has one (point-to-point), else its address.
+fn address_of(msg: &rtnetlink::packet_route::address::AddressMessage) -> Option<IpAddr> {
+    let local = msg.attributes.iter().find_map(|a| match a {
+        AddressAttribute::Local(ip) => Some(*ip),
+        _ => None,
+    });
+    let address = msg.attributes.iter().find_map(|a| match a {
+        AddressAttribute::Address(ip) => Some(*ip),
+        _ => None,
+    });
+    local.or(address)
 }
 
 /// An rtnetlink connection bound to the calling thread's netns.
@@ -68,29 +143,6 @@ impl Netlink {
         Ok(Netlink { rt, handle })
     }
 
-    /// All interface addresses, in the kernel's dump order (IPv4 first, then IPv6, each by interface), like Go's
-    /// `net.InterfaceAddrs` which Istio's `getLocalIP` walks.
-    pub fn addresses(&self) -> Result<Vec<IpAddr>, RouteError> {
-        self.rt.block_on(async {
-            let mut out = Vec::new();
-            let mut dump = self.handle.address().get().execute();
-            while let Some(msg) = dump.try_next().await.map_err(nl("address dump"))? {
-                let local = msg.attributes.iter().find_map(|a| match a {
-                    AddressAttribute::Local(ip) => Some(*ip),
-                    _ => None,
-                });
-                let address = msg.attributes.iter().find_map(|a| match a {
-                    AddressAttribute::Address(ip) => Some(*ip),
-                    _ => None,
-                });
-                if let Some(ip) = local.or(address) {
-                    out.push(ip);
-                }
-            }
-            Ok(out)
-        })
-    }
-
     async fn loopback_index(&self) -> Result<u32, RouteError> {
         let mut links = self
             .handle
@@ -110,11 +162,17 @@ impl Netlink {
         Err(RouteError::NoLoopback)
     }
 
+    /// Whether `setup` has anything for [`Netlink::configure`] to do (most captures have not: no connection is
+    /// opened for them).
+    pub fn needed_for(setup: &RouteSetup) -> bool {
+        setup.ipv6_loopback_addr || setup.tproxy.is_some()
+    }
+
     /// Programs the routes of a ruleset: `::6/128` on lo, and TPROXY's policy rule and local default route per
     /// family. Each item is checked first and added only when absent.
     pub fn configure(&self, setup: &RouteSetup) -> Result<RoutesOutcome, RouteError> {
         let mut outcome = RoutesOutcome::default();
-        if !setup.ipv6_loopback_addr && setup.tproxy.is_none() {
+        if !Self::needed_for(setup) {
             return Ok(outcome);
         }
         self.rt.block_on(async {

@@ -35,19 +35,24 @@ impl ApiClient {
         Ok(ApiClient { client })
     }
 
-    /// One GET of `pod` within `timeout`; also returns the server's `Retry-After`, if any.
+    /// One GET of `pod` (of `uid`, when known) within `timeout`; also returns the server's `Retry-After`, if any.
     pub(super) async fn get(
         &self,
         pod: &PodRef,
+        uid: Option<&str>,
         timeout: Duration,
     ) -> (Result<PodInfo, LookupErrorKind>, Option<Duration>) {
-        match tokio::time::timeout(timeout, self.send(pod)).await {
+        match tokio::time::timeout(timeout, self.send(pod, uid)).await {
             Ok(r) => r,
             Err(_) => (Err(LookupErrorKind::Timeout { timeout }), None),
         }
     }
 
-    async fn send(&self, pod: &PodRef) -> (Result<PodInfo, LookupErrorKind>, Option<Duration>) {
+    async fn send(
+        &self,
+        pod: &PodRef,
+        uid: Option<&str>,
+    ) -> (Result<PodInfo, LookupErrorKind>, Option<Duration>) {
         let path = format!("/api/v1/namespaces/{}/pods", pod.namespace);
         // The pod reference was validated before; the builder's own check cannot fail on it.
         let req = match kube::core::Request::new(path).get(&pod.name, &GetParams::default()) {
@@ -86,7 +91,7 @@ impl ApiClient {
                 )
             }
         };
-        (response::interpret(status, &body, pod), retry_after)
+        (response::interpret(status, &body, pod, uid), retry_after)
     }
 }
 

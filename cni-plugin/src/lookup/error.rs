@@ -62,6 +62,12 @@ pub enum LookupErrorKind {
     BadResponse {
         detail: String,
     },
+    /// The pod of that name has another UID than the runtime's `K8S_POD_UID`: it was deleted and recreated under
+    /// the same name, and this sandbox belongs to the old one.
+    UidMismatch {
+        expected: String,
+        got: String,
+    },
     /// The kube client failed before sending (auth layer, request building).
     Client {
         chain: String,
@@ -95,6 +101,7 @@ impl LookupErrorKind {
             | LookupErrorKind::Denied { .. }
             | LookupErrorKind::Tls { .. }
             | LookupErrorKind::BadResponse { .. }
+            | LookupErrorKind::UidMismatch { .. }
             | LookupErrorKind::Client { .. } => false,
         }
     }
@@ -175,6 +182,11 @@ impl LookupError {
             LookupErrorKind::BadResponse { detail } => write!(
                 f,
                 "invalid answer from API server {server} for pod {pod}: {detail}"
+            ),
+            LookupErrorKind::UidMismatch { expected, got } => write!(
+                f,
+                "pod {pod} on API server {server} has uid {got:?}, not the runtime's K8S_POD_UID {expected:?}: it \
+                 was deleted and recreated under the same name, this sandbox is the old pod's"
             ),
             LookupErrorKind::Client { chain } => write!(
                 f,
@@ -271,6 +283,10 @@ pub(crate) mod tests {
                 timeout: Duration::from_secs(5),
             },
             LookupErrorKind::BadResponse { detail: "d".into() },
+            LookupErrorKind::UidMismatch {
+                expected: "u1".into(),
+                got: "u2".into(),
+            },
         ];
         for kind in pod_and_server {
             let s = in_context(kc, kind).to_string();

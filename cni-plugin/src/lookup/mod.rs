@@ -10,12 +10,16 @@
 //!   timeout, HTTP 5xx, 429 (honouring `Retry-After`) and 408.
 //! * **Permanent** errors fail at once: 404 (the pod is gone), 401/403 (the token or RBAC is wrong; retrying only
 //!   hammers the API server), any other 4xx, a missing/unreadable/invalid kubeconfig, an invalid namespace or pod
-//!   name, a Pod object that does not decode or is not the one asked for, and **TLS verification failures** (unknown
+//!   name, a Pod object that does not decode or is not the one asked for (another namespace or name, or another
+//!   UID than the runtime's `K8S_POD_UID`: a pod recreated under the same name), and **TLS verification failures** (unknown
 //!   CA, expired or not-yet-valid certificate, wrong name): a CA mismatch does not fix itself within a CNI call's
 //!   deadline, and hiding it behind 30 s of retries only delays the diagnosis. It is reported with the whole error
 //!   chain so the real cause is visible (kube itself shows only "client error (Connect)").
 //! * On the deadline the last error is returned ([`LookupErrorKind::DeadlineExceeded`]); we never fail open. (When
-//!   the deadline cut the last attempt short, the error of the attempt before it is reported: it says more.)
+//!   the deadline cut the last attempt short, the error of the attempt before it is reported: it says more.) The
+//!   deadline, not the backoff, ends the retries: a backoff that would start the next attempt too late to get an
+//!   answer is shortened so that it still has [`FINAL_ATTEMPT`] (a server that recovers just before the deadline
+//!   is still found); only a server's `Retry-After` beyond that makes the lookup give up earlier.
 //!
 //! Proxies are never used: a container runtime's `HTTPS_PROXY`/`https_proxy` leaks into the plugin's environment
 //! and would send the service-account token to a proxy (or break the lookup). A `proxy-url` in the kubeconfig is
@@ -53,6 +57,8 @@ pub const DEFAULT_INITIAL_BACKOFF: Duration = Duration::from_millis(50);
 pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(1);
 /// Default timeout of one request (connect, TLS, request and whole response), never beyond the deadline.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// The least time an attempt is given before the deadline: a retry is never started later than this before it.
+pub const FINAL_ATTEMPT: Duration = Duration::from_millis(100);
 
 /// The pod to look up: `K8S_POD_NAMESPACE` and `K8S_POD_NAME` from `CNI_ARGS`, not trusted to be well-formed.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -147,18 +153,21 @@ impl LookupPolicy {
     }
 }
 
-/// Blocking pod lookup (the error is boxed: it is large and rare): builds a current-thread tokio runtime on the calling thread, creates the kube client
-/// inside it and GETs the pod per `policy`. Connections are made from the calling thread (and so in its network
-/// namespace). Must not be called from within a tokio runtime (use [`pod_async`] there).
+/// Blocking pod lookup (the error is boxed: it is large and rare): builds a current-thread tokio runtime on the
+/// calling thread, creates the kube client inside it and GETs the pod per `policy`. `uid` is the pod's UID as the
+/// runtime knows it (`K8S_POD_UID`), when it passed one: a pod of that name with another UID is refused. Connections
+/// are made from the calling thread (and so in its network namespace). Must not be called from within a tokio
+/// runtime (use [`pod_async`] there).
 pub fn pod(
     kubeconfig: &Path,
     pod: &PodRef,
+    uid: Option<&str>,
     policy: &LookupPolicy,
 ) -> Result<PodInfo, Box<LookupError>> {
     let fail = |kind| error(pod, "", kubeconfig, kind);
     pod.validate()
         .map_err(|reason| fail(LookupErrorKind::InvalidPodRef { reason }))?;
-    client::block_on(pod_async(kubeconfig, pod, policy))
+    client::block_on(pod_async(kubeconfig, pod, uid, policy))
         .map_err(|e| fail(LookupErrorKind::Runtime(e)))?
 }
 
@@ -166,6 +175,7 @@ pub fn pod(
 pub async fn pod_async(
     kubeconfig: &Path,
     pod: &PodRef,
+    uid: Option<&str>,
     policy: &LookupPolicy,
 ) -> Result<PodInfo, Box<LookupError>> {
     let start = Instant::now();
@@ -196,7 +206,7 @@ pub async fn pod_async(
         let remaining = policy.deadline.saturating_sub(start.elapsed());
         let timeout = policy.request_timeout.min(remaining);
         debug!(attempt, timeout_ms = timeout.as_millis() as u64, "GET pod");
-        let (result, retry_after) = client.get(pod, timeout).await;
+        let (result, retry_after) = client.get(pod, uid, timeout).await;
         let err = match result {
             Ok(info) => {
                 debug!(attempt, "got pod");
@@ -209,10 +219,12 @@ pub async fn pod_async(
             return Err(err);
         }
         let remaining = policy.deadline.saturating_sub(start.elapsed());
-        let delay = jitter(policy.backoff(attempt), attempt)
-            .max(retry_after.unwrap_or_default())
-            .min(remaining);
-        if remaining.is_zero() || delay >= remaining {
+        let next = next_delay(
+            remaining,
+            jitter(policy.backoff(attempt), attempt),
+            retry_after,
+        );
+        let Some(delay) = next else {
             let cut_short = matches!(err.kind, LookupErrorKind::Timeout { timeout: t } if t < policy.request_timeout);
             let last = match previous {
                 Some(p) if cut_short => p,
@@ -226,7 +238,7 @@ pub async fn pod_async(
             });
             warn!(attempt, error = %e, "pod lookup failed");
             return Err(e);
-        }
+        };
         warn!(
             attempt,
             error = %err,
@@ -245,6 +257,22 @@ fn error(pod: &PodRef, server: &str, kubeconfig: &Path, kind: LookupErrorKind) -
         kubeconfig: kubeconfig.to_path_buf(),
         kind,
     })
+}
+
+/// When to make the next attempt after a transient failure, `remaining` before the deadline: after `backoff` (or
+/// the server's `Retry-After`, when longer), but early enough that the attempt still has [`FINAL_ATTEMPT`] before
+/// the deadline. `None`, give up: not even that is left, or the server asked us to wait beyond it.
+fn next_delay(
+    remaining: Duration,
+    backoff: Duration,
+    retry_after: Option<Duration>,
+) -> Option<Duration> {
+    let latest = remaining.checked_sub(FINAL_ATTEMPT)?;
+    let retry_after = retry_after.unwrap_or_default();
+    if retry_after > latest {
+        return None;
+    }
+    Some(backoff.min(latest).max(retry_after))
 }
 
 /// Takes up to a quarter off `d`, so that many plugins started together do not retry in lockstep.
@@ -271,6 +299,23 @@ mod tests {
         assert_eq!(p.backoff(0).as_millis(), 50);
         assert_eq!(p.backoff(200), Duration::from_secs(1));
         assert_eq!(p.backoff(u32::MAX), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn retries_go_on_until_the_deadline() {
+        let ms = Duration::from_millis;
+        // Plenty of time: the backoff.
+        assert_eq!(next_delay(ms(5000), ms(400), None), Some(ms(400)));
+        // The backoff would start the attempt too late: shortened, so it still has FINAL_ATTEMPT.
+        assert_eq!(next_delay(ms(550), ms(1000), None), Some(ms(450)));
+        assert_eq!(next_delay(FINAL_ATTEMPT, ms(50), None), Some(ms(0)));
+        // Less than FINAL_ATTEMPT left: give up.
+        assert_eq!(next_delay(ms(99), ms(50), None), None);
+        assert_eq!(next_delay(ms(0), ms(50), None), None);
+        // Retry-After: honoured when it fits, else give up rather than come back earlier than asked.
+        assert_eq!(next_delay(ms(5000), ms(50), Some(ms(2000))), Some(ms(2000)));
+        assert_eq!(next_delay(ms(5000), ms(50), Some(ms(4900))), Some(ms(4900)));
+        assert_eq!(next_delay(ms(5000), ms(50), Some(ms(4901))), None);
     }
 
     #[test]
@@ -334,6 +379,7 @@ mod tests {
         let e = pod(
             Path::new("/nonexistent/kubeconfig"),
             &PodRef::new("default", "a/b"),
+            None,
             &LookupPolicy::default(),
         )
         .expect_err("invalid");

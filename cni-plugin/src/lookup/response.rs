@@ -1,13 +1,20 @@
 //! What the API server's answer means: a 2xx body becomes the [`PodInfo`] the decision needs (after checking it
-//! is the pod asked for), any other status an error kind with the server's message. Pure.
+//! is the pod asked for: its namespace and name, and its UID when the runtime gave `K8S_POD_UID`), any other status
+//! an error kind with the server's message. Pure.
 
 use k8s_openapi::api::core::v1::{Container, Pod};
 
 use super::{LookupErrorKind, PodRef};
 use crate::pod::{PodInfo, ISTIO_PROXY};
 
-/// What one attempt's HTTP answer means; `status` and `body` as received.
-pub fn interpret(status: u16, body: &[u8], pod: &PodRef) -> Result<PodInfo, LookupErrorKind> {
+/// What one attempt's HTTP answer means; `status` and `body` as received, `uid` the pod's UID as the runtime
+/// knows it (`K8S_POD_UID`), when it passed one.
+pub fn interpret(
+    status: u16,
+    body: &[u8],
+    pod: &PodRef,
+    uid: Option<&str>,
+) -> Result<PodInfo, LookupErrorKind> {
     if (200..300).contains(&status) {
         let obj: Pod = serde_json::from_slice(body).map_err(|e| LookupErrorKind::BadResponse {
             detail: format!("HTTP {status} with a body that is not a Pod: {e}"),
@@ -18,6 +25,17 @@ pub fn interpret(status: u16, body: &[u8], pod: &PodRef) -> Result<PodInfo, Look
             return Err(LookupErrorKind::BadResponse {
                 detail: format!("HTTP {status} with pod {got_ns:?}/{got_name:?} instead"),
             });
+        }
+        // A pod deleted and recreated under the same name (a StatefulSet's) is another pod: this sandbox is the old
+        // one's, and the new pod's spec must not decide for it.
+        if let Some(expected) = uid {
+            let got = obj.metadata.uid.as_deref().unwrap_or("");
+            if got != expected {
+                return Err(LookupErrorKind::UidMismatch {
+                    expected: expected.to_string(),
+                    got: got.to_string(),
+                });
+            }
         }
         return Ok(PodInfo::from(&obj));
     }
@@ -107,8 +125,17 @@ mod tests {
     use crate::lookup::LookupError;
 
     fn interp(status: u16, body: &str) -> Result<PodInfo, Box<LookupError>> {
-        interpret(status, body.as_bytes(), &PodRef::new("default", "web-1"))
-            .map_err(|kind| Box::new(in_context(Path::new(KC), kind)))
+        interp_uid(status, body, None)
+    }
+
+    fn interp_uid(status: u16, body: &str, uid: Option<&str>) -> Result<PodInfo, Box<LookupError>> {
+        interpret(
+            status,
+            body.as_bytes(),
+            &PodRef::new("default", "web-1"),
+            uid,
+        )
+        .map_err(|kind| Box::new(in_context(Path::new(KC), kind)))
     }
 
     #[test]
@@ -131,6 +158,33 @@ mod tests {
             "{e:?}"
         );
         assert!(e.to_string().contains("HTTP 200"), "{e}");
+    }
+
+    #[test]
+    fn the_uid_must_be_the_runtimes_when_it_gave_one() {
+        let body = r#"{"apiVersion":"v1","kind":"Pod","metadata":{"name":"web-1","namespace":"default",
+            "uid":"uid-new"},"spec":{"containers":[{"name":"istio-proxy"}]}}"#;
+        assert!(interp_uid(200, body, Some("uid-new")).is_ok());
+        assert!(
+            interp_uid(200, body, None).is_ok(),
+            "no K8S_POD_UID: no check"
+        );
+        let e = interp_uid(200, body, Some("uid-old")).expect_err("recreated pod");
+        assert!(
+            matches!(e.kind, LookupErrorKind::UidMismatch { .. }),
+            "{e:?}"
+        );
+        assert!(!e.is_transient());
+        let s = e.to_string();
+        assert!(
+            s.contains("uid-old") && s.contains("uid-new") && s.contains("default/web-1"),
+            "{s}"
+        );
+        assert!(s.contains("https://10.96.0.1:443/"), "{s}");
+        // A pod without a UID is not the one the runtime named either.
+        let no_uid = body.replace(r#""uid":"uid-new""#, r#""generateName":"web-""#);
+        let e = interp_uid(200, &no_uid, Some("uid-old")).expect_err("no uid");
+        assert!(e.to_string().contains("\"\""), "{e}");
     }
 
     #[test]

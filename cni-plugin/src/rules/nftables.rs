@@ -693,18 +693,28 @@ impl Builder {
     }
 
     /// The transaction (Istio's `addIstioTableRules` per table): tables without rules are left out, chains
-    /// without rules are not created, and an insert into a chain with no more than `index` rules becomes an
-    /// append.
+    /// without rules are not created unless a rule jumps to them, and an insert into a chain with no more than
+    /// `index` rules becomes an append.
+    ///
+    /// A jumped-to chain can be left without rules (DNS servers of a family that is not rendered); it is still
+    /// created, empty, as the iptables renderer creates every jumped-to chain: a jump to a missing chain would make
+    /// the kernel refuse the whole transaction.
     fn finish(self) -> NftRuleset {
         let mut tables = Vec::new();
         for (table, pending) in NftTable::ALL.into_iter().zip(self.tables) {
             if pending.is_empty() {
                 continue;
             }
+            let used = |chain: NftChain| {
+                let jump = Expr::Verdict(Verdict::Jump(chain));
+                pending
+                    .iter()
+                    .any(|p| p.chain == chain || p.exprs.contains(&jump))
+            };
             let chains: Vec<NftChainDecl> = table
                 .chains()
                 .iter()
-                .filter(|d| pending.iter().any(|p| p.chain == d.chain))
+                .filter(|d| used(d.chain))
                 .copied()
                 .collect();
             let mut counts: Vec<(NftChain, usize)> = Vec::new();
@@ -1519,6 +1529,41 @@ fn tproxy_marks(b: &mut Builder, cfg: &CaptureConfig) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the nftables_render fuzz target: with only IPv6 DNS servers and IPv6 off, `istio-output` (nat) and
+    /// `prerouting` (raw) jumped to `istio-output-dns` and `istio-inbound`, which got no rule and so were never
+    /// created: the kernel refuses such a transaction.
+    #[test]
+    fn every_jump_target_is_declared() {
+        let cfg = CaptureConfig {
+            redirect_dns: true,
+            dns_servers_v6: vec!["fd00::53".parse().unwrap()],
+            enable_ipv6: false,
+            ..CaptureConfig::default()
+        };
+        let ruleset = render(&cfg);
+        let mut jumps = 0;
+        for spec in &ruleset.tables {
+            for rule in &spec.rules {
+                for e in &rule.exprs {
+                    if let Expr::Verdict(Verdict::Jump(target)) = e {
+                        jumps += 1;
+                        assert!(
+                            spec.chains.iter().any(|d| d.chain == *target),
+                            "{} jumps to undeclared {target}:\n{ruleset}",
+                            spec.table
+                        );
+                    }
+                }
+            }
+        }
+        assert!(jumps > 0, "{ruleset}");
+        let script = ruleset.to_string();
+        assert!(
+            script.contains("add chain inet istio-proxy-nat istio-output-dns\n"),
+            "{script}"
+        );
+    }
 
     #[test]
     fn expressions_render_as_nft_words() {

@@ -23,8 +23,11 @@ static COUNTER: AtomicU64 = AtomicU64::new(0);
 pub enum AtomicError {
     #[error("{path}: has no parent directory or file name")]
     BadPath { path: PathBuf },
-    #[error("{op} {path}: {source}")]
+    /// `path` is the file the failed operation was on: the temp file, or the source of a copy. The target is
+    /// untouched.
+    #[error("cannot write {}: {op} {}: {}; the file was left as it was", target.display(), path.display(), errno_text(source))]
     Io {
+        target: PathBuf,
         op: &'static str,
         path: PathBuf,
         #[source]
@@ -32,11 +35,22 @@ pub enum AtomicError {
     },
 }
 
-pub(super) fn io_err<'a>(
+/// An OS error with its errno's name first (`ENOSPC: No space left on device (os error 28)`), so that a person and
+/// a grep find the same word; any other error as it is.
+pub fn errno_text(e: &io::Error) -> String {
+    match e.raw_os_error() {
+        Some(n) => format!("{} (os error {n})", nix::errno::Errno::from_raw(n)),
+        None => e.to_string(),
+    }
+}
+
+fn io_err<'a>(
+    target: &'a Path,
     op: &'static str,
     path: &'a Path,
 ) -> impl FnOnce(io::Error) -> AtomicError + 'a {
     move |source| AtomicError::Io {
+        target: target.to_path_buf(),
         op,
         path: path.to_path_buf(),
         source,
@@ -66,7 +80,9 @@ impl Attrs {
     }
 }
 
-fn temp_path(target: &Path) -> Result<PathBuf, AtomicError> {
+/// A fresh temp name beside `target`: `<target>.tmp.<pid>.<n>`, the one pattern [`remove_stale_temps`] cleans (the
+/// agent's sockets are bound under it too).
+pub fn temp_path(target: &Path) -> Result<PathBuf, AtomicError> {
     let (Some(dir), Some(name)) = (target.parent(), target.file_name()) else {
         return Err(AtomicError::BadPath {
             path: target.to_path_buf(),
@@ -92,12 +108,12 @@ fn replace_with(
             .create_new(true)
             .mode(0o600)
             .open(&tmp)
-            .map_err(io_err("create", &tmp))?;
-        fill(&mut file).map_err(io_err("write", &tmp))?;
+            .map_err(io_err(target, "create", &tmp))?;
+        fill(&mut file).map_err(io_err(target, "write", &tmp))?;
         if let Some((uid, gid)) = attrs.owner {
             // Only when it differs. Giving a file away needs CAP_CHOWN, which the DaemonSet does not grant (as in
             // Istio's chart): without it the file becomes ours, which beats not writing it at all.
-            let md = file.metadata().map_err(io_err("stat", &tmp))?;
+            let md = file.metadata().map_err(io_err(target, "stat", &tmp))?;
             if (md.uid(), md.gid()) != (uid, gid) {
                 if let Err(e) = std::os::unix::fs::fchown(&file, Some(uid), Some(gid)) {
                     tracing::warn!(path = %target.display(), uid, gid, error = %e, "cannot preserve the file's owner");
@@ -106,9 +122,9 @@ fn replace_with(
         }
         // Explicit chmod after creation: the mode is exact whatever the umask.
         file.set_permissions(fs::Permissions::from_mode(attrs.mode))
-            .map_err(io_err("chmod", &tmp))?;
-        file.sync_all().map_err(io_err("fsync", &tmp))?;
-        fs::rename(&tmp, target).map_err(io_err("rename into place", target))
+            .map_err(io_err(target, "chmod", &tmp))?;
+        file.sync_all().map_err(io_err(target, "fsync", &tmp))?;
+        fs::rename(&tmp, target).map_err(io_err(target, "rename into place", &tmp))
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
@@ -137,7 +153,7 @@ pub fn write_held(
 
 /// Atomically replaces `target` with a copy of `source` (streamed: a large binary is never held in memory).
 pub fn copy(source: &Path, target: &Path, attrs: Attrs) -> Result<(), AtomicError> {
-    let mut src = File::open(source).map_err(io_err("open", source))?;
+    let mut src = File::open(source).map_err(io_err(target, "open the source", source))?;
     replace_with(target, attrs, |f| io::copy(&mut src, f).map(|_| ()))
 }
 
@@ -243,6 +259,38 @@ mod tests {
         fs::write(t.join("x"), b"x").unwrap();
         assert!(write(&t, b"x", Attrs::mode(0o644)).is_err());
         assert_eq!(fs::read_dir(&d).unwrap().count(), 1);
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_failed_write_names_the_target_the_step_and_the_errno() {
+        let d = tempdir("e");
+        let t = d.join("10-x.conflist");
+        fs::write(&t, b"old").unwrap();
+        // The temp file cannot be created: the target's "directory" is a regular file.
+        let below_a_file = t.join("sub.conflist");
+        let err = write(&below_a_file, b"new", Attrs::mode(0o644)).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with(&format!("cannot write {}: create ", below_a_file.display())),
+            "{msg}"
+        );
+        assert!(
+            msg.contains(": ENOTDIR: Not a directory (os error 20); the file was left as it was"),
+            "{msg}"
+        );
+        assert_eq!(fs::read(&t).unwrap(), b"old");
+        let err = copy(&d.join("no-such-source"), &t, Attrs::mode(0o755)).unwrap_err();
+        assert!(
+            err.to_string().contains("open the source") && err.to_string().contains("ENOENT"),
+            "{err}"
+        );
+        assert_eq!(fs::read(&t).unwrap(), b"old");
+        assert_eq!(
+            errno_text(&io::Error::other("plain")),
+            "plain",
+            "no errno: the error as it is"
+        );
         fs::remove_dir_all(&d).unwrap();
     }
 

@@ -23,6 +23,8 @@ pub enum ConflistError {
     NotAnObject { file: String, found: &'static str },
     #[error("{file}: \"plugins\" must be a list of objects, found {found}")]
     Plugins { file: String, found: String },
+    #[error("{file}: is itself an istio-cni configuration (a standalone file?), not a primary network to chain after")]
+    OursAlone { file: String },
 }
 
 /// The settings our entry carries.
@@ -137,6 +139,9 @@ fn plugins<'a>(file: &str, map: &'a Map<String, Value>) -> Result<&'a Vec<Value>
 /// What the primary configuration must become: a single-plugin configuration (it has `type`) becomes a list of
 /// itself (without its `cniVersion`) and our entry, named `k8s-pod-network`, version 0.3.1; a list keeps everything
 /// but its previous `istio-cni` entries, and gets our entry appended last.
+///
+/// A single-plugin configuration that is itself an `istio-cni` entry is refused: chaining after it would run the
+/// plugin twice, a second insert would change the list again, and removing ours would leave a list of no plugin.
 pub fn insert_entry(file: &str, existing: &Value, entry: &Value) -> Result<Value, ConflistError> {
     let map = existing
         .as_object()
@@ -145,6 +150,11 @@ pub fn insert_entry(file: &str, existing: &Value, entry: &Value) -> Result<Value
             found: kind(existing),
         })?;
     if map.contains_key("type") {
+        if is_ours(existing) {
+            return Err(ConflistError::OursAlone {
+                file: file.to_string(),
+            });
+        }
         let mut single = map.clone();
         single.remove("cniVersion");
         return Ok(json!({
@@ -339,14 +349,24 @@ fn check_plugin(value: &Value) -> Result<(), String> {
 }
 
 /// The primary configuration among the files of the conf dir, as kubelet picks it: names with `.conf` or `.conflist`
-/// sorted bytewise, the first one libcni can load. Also returns why each skipped file was skipped.
+/// sorted bytewise, the first one libcni can load, except a single-plugin file that is itself an `istio-cni` entry
+/// (a standalone file: no network to chain after, see [`insert_entry`]). Also returns why each skipped file was
+/// skipped.
 pub fn choose_primary(files: &[(String, Vec<u8>)]) -> (Option<&str>, Vec<(&str, String)>) {
     let mut candidates: Vec<&(String, Vec<u8>)> =
         files.iter().filter(|(n, _)| is_config_name(n)).collect();
     candidates.sort_by(|a, b| a.0.cmp(&b.0));
     let mut skipped = Vec::new();
     for (name, bytes) in candidates {
+        let standalone_ours = || {
+            serde_json::from_slice::<Value>(bytes)
+                .is_ok_and(|v| v.get("plugins").is_none() && is_ours(&v))
+        };
         match loadable(name, bytes) {
+            Ok(()) if standalone_ours() => skipped.push((
+                name.as_str(),
+                "an istio-cni configuration itself, not a primary network".to_string(),
+            )),
             Ok(()) => return (Some(name.as_str()), skipped),
             Err(reason) => skipped.push((name.as_str(), reason)),
         }
@@ -552,6 +572,32 @@ mod tests {
             assert_eq!(cleaned, parse(clean, &read(clean)).unwrap(), "{clean}");
             assert!(has_entry(&out) && !has_entry(&cleaned));
         }
+    }
+
+    /// Found by the conflist_edit fuzz target: a standalone istio-cni `.conf` was chained as a primary network into
+    /// `[istio-cni, istio-cni]`, which a second insert changed again and a removal left with no plugin.
+    #[test]
+    fn a_standalone_istio_cni_file_is_no_primary() {
+        let entry = unit_settings().entry();
+        let standalone = read("install/istio-cni.conf");
+        let v = parse("YYY-istio-cni.conf", &standalone).unwrap();
+        let err = insert_entry("YYY-istio-cni.conf", &v, &entry).unwrap_err();
+        assert_eq!(
+            err,
+            ConflistError::OursAlone {
+                file: "YYY-istio-cni.conf".into()
+            }
+        );
+        assert!(err.to_string().contains("YYY-istio-cni.conf"), "{err}");
+        let files = vec![
+            ("YYY-istio-cni.conf".to_string(), standalone),
+            ("ZZZ-bridge.conf".to_string(), read("install/bridge.conf")),
+        ];
+        let (primary, skipped) = choose_primary(&files);
+        assert_eq!(primary, Some("ZZZ-bridge.conf"));
+        assert_eq!(skipped.len(), 1);
+        assert!(skipped[0].1.contains("istio-cni"), "{skipped:?}");
+        assert_eq!(choose_primary(&files[..1]).0, None);
     }
 
     #[test]

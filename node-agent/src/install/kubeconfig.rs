@@ -37,10 +37,24 @@ pub enum Trust<'a> {
     SkipVerify,
 }
 
+/// Inputs the kubeconfig cannot be written from.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KubeconfigError {
+    /// An empty `certificate-authority-data` reads back as absent: the plugin would then verify the API server
+    /// against the system's roots instead, and fail with a TLS error far from the cause.
+    #[error("the CA bundle is empty (0 bytes): the plugin could not verify the API server")]
+    EmptyCa,
+}
+
 /// Renders the kubeconfig file.
-pub fn render(server: &ApiServer, trust: &Trust<'_>, token: &str) -> String {
+pub fn render(
+    server: &ApiServer,
+    trust: &Trust<'_>,
+    token: &str,
+) -> Result<String, KubeconfigError> {
     let mut cluster = String::new();
     match trust {
+        Trust::Ca([]) => return Err(KubeconfigError::EmptyCa),
         Trust::Ca(pem) => {
             let b64 = base64::engine::general_purpose::STANDARD.encode(pem);
             cluster.push_str(&format!("    certificate-authority-data: {b64}\n"));
@@ -48,7 +62,7 @@ pub fn render(server: &ApiServer, trust: &Trust<'_>, token: &str) -> String {
         Trust::SkipVerify => cluster.push_str("    insecure-skip-tls-verify: true\n"),
     }
     cluster.push_str(&format!("    server: {}\n", scalar(&server.url())));
-    format!(
+    Ok(format!(
         "apiVersion: v1\n\
          clusters:\n\
          - cluster:\n\
@@ -60,17 +74,43 @@ pub fn render(server: &ApiServer, trust: &Trust<'_>, token: &str) -> String {
          users:\n\
          - name: istio-cni\n  user:\n    token: {}\n",
         scalar(token)
-    )
+    ))
 }
 
-/// A YAML scalar for a string: plain when that reads back as the same string, else double-quoted (JSON escapes are
-/// valid YAML double-quoted escapes).
+/// A YAML scalar for a string: plain when that reads back as the same string, else double-quoted.
 fn scalar(s: &str) -> String {
     if plain_safe(s) {
         s.to_string()
     } else {
-        serde_json::Value::String(s.to_string()).to_string()
+        double_quoted(s)
     }
+}
+
+/// A YAML double-quoted scalar: every character that YAML does not allow as it is (`c-printable`: controls, DEL,
+/// the C1 range), the line and paragraph separators, which a YAML 1.1 reader takes as line breaks, and the byte
+/// order mark are written as escapes, so any string reads back unchanged.
+fn double_quoted(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '\r' => out.push_str("\\r"),
+            '\0'..='\u{1f}'
+            | '\u{7f}'..='\u{9f}'
+            | '\u{2028}'
+            | '\u{2029}'
+            | '\u{feff}'
+            | '\u{fffe}'
+            | '\u{ffff}' => out.push_str(&format!("\\u{:04x}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 fn plain_safe(s: &str) -> bool {
@@ -132,15 +172,15 @@ mod tests {
         let ca = corpus("install/kube-ca.crt");
         let token = "service_account_token_string";
         assert_eq!(
-            render(&server("10.96.0.1"), &Trust::Ca(&ca), token),
+            render(&server("10.96.0.1"), &Trust::Ca(&ca), token).unwrap(),
             String::from_utf8(corpus("install/kubeconfig-tls")).unwrap()
         );
         assert_eq!(
-            render(&server("10.96.0.1"), &Trust::SkipVerify, token),
+            render(&server("10.96.0.1"), &Trust::SkipVerify, token).unwrap(),
             String::from_utf8(corpus("install/kubeconfig-skip-tls")).unwrap()
         );
         assert_eq!(
-            render(&server("50.76.2.1"), &Trust::Ca(&ca), token),
+            render(&server("50.76.2.1"), &Trust::Ca(&ca), token).unwrap(),
             String::from_utf8(corpus("install/kubeconfig-newhost")).unwrap()
         );
     }
@@ -164,7 +204,7 @@ mod tests {
                 .unwrap_or_else(|| panic!("{key} missing"))
         };
         let token = field(&expected, "token");
-        let ours = render(&server("10.110.0.1"), &Trust::Ca(&ca), &token);
+        let ours = render(&server("10.110.0.1"), &Trust::Ca(&ca), &token).unwrap();
         for key in [
             "certificate-authority-data",
             "token",
@@ -185,7 +225,7 @@ mod tests {
         assert_eq!(server("fd00::1").url(), "https://[fd00::1]:443");
         assert_eq!(server("[fd00::1]").url(), "https://[fd00::1]:443");
         assert_eq!(server("10.0.0.1").url(), "https://10.0.0.1:443");
-        let text = render(&server("fd00::1"), &Trust::SkipVerify, "t");
+        let text = render(&server("fd00::1"), &Trust::SkipVerify, "t").unwrap();
         assert!(
             text.contains("    server: https://[fd00::1]:443\n"),
             "{text}"
@@ -203,11 +243,39 @@ mod tests {
             ("a: b", "\"a: b\""),
             ("-x", "\"-x\""),
         ] {
-            let text = render(&server("h"), &Trust::SkipVerify, token);
+            let text = render(&server("h"), &Trust::SkipVerify, token).unwrap();
             assert!(
                 text.ends_with(&format!("    token: {want}\n")),
                 "{token:?}: {text}"
             );
         }
+    }
+
+    /// Found by the kubeconfig fuzz target: a DEL (0x7f) in a token was written raw inside double quotes (JSON's
+    /// escapes), which YAML does not allow: the plugin could not read its kubeconfig at all.
+    #[test]
+    fn unprintable_characters_are_escaped() {
+        for (token, want) in [
+            ("a\u{7f}b", "\"a\\u007fb\""),
+            ("\u{85}\u{2028}\u{feff}", "\"\\u0085\\u2028\\ufeff\""),
+            ("q\"\\\u{1}é", "\"q\\\"\\\\\\u0001é\""),
+        ] {
+            let text = render(&server("h"), &Trust::SkipVerify, token).unwrap();
+            assert!(
+                text.ends_with(&format!("    token: {want}\n")),
+                "{token:?}: {text}"
+            );
+        }
+    }
+
+    /// Found by the kubeconfig fuzz target: an empty CA bundle was written as `certificate-authority-data: ` (no
+    /// value), which reads back as no CA at all.
+    #[test]
+    fn an_empty_ca_bundle_is_refused() {
+        assert_eq!(
+            render(&server("h"), &Trust::Ca(b""), "t"),
+            Err(KubeconfigError::EmptyCa)
+        );
+        assert!(render(&server("h"), &Trust::Ca(b"x"), "t").is_ok());
     }
 }

@@ -66,6 +66,12 @@ pub enum InstallError {
     Write(#[from] atomic::AtomicError),
     #[error(transparent)]
     Owner(#[from] owner::OwnerError),
+    #[error("CA bundle {path}: {source}")]
+    Kubeconfig {
+        path: PathBuf,
+        #[source]
+        source: kubeconfig::KubeconfigError,
+    },
 }
 
 fn read_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> InstallError + 'a {
@@ -114,24 +120,33 @@ impl Installer {
     /// run may have left.
     pub fn new(cfg: Config) -> Result<Self, InstallError> {
         let binaries = Binaries::snapshot(&cfg.source_dir, &cfg.bin_dir)?;
-        let (owner, previous) =
-            Ownership::claim(&cfg.run_dir, Record::this(&cfg.pod_name), LOCK_WAIT)?;
+        // Under the run dir's lock: no other agent is in the middle of a write whose temp file this would take for
+        // a crash's leftover, and this agent's own claim comes after the cleanup (a kill in between leaves the
+        // temp files of one agent at most).
+        let (owner, previous) = Ownership::claim(
+            &cfg.run_dir,
+            Record::this(&cfg.pod_name),
+            LOCK_WAIT,
+            || {
+                let mut stale =
+                    atomic::remove_stale_temps(&cfg.bin_dir, |t| binaries.is_managed(t));
+                stale.extend(atomic::remove_stale_temps(&cfg.run_dir, |t| {
+                    t == cni_plugin::config::KUBECONFIG_NAME || t == owner::OWNER_FILE
+                }));
+                stale.extend(atomic::remove_stale_temps(
+                    &cfg.conf_dir,
+                    conflist::is_config_name,
+                ));
+                for path in stale {
+                    tracing::info!(path = %path.display(), "removed a temp file left by an interrupted write");
+                }
+            },
+        )?;
         if let Some(previous) = previous {
             tracing::info!(
                 previous = %previous,
                 "another agent is still running on this node (a rolling update): this newer one takes over the installation"
             );
-        }
-        let mut stale = atomic::remove_stale_temps(&cfg.bin_dir, |t| binaries.is_managed(t));
-        stale.extend(atomic::remove_stale_temps(&cfg.run_dir, |t| {
-            t == cni_plugin::config::KUBECONFIG_NAME || t == owner::OWNER_FILE
-        }));
-        stale.extend(atomic::remove_stale_temps(
-            &cfg.conf_dir,
-            conflist::is_config_name,
-        ));
-        for path in stale {
-            tracing::info!(path = %path.display(), "removed a temp file left by an interrupted write");
         }
         Ok(Installer {
             cfg,
@@ -225,7 +240,13 @@ impl Installer {
             ca = fs::read(&self.cfg.ca_file).map_err(read_err("CA bundle", &self.cfg.ca_file))?;
             kubeconfig::Trust::Ca(&ca)
         };
-        let desired = kubeconfig::render(&self.cfg.api_server, &trust, &token);
+        let desired =
+            kubeconfig::render(&self.cfg.api_server, &trust, &token).map_err(|source| {
+                InstallError::Kubeconfig {
+                    path: self.cfg.ca_file.clone(),
+                    source,
+                }
+            })?;
         let path = self.cfg.kubeconfig_path();
         if file_is(&path, desired.as_bytes(), Some(self.cfg.kubeconfig_mode)) {
             return Ok(None);

@@ -35,13 +35,25 @@ const LOCK_POLL: Duration = Duration::from_millis(5);
 pub enum OwnerError {
     #[error("{path}: locked by another agent for more than {waited_ms} ms")]
     Busy { path: PathBuf, waited_ms: u64 },
-    /// Reading, locking, writing or removing a file (the error names the operation and the path).
+    /// Reading, locking or removing a file.
+    #[error("{op} {path}: {}", atomic::errno_text(source))]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// Writing the owner record.
     #[error(transparent)]
-    Io(#[from] atomic::AtomicError),
+    Write(#[from] atomic::AtomicError),
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> OwnerError + 'a {
-    move |source| atomic::io_err(op, path)(source).into()
+    move |source| OwnerError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Who an agent is, as its owner record says.
@@ -126,12 +138,14 @@ fn lock_within(file: File, path: &Path, wait: Duration) -> Result<Flock<File>, O
 }
 
 impl Ownership {
-    /// Claims the node for this agent (whoever owned it before), under the run dir's lock. Returns the claim and the
-    /// previous owner if it is still running (a rolling update's old agent).
+    /// Claims the node for this agent (whoever owned it before), under the run dir's lock, after `first` (which runs
+    /// under that lock too). Returns the claim and the previous owner if it is still running (a rolling update's
+    /// old agent).
     pub fn claim(
         dir: &Path,
         record: Record,
         wait: Duration,
+        first: impl FnOnce(),
     ) -> Result<(Ownership, Option<Record>), OwnerError> {
         let mut own = Ownership {
             dir: dir.to_path_buf(),
@@ -140,6 +154,7 @@ impl Ownership {
             held: None,
         };
         let lock = own.lock_dir(wait)?;
+        first();
         let previous = match own.standing(&lock)? {
             Standing::Superseded { by } => Some(by),
             Standing::Owner | Standing::Vacant { .. } => None,
@@ -262,10 +277,10 @@ mod tests {
     #[test]
     fn the_newest_claim_owns_and_the_older_one_is_superseded() {
         let d = dir("newest");
-        let (old, previous) = Ownership::claim(&d, Record::this("old"), WAIT).unwrap();
+        let (old, previous) = Ownership::claim(&d, Record::this("old"), WAIT, || {}).unwrap();
         assert_eq!(previous, None);
         assert_eq!(standing(&old), Standing::Owner);
-        let (new, previous) = Ownership::claim(&d, Record::this("new"), WAIT).unwrap();
+        let (new, previous) = Ownership::claim(&d, Record::this("new"), WAIT, || {}).unwrap();
         assert_eq!(previous.map(|r| r.pod), Some("old".to_string()));
         assert_eq!(standing(&new), Standing::Owner);
         match standing(&old) {
@@ -284,8 +299,8 @@ mod tests {
     #[test]
     fn a_gone_owner_leaves_the_node_vacant_and_it_can_be_taken_over() {
         let d = dir("gone");
-        let (mut old, _) = Ownership::claim(&d, Record::this("old"), WAIT).unwrap();
-        let (new, _) = Ownership::claim(&d, Record::this("new"), WAIT).unwrap();
+        let (mut old, _) = Ownership::claim(&d, Record::this("old"), WAIT, || {}).unwrap();
+        let (new, _) = Ownership::claim(&d, Record::this("new"), WAIT, || {}).unwrap();
         // The newer agent dies without a word (its lock goes with its open file).
         drop(new);
         match standing(&old) {
@@ -310,8 +325,8 @@ mod tests {
     #[test]
     fn a_superseded_agent_releases_nothing_of_the_newer_one() {
         let d = dir("release");
-        let (mut old, _) = Ownership::claim(&d, Record::this("old"), WAIT).unwrap();
-        let (new, _) = Ownership::claim(&d, Record::this("new"), WAIT).unwrap();
+        let (mut old, _) = Ownership::claim(&d, Record::this("old"), WAIT, || {}).unwrap();
+        let (new, _) = Ownership::claim(&d, Record::this("new"), WAIT, || {}).unwrap();
         let lock = old.lock_dir(WAIT).unwrap();
         assert!(!old.release(&lock).unwrap());
         drop(lock);
@@ -323,8 +338,8 @@ mod tests {
     #[test]
     fn the_dir_lock_excludes_a_second_holder_for_a_bounded_time() {
         let d = dir("lock");
-        let (a, _) = Ownership::claim(&d, Record::this("a"), WAIT).unwrap();
-        let (b, _) = Ownership::claim(&d, Record::this("b"), WAIT).unwrap();
+        let (a, _) = Ownership::claim(&d, Record::this("a"), WAIT, || {}).unwrap();
+        let (b, _) = Ownership::claim(&d, Record::this("b"), WAIT, || {}).unwrap();
         let held = a.lock_dir(WAIT).unwrap();
         let started = Instant::now();
         match b.lock_dir(Duration::from_millis(50)) {
@@ -341,7 +356,7 @@ mod tests {
     #[test]
     fn an_unreadable_record_of_a_live_owner_still_supersedes() {
         let d = dir("garbage");
-        let (old, _) = Ownership::claim(&d, Record::this("old"), WAIT).unwrap();
+        let (old, _) = Ownership::claim(&d, Record::this("old"), WAIT, || {}).unwrap();
         // Another agent's claim whose record cannot be parsed, held locked as a live agent holds it.
         let path = d.join(OWNER_FILE);
         let tmp = d.join("garbage.tmp");

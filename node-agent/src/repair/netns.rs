@@ -21,7 +21,7 @@ use std::net::IpAddr;
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 
-use cni_plugin::apply::{self, Netlink, Target};
+use cni_plugin::apply::{self, Target};
 use cni_plugin::config::BackendChoice;
 use cni_plugin::netns::{Netns, NetnsId};
 use cni_plugin::redirect::Redirect;
@@ -153,7 +153,7 @@ pub fn find_pod_netns(scope: &Scope, ips: &[IpAddr]) -> Result<Found, SearchErro
             // Exited, or its pid now names another process.
             Ok(_) | Err(_) => continue,
         };
-        let addrs = netns.run(|| Netlink::open().and_then(|nl| nl.addresses()));
+        let addrs = netns.run(apply::addresses);
         match addrs {
             Ok(Ok(addrs)) if addrs.iter().any(|a| ips.contains(a)) => {
                 matches.push(Found { pid, path, netns })

@@ -229,6 +229,16 @@ impl Agent {
     }
 
     pub fn start_named(node: &Node, extra: &[(&str, &str)], name: &str) -> Agent {
+        Self::start_with(node, extra, name, |_| {})
+    }
+
+    /// Like [`Agent::start_named`], with `customize` given the command last (e.g. a `pre_exec`).
+    pub fn start_with(
+        node: &Node,
+        extra: &[(&str, &str)],
+        name: &str,
+        customize: impl FnOnce(&mut Command),
+    ) -> Agent {
         let (health, metrics) = (free_port(), free_port());
         let log = node.root.join(format!("{name}-{health}.log"));
         let logf = fs::File::create(&log).unwrap();
@@ -242,6 +252,7 @@ impl Agent {
         for (k, v) in extra {
             cmd.env(k, v);
         }
+        customize(&mut cmd);
         let child = cmd.spawn().expect("spawn node-agent");
         Agent {
             child,
@@ -310,6 +321,21 @@ impl Agent {
             }
             std::thread::sleep(Duration::from_millis(2));
         }
+    }
+
+    /// `node-agent status` of this agent on `node` with `args`: (exit code, stdout).
+    pub fn status(&self, node: &Node, args: &[&str]) -> (i32, String) {
+        let out = Command::new(AGENT)
+            .env_clear()
+            .envs(node.env(self.health, self.metrics))
+            .arg("status")
+            .args(args)
+            .output()
+            .expect("run node-agent status");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
     }
 
     pub fn metrics_text(&self) -> String {

@@ -323,8 +323,13 @@ fn run(a: &Args) -> Result<bool, String> {
     let rules = {
         // What the plugin makes of the API server's answer.
         let answer = injected.to_string();
-        let pod = interpret(200, answer.as_bytes(), &PodRef::new("bench", "injected"))
-            .map_err(|e| format!("{e:?}"))?;
+        let pod = interpret(
+            200,
+            answer.as_bytes(),
+            &PodRef::new("bench", "injected"),
+            None,
+        )
+        .map_err(|e| format!("{e:?}"))?;
         let redirect = Redirect::from_pod(&pod).map_err(|e| e.to_string())?;
         render_iptables(&CaptureConfig::from_redirect(&redirect, false))
     };

@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Builds the node agent's container image without Docker: static musl binaries of `node-agent` and `istio-cni` in
-# one reproducible layer (/usr/local/bin/node-agent, /opt/cni/bin/istio-cni), packed by scripts/oci-pack.sh into an
-# OCI image archive that `ctr -n k8s.io image import` (containerd) accepts. daemonset/daemonset.yaml runs it by name.
+# one reproducible layer (/usr/local/bin/node-agent, /opt/cni/bin/istio-cni), with Debian's iptables tools for the
+# in-place repair (/usr/sbin/{ip,ip6}tables-{legacy,nft}-{save,restore} and what they load: scripts/image-iptables.sh,
+# cached by package version), packed by scripts/oci-pack.sh into an OCI image archive that
+# `ctr -n k8s.io image import` (containerd) accepts. daemonset/daemonset.yaml runs it by name.
 #
 #   scripts/build-image.sh [OUT.tar]        default OUT: $CARGO_TARGET_DIR (or target)/image/meshcni-node-agent.oci.tar
 #   IMAGE_NAME=registry.example/meshcni/node-agent:dev scripts/build-image.sh
 #   SKIP_BUILD=1 ...                        reuse binaries already built for the musl target
 #
 # Needs: the rustup target x86_64-unknown-linux-musl and musl-gcc (Debian: musl-tools; installed here when missing
-# and running as root), GNU tar, gzip, sha256sum.
+# and running as root), GNU tar, gzip, sha256sum; for the iptables tools apt-get, dpkg-deb and readelf (Debian).
 set -euo pipefail
 
 IMAGE_NAME_DEFAULT="localhost/meshcni/node-agent:0.1.0"
@@ -48,9 +50,22 @@ for b in node-agent istio-cni; do
     fi
 done
 
+IPTABLES_TREE=$(bash scripts/image-iptables.sh | tail -1)
+[ -x "$IPTABLES_TREE/usr/sbin/xtables-nft-multi" ] || die "scripts/image-iptables.sh gave no iptables tree"
+
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 ROOTFS="$WORK/rootfs"
+mkdir -p "$ROOTFS"
+cp -a "$IPTABLES_TREE/." "$ROOTFS/"
+# The tools must start from the image's tree alone (its loader and libraries), not the build machine's.
+if [ "$(id -u)" = 0 ]; then
+    for t in iptables-legacy-restore iptables-nft-restore ip6tables-legacy-save ip6tables-nft-save; do
+        chroot "$ROOTFS" "/usr/sbin/$t" --version >/dev/null || die "/usr/sbin/$t does not run from the image's tree"
+    done
+else
+    echo "build-image: not root: the iptables tools were not run from the image's tree (chroot needs root)" >&2
+fi
 mkdir -p "$ROOTFS/usr/local/bin" "$ROOTFS/opt/cni/bin"
 install -s -m 0755 "$BIN_DIR/node-agent" "$ROOTFS/usr/local/bin/node-agent"
 install -s -m 0755 "$BIN_DIR/istio-cni" "$ROOTFS/opt/cni/bin/istio-cni"

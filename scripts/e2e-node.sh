@@ -3,13 +3,14 @@
 #
 # Starts, inside one network namespace and one private mount namespace of its own (held by one `sleep` process):
 # etcd, kube-apiserver (RBAC + Node authorizer, service-account keys, static tokens, audit log), kube-controller-
-# manager (service-account, token, DaemonSet, node-lifecycle and namespace controllers, garbage collector, root CA),
-# kube-scheduler,
+# manager (service-account, token, DaemonSet, ReplicaSet, node-lifecycle and namespace controllers, garbage
+# collector, root CA), kube-scheduler,
 # containerd (CRI) and one kubelet (cgroupfs), with a primary conflist (bridge + host-local) in CNI dirs of its own.
 # Kubernetes v1.20.2 is built from Debian's `kubernetes` source package once and cached, keyed by the source
 # version, in $K8S_CACHE (default /var/cache/meshcni). Images are built here (no registry): a pause image and a test
 # image (busybox-static + the tests crate's static binaries), and the agent's with scripts/build-image.sh; then
-# `kubectl apply -k tests/e2e/overlay` and the checks of issue 6. Prints `N passed, M failed` last; everything is
+# `kubectl apply -k tests/e2e/overlay` and the checks of issue 6, then the repair controller in each mode
+# (tests/e2e/repair.sh). Prints `N passed, M failed` last; everything is
 # torn down in an EXIT trap (processes by PID, cgroups, dirs), and the machine's state is compared with the one
 # seen before the start (that comparison is the last check).
 #
@@ -419,7 +420,7 @@ NET curl -fsS -o /dev/null --cacert "$P/ca.crt" -H "Authorization: Bearer $ADMIN
     || die "kube-apiserver does not survive a pretty-printed JSON answer (is tests/e2e/k8s-patches applied?)"
 start kube-controller-manager "$KBIN/kube-controller-manager" --kubeconfig="$P/kcm.kubeconfig" \
     --authentication-kubeconfig="$P/kcm.kubeconfig" --authorization-kubeconfig="$P/kcm.kubeconfig" \
-    --controllers=serviceaccount,serviceaccount-token,daemonset,garbagecollector,namespace,nodelifecycle,root-ca-cert-publisher \
+    --controllers=serviceaccount,serviceaccount-token,daemonset,replicaset,garbagecollector,namespace,nodelifecycle,root-ca-cert-publisher \
     --use-service-account-credentials=true --service-account-private-key-file="$P/sa.key" \
     --root-ca-file="$P/ca.crt" --leader-elect=false --bind-address=127.0.0.1 --secure-port=10257 --port=0 \
     --flex-volume-plugin-dir=$NODE_RUN/flexvolume --node-monitor-period=2s --profiling=false
@@ -785,7 +786,7 @@ else
 fi
 bench_delete
 
-# --- 8. a rollout restart (issue 10), before check 5 deletes what it brought ----------------------------------------
+# --- 9. a rollout restart (issue 10), before check 5 deletes what it brought ----------------------------------------
 source "$REPO/tests/e2e/rollout.sh"
 
 # --- 5. delete and re-apply -------------------------------------------------------------------------------------------
@@ -837,6 +838,9 @@ if start_pod web2 default injected; then
 else
     fail "default/web2 did not start after the re-apply"
 fi
+
+# --- 8. the repair controller in each mode: its own file -------------------------------------------------------------
+source "$REPO/tests/e2e/repair.sh"
 
 step "Logs: no warning or error from the agent or the plugin but the bad pod's"
 agent_bad=$(KUBECTL -n kube-system logs -l $AGENT_SEL --tail=-1 2>/dev/null | grep -E ' (WARN|ERROR) ' || true)

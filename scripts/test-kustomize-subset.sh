@@ -166,8 +166,9 @@ want(pod["containers"][1], {"name": "second", "image": "localhost/second"}, "the
 want(c["securityContext"]["capabilities"], {"drop": ["ALL"], "add": ["DAC_OVERRIDE", "NET_ADMIN"]}, "capabilities")
 want([(m["mountPath"], m["name"], m.get("readOnly")) for m in c["volumeMounts"]],
      [("/x", "x", None), ("/host/etc/cni/net.d", "cni-net-dir", True), ("/host/opt/cni/bin", "cni-bin-dir", None),
-      ("/host/proc", "cni-host-procfs", True)], "mounts")
-want([v["name"] for v in pod["volumes"]], ["extra", "cni-net-dir", "cni-bin-dir", "cni-host-procfs"], "volumes")
+      ("/host/proc", "cni-host-procfs", True), ("/tmp", "tmp", None)], "mounts")
+want([v["name"] for v in pod["volumes"]], ["extra", "cni-net-dir", "cni-bin-dir", "cni-host-procfs", "tmp"],
+     "volumes")
 want(pod["volumes"][1], {"name": "cni-net-dir", "hostPath": {"path": "/z", "type": "DirectoryOrCreate"}},
      "the merged volume")
 if problems:

@@ -188,6 +188,8 @@ want(caps == ({"DAC_OVERRIDE"} | (repair_only if in_place else set())), f"capabi
 want(("/host/proc" in mounts) == in_place, "the /host/proc mount")
 want(not in_place or mounts["/host/proc"].get("readOnly") is True, "/host/proc read-only")
 want(("cni-host-procfs" in volumes) == in_place, "the host /proc volume")
+want(("/tmp" in mounts) == in_place, "the /tmp mount (the in-place repair's xtables lock files)")
+want(("tmp" in volumes) == in_place, "the tmp volume")
 expect = {
     "repair": {"create events", "patch events"},
     "repair-delete": {"create events", "patch events", "delete pods"},

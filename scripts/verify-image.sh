@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Proves the archive of scripts/build-image.sh is a real image: a private containerd (temp root, state and socket;
 # CRI disabled; nothing shared with a containerd the machine may run) imports it with `ctr image import`, then runs
-# the agent (`--version`) and the plugin (CNI VERSION) from it. Root; installs Debian's containerd and runc when
-# missing.
+# the agent (`--version`), the plugin (CNI VERSION) and the iptables tools (`--version`) from it. Root; installs
+# Debian's containerd and runc when missing.
 #
 #   scripts/verify-image.sh [ARCHIVE.tar]
 set -euo pipefail
@@ -48,4 +48,10 @@ out=$(timeout 60 "${CTR[@]}" run --rm "$IMAGE" "meshcni-verify-$$" /usr/local/bi
 echo "agent in the image: $out"
 timeout 60 "${CTR[@]}" run --rm --env CNI_COMMAND=VERSION "$IMAGE" "meshcni-verify-plugin-$$" /opt/cni/bin/istio-cni \
     </dev/null >/dev/null || { echo "FAIL: the plugin does not run from the image" >&2; exit 1; }
+# The in-place repair's iptables tools (scripts/image-iptables.sh), both flavours, from the image's own tree.
+for t in iptables-legacy-restore iptables-nft-save; do
+    v=$(timeout 60 "${CTR[@]}" run --rm "$IMAGE" "meshcni-verify-$t-$$" "/usr/sbin/$t" --version) \
+        || { echo "FAIL: /usr/sbin/$t does not run from the image" >&2; exit 1; }
+    echo "$t in the image: $v"
+done
 echo "ok: $ARCHIVE imports into containerd as $IMAGE and runs"

@@ -353,15 +353,32 @@ fn start_repair(
         exit_code = repair.filter.init_exit_code,
         "repair controller enabled"
     );
-    let redirector = Arc::new(HostRedirector {
-        scope: Scope::new(&repair.host_proc),
-        backend: repair.plugin.backend,
-    });
-    if repair.mode == RepairMode::Repair {
-        if let Err(e) = redirector.scope.host() {
-            tracing::error!(error = %e, "REPAIR_REPAIR_PODS needs the host's /proc (REPAIR_HOST_PROC_DIR): broken pods cannot be repaired");
+    // The host's netns is established once, at start: the in-place repair never runs without it.
+    let redirector = Arc::new(if repair.mode == RepairMode::Repair {
+        let scope = Scope::establish(&repair.host_proc);
+        match &scope {
+            Ok(s) => tracing::info!(
+                proc = %s.proc.display(),
+                host_netns = %s.host.id,
+                by = %s.host.by,
+                "host network namespace established for the in-place repair"
+            ),
+            Err(e) => tracing::error!(
+                proc = %repair.host_proc.display(),
+                error = %e,
+                "REPAIR_REPAIR_PODS: the in-place repair is refused (broken pods are reported, never repaired)"
+            ),
         }
-    }
+        HostRedirector::new(scope, repair.plugin.backend)
+    } else {
+        HostRedirector {
+            scope: Err(format!(
+                "the in-place repair is not the selected mode ({})",
+                repair.mode.as_str()
+            )),
+            backend: repair.plugin.backend,
+        }
+    });
     let (cfg, repair, shared) = (cfg.clone(), repair.clone(), shared.clone());
     tasks.push(tokio::spawn(supervise("repair", move || {
         let (cfg, repair, shared, rx, redirector) = (

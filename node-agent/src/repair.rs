@@ -22,6 +22,7 @@ use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use cni_plugin::config::PluginConfig;
 use cni_plugin::pod::{decide, Decision, PodInfo};
@@ -38,6 +39,12 @@ use crate::server::Shared;
 /// How often an action on one pod is tried before the controller gives up on it (Istio's queue: 5 attempts).
 /// A new attempt is made on the pod's next matching event (a crash-looping pod changes at every restart).
 pub const MAX_ATTEMPTS: u32 = 5;
+
+/// How long the delete mode waits for the plugin to be in place (the agent ready) before it deletes a pod: a
+/// replacement started without the plugin would be broken as well, and deleted in turn, pod after pod.
+pub const INSTALL_WAIT: Duration = Duration::from_secs(10);
+/// How often readiness is looked at meanwhile.
+const INSTALL_POLL: Duration = Duration::from_millis(100);
 
 /// The `source.component` of our Events (Istio's event recorder name).
 pub const EVENT_COMPONENT: &str = "cni-repair";
@@ -276,10 +283,29 @@ pub struct Redirected {
     pub backend: &'static str,
 }
 
+/// Why a repair in place failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct RedirectError {
+    pub message: String,
+    /// Another attempt may succeed (the netns not found yet, a transient programming failure); `false` when the
+    /// agent refuses every repair (the host's netns could not be established).
+    pub retry: bool,
+}
+
+impl From<String> for RedirectError {
+    fn from(message: String) -> Self {
+        RedirectError {
+            message,
+            retry: true,
+        }
+    }
+}
+
 /// The netns side of the repair: finds the pod's netns by its IPs and programs `redirect` there. Blocking; called
 /// on a blocking thread.
 pub trait Redirector: Send + Sync + 'static {
-    fn redirect(&self, ips: &[IpAddr], redirect: &Redirect) -> Result<Redirected, String>;
+    fn redirect(&self, ips: &[IpAddr], redirect: &Redirect) -> Result<Redirected, RedirectError>;
 }
 
 /// Istio's `result` label values.
@@ -377,6 +403,7 @@ pub struct Controller<A, R> {
     seen: HashMap<String, Memory>,
     /// UIDs of the list in progress (between `Init` and `InitDone`), to forget the pods that went meanwhile.
     listing: Option<HashSet<String>>,
+    install_wait: Duration,
 }
 
 impl<A: PodActions, R: Redirector> Controller<A, R> {
@@ -388,6 +415,27 @@ impl<A: PodActions, R: Redirector> Controller<A, R> {
             shared,
             seen: HashMap::new(),
             listing: None,
+            install_wait: INSTALL_WAIT,
+        }
+    }
+
+    /// How long a delete waits for the plugin to be in place (default [`INSTALL_WAIT`]).
+    pub fn with_install_wait(mut self, wait: Duration) -> Self {
+        self.install_wait = wait;
+        self
+    }
+
+    /// Whether the plugin is in place (the agent is ready), waiting for it up to the install wait.
+    async fn installed(&self) -> bool {
+        let deadline = Instant::now() + self.install_wait;
+        loop {
+            if self.shared.is_ready() {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(INSTALL_POLL).await;
         }
     }
 
@@ -468,6 +516,22 @@ impl<A: PodActions, R: Redirector> Controller<A, R> {
         let mode = self.cfg.mode;
         let (result, detail, retry, event) = match mode {
             RepairMode::Repair => self.repair(pod).await,
+            RepairMode::Delete if !self.installed().await => {
+                let e = format!(
+                    "the plugin is not in place on this node (the agent is not ready after {} s): its \
+                     replacement would start unredirected as well",
+                    self.install_wait.as_secs()
+                );
+                (
+                    ActionResult::Fail,
+                    e.clone(),
+                    true,
+                    Some((
+                        REASON_DELETE,
+                        format!("pod detected as broken, but not deleted: {e}"),
+                    )),
+                )
+            }
             RepairMode::Delete => match self.api.delete(&target).await {
                 Ok(()) => (
                     ActionResult::Success,
@@ -595,7 +659,7 @@ impl<A: PodActions, R: Redirector> Controller<A, R> {
                     Some((REASON_REPAIR, msg)),
                 )
             }
-            Ok(Err(e)) => failed(e, true),
+            Ok(Err(e)) => failed(e.message, e.retry),
             Err(e) => failed(format!("the repair panicked: {e}"), true),
         }
     }

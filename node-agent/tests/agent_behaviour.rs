@@ -288,15 +288,21 @@ fn fighting_writer_is_rate_limited_without_a_bypass_window() {
         Some(Some(false)),
         "readiness does not report the fight"
     );
-    for line in [
-        "meshcni_conflist_fight 1",
-        "meshcni_conflist_fights_total 1",
-    ] {
-        assert!(
-            metrics_during_fight.lines().any(|l| l == line),
-            "no {line:?} during the fight:\n{metrics_during_fight}"
-        );
-    }
+    assert!(
+        metrics_during_fight
+            .lines()
+            .any(|l| l == "meshcni_conflist_fight 1"),
+        "no fight gauge during the fight:\n{metrics_during_fight}"
+    );
+    // At least one fight counted; on a loaded machine the writer's own pauses may end one and start another.
+    let fights: Option<u64> = metrics_during_fight
+        .lines()
+        .find_map(|l| l.strip_prefix("meshcni_conflist_fights_total "))
+        .and_then(|v| v.trim().parse().ok());
+    assert!(
+        fights.is_some_and(|n| n >= 1),
+        "no fight counted during the fight:\n{metrics_during_fight}"
+    );
     let log = agent.log_text();
     assert!(
         log.contains("05-cilium.conflist") && log.contains("keeps reverting our configuration"),

@@ -37,7 +37,7 @@ roll_destroy_failures() { # containerd's failed network teardowns so far
     grep -c 'failed to destroy network for sandbox' "$WORK/logs/containerd.log" 2>/dev/null || true
 }
 
-step "8. kubectl rollout restart of the DaemonSet: no bypass window, DEL works throughout (issue 10)"
+step "9. kubectl rollout restart of the DaemonSet: no bypass window, DEL works throughout (issue 10)"
 ROLL_OLD=$(agent_pod)
 ROLL_DELETE=(rdel-1 rdel-2 rdel-3)
 for p in "${ROLL_DELETE[@]}"; do pod_yaml "$p" default injected | KUBECTL apply -f - >/dev/null; done
@@ -198,7 +198,7 @@ KUBECTL -n default delete pod $(for i in $(seq "$ROLL_N"); do printf 'roll-%s ' 
 # end clean.
 rollout_uninstall_all() {
     local pod log types
-    step "8b. kubectl delete -k tests/e2e/overlay: the whole uninstall leaves the node clean"
+    step "9b. kubectl delete -k tests/e2e/overlay: the whole uninstall leaves the node clean"
     pod=$(agent_pod)
     log=$WORK/logs/agent-uninstall.log
     KUBECTL -n kube-system logs -f "$pod" > "$log" 2>&1 &

@@ -4,6 +4,7 @@
 //! inside; the host's rules are checked untouched.
 
 use std::net::IpAddr;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -19,7 +20,9 @@ use k8s_openapi::api::core::v1::{Event as CoreEvent, Pod};
 use kube::runtime::watcher::Event;
 use meshcni_tests::netns::{by_table, host_snapshot, must, veth, PodNet, TestNetns};
 use node_agent::config::{BrokenPodFilter, RepairConfig, RepairMode};
-use node_agent::repair::netns::{candidates, find_pod_netns, HostRedirector, Scope, SearchError};
+use node_agent::repair::netns::{
+    candidates, find_pod_netns, HostBy, HostNetns, HostRedirector, Scope, SearchError,
+};
 use node_agent::repair::{ApiError, Controller, PodActions, PodTarget};
 use node_agent::server::Shared;
 use serde_json::json;
@@ -82,10 +85,7 @@ impl Drop for RunningPod {
 /// The real /proc, with the test's own netns as the host's (the tests run in the host's netns; init's may not be
 /// inspectable here, as in some sandboxes: the agent on a node reads `<proc>/1/ns/net` with CAP_SYS_PTRACE).
 fn real_proc() -> Scope {
-    Scope {
-        proc: PathBuf::from("/proc"),
-        host_netns: PathBuf::from("/proc/self/ns/net"),
-    }
+    Scope::with_host("/proc", Path::new("/proc/self/ns/net")).unwrap()
 }
 
 fn same_netns(a: &Path, b: &Path) -> bool {
@@ -107,7 +107,7 @@ fn the_pod_netns_is_found_by_its_ip_in_the_real_proc() {
     let by_v6 = find_pod_netns(&real_proc(), &[v6.parse().unwrap()]).unwrap();
     assert_eq!(by_v6.pid, pod.pid());
     // The host's netns is never a candidate.
-    let host = real_proc().host().unwrap();
+    let host = real_proc().host.id;
     let all = candidates(&real_proc()).unwrap();
     assert!(!all.contains_key(&host));
     assert!(all.values().any(|&pid| pid == pod.pid()));
@@ -153,21 +153,38 @@ impl FakeProc {
         std::fs::create_dir_all(p.join("ns")).unwrap();
         std::os::unix::fs::symlink(netns, p.join("ns/net")).unwrap();
         if let Some(start) = start {
-            let fields: Vec<String> = (4..=52)
-                .map(|i| {
-                    if i == 22 {
-                        start.to_string()
-                    } else {
-                        "0".into()
-                    }
-                })
-                .collect();
-            std::fs::write(
-                p.join("stat"),
-                format!("{pid} (pause) S {}", fields.join(" ")),
-            )
-            .unwrap();
+            self.stat(pid, 0, start);
         }
+    }
+
+    /// `<pid>/stat` with its parent (field 4) and start time (field 22).
+    fn stat(&self, pid: u32, ppid: u32, start: u64) {
+        let fields: Vec<String> = (4..=52)
+            .map(|i| match i {
+                4 => ppid.to_string(),
+                22 => start.to_string(),
+                _ => "0".into(),
+            })
+            .collect();
+        std::fs::write(
+            self.dir.join(pid.to_string()).join("stat"),
+            format!("{pid} (pause) S {}", fields.join(" ")),
+        )
+        .unwrap();
+    }
+
+    /// A process with its parent, pid namespace and name.
+    fn task(&self, pid: u32, ppid: u32, netns: &Path, pid_ns: &Path, comm: &str) {
+        self.process(pid, netns, None);
+        self.stat(pid, ppid, u64::from(pid));
+        let p = self.dir.join(pid.to_string());
+        std::os::unix::fs::symlink(pid_ns, p.join("ns/pid")).unwrap();
+        std::fs::write(p.join("comm"), format!("{comm}\n")).unwrap();
+    }
+
+    /// `self`, the link procfs resolves to the reader's pid.
+    fn this_is(&self, pid: u32) {
+        std::os::unix::fs::symlink(pid.to_string(), self.dir.join("self")).unwrap();
     }
 }
 
@@ -193,7 +210,8 @@ fn the_oldest_process_of_the_netns_is_chosen_and_the_hosts_skipped() {
     std::fs::create_dir_all(proc.dir.join("self")).unwrap(); // not a pid
     std::fs::create_dir_all(proc.dir.join("300")).unwrap(); // exited: no ns/net
 
-    let scope = Scope::new(&proc.dir);
+    let scope = Scope::establish(&proc.dir).unwrap();
+    assert_eq!(scope.host.by, HostBy::Init(proc.dir.join("1/ns/net")));
     let all = candidates(&scope).unwrap();
     assert_eq!(all.len(), 2, "{all:?}");
     let found = find_pod_netns(&scope, &[pod.ip]).unwrap();
@@ -206,6 +224,164 @@ fn the_oldest_process_of_the_netns_is_chosen_and_the_hosts_skipped() {
         matches!(e, SearchError::NotFound { searched: 2, .. }),
         "{e}"
     );
+}
+
+/// A pid namespace of its own, as a container has: `unshare --pid --fork` with a sleep inside, killed (with its
+/// child, `--kill-child`) and reaped on drop.
+struct PidNamespace {
+    unshare: Child,
+    inner: u32,
+}
+
+impl PidNamespace {
+    fn new() -> PidNamespace {
+        let mut unshare = Command::new("unshare")
+            .args(["--pid", "--fork", "--kill-child", "sleep", "300"])
+            .spawn()
+            .expect("spawn unshare --pid");
+        let children = format!("/proc/{0}/task/{0}/children", unshare.id());
+        for _ in 0..200 {
+            let inner = std::fs::read_to_string(&children)
+                .ok()
+                .and_then(|c| c.split_whitespace().next()?.parse::<u32>().ok());
+            if let Some(inner) = inner {
+                let ns =
+                    |pid: u32| std::fs::metadata(format!("/proc/{pid}/ns/pid")).map(|m| m.ino());
+                if ns(inner).is_ok() && ns(inner).ok() != ns(std::process::id()).ok() {
+                    return PidNamespace { unshare, inner };
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let _ = unshare.kill();
+        let _ = unshare.wait();
+        panic!("unshare --pid --fork started no process in a new pid namespace within 2 s");
+    }
+
+    fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/ns/pid", self.inner))
+    }
+}
+
+impl Drop for PidNamespace {
+    fn drop(&mut self) {
+        let _ = self.unshare.kill();
+        let _ = self.unshare.wait();
+    }
+}
+
+fn own_netns() -> PathBuf {
+    PathBuf::from(format!("/proc/{}/ns/net", std::process::id()))
+}
+
+fn own_pid_ns() -> PathBuf {
+    PathBuf::from(format!("/proc/{}/ns/pid", std::process::id()))
+}
+
+/// The agent in a container, as the host's /proc shows it: itself (pid 100, in `agent_netns`) under a wrapper
+/// (90), both in the container's pid namespace, started by the runtime's shim (50, the host's pid namespace, in
+/// `runtime_netns`).
+fn container_view(proc: &FakeProc, pid_ns: &Path, agent_netns: &Path, runtime_netns: &Path) {
+    proc.this_is(100);
+    proc.task(100, 90, agent_netns, pid_ns, "node-agent");
+    proc.task(90, 50, &own_netns(), pid_ns, "sh");
+    proc.task(50, 1, runtime_netns, &own_pid_ns(), "containerd-shim");
+}
+
+#[test]
+fn where_init_may_not_be_inspected_the_hosts_netns_is_the_runtimes() {
+    let container = PidNamespace::new();
+    let own = own_netns();
+    let pod = RunningPod::new("rrt", unique_ip(), None);
+    // The agent in a pod netns of its own (the DaemonSet's default): the runtime's shim is in the host's netns.
+    let node = RunningPod::new("rrt-node", unique_ip(), None);
+    let proc = FakeProc::new();
+    container_view(&proc, &container.path(), &own, node.ns.path());
+    proc.process(60, node.ns.path(), Some(1)); // another host process (the kubelet)
+    proc.process(200, pod.ns.path(), Some(10));
+    let host = HostNetns::runtimes(&proc.dir).unwrap();
+    assert_eq!(host.id, Netns::open(node.ns.path()).unwrap().id());
+    assert_eq!(
+        host.by,
+        HostBy::Runtime {
+            pid: 50,
+            comm: "containerd-shim".into(),
+            agent_inside: false
+        }
+    );
+    let scope = Scope {
+        proc: proc.dir.clone(),
+        host,
+    };
+    let all = candidates(&scope).unwrap();
+    assert!(!all.values().any(|&p| p == 50 || p == 60), "{all:?}");
+    assert!(all.values().any(|&p| p == 200), "{all:?}");
+    assert_eq!(find_pod_netns(&scope, &[pod.ip]).unwrap().pid, 200);
+    // The host's address (a hostNetwork pod's) is never found: its netns is not searched.
+    let e = find_pod_netns(&scope, &[node.ip]).unwrap_err();
+    assert!(matches!(e, SearchError::NotFound { .. }), "{e}");
+
+    // hostNetwork: the agent shares the runtime's netns, which is then never a candidate either.
+    let proc = FakeProc::new();
+    container_view(&proc, &container.path(), &own, &own);
+    proc.process(200, pod.ns.path(), Some(10));
+    let host = HostNetns::runtimes(&proc.dir).unwrap();
+    assert_eq!(host.id, Netns::open(&own).unwrap().id());
+    assert_eq!(
+        host.by,
+        HostBy::Runtime {
+            pid: 50,
+            comm: "containerd-shim".into(),
+            agent_inside: true
+        }
+    );
+    let scope = Scope {
+        proc: proc.dir.clone(),
+        host,
+    };
+    assert_eq!(
+        candidates(&scope)
+            .unwrap()
+            .into_values()
+            .collect::<Vec<_>>(),
+        vec![200]
+    );
+
+    // A /proc whose `self` is not this process.
+    let elsewhere = TestNetns::new("rrt-else");
+    let proc = FakeProc::new();
+    container_view(&proc, &container.path(), elsewhere.path(), &own);
+    let e = HostNetns::runtimes(&proc.dir).unwrap_err();
+    assert!(e.contains("does not show this process"), "{e}");
+    // No ancestor outside our pid namespace (hostPID, or the container's own /proc mounted as the host's).
+    let proc = FakeProc::new();
+    proc.this_is(100);
+    proc.task(100, 90, &own, &container.path(), "node-agent");
+    proc.task(90, 0, &own, &container.path(), "sh");
+    let e = HostNetns::runtimes(&proc.dir).unwrap_err();
+    assert!(e.contains("no ancestor of pid 100"), "{e}");
+    // Not a procfs at all.
+    let proc = FakeProc::new();
+    let e = HostNetns::runtimes(&proc.dir).unwrap_err();
+    assert!(e.contains("self is not a link"), "{e}");
+}
+
+#[test]
+fn the_real_proc_gives_inits_netns_or_the_reason_it_cannot() {
+    let init = Path::new("/proc/1/ns/net");
+    match Scope::establish("/proc") {
+        Ok(scope) => {
+            assert_eq!(scope.host.by, HostBy::Init(init.to_path_buf()));
+            assert_eq!(scope.host.id, Netns::open(init).unwrap().id());
+        }
+        // Where init may not be inspected (this sandbox), the tests are no container: nothing verifies our netns.
+        Err(e) => {
+            let opened = std::fs::File::open(init).map(|_| ()).unwrap_err();
+            assert_eq!(opened.kind(), std::io::ErrorKind::PermissionDenied, "{e}");
+            assert!(matches!(e, SearchError::NoHostNetns { .. }), "{e}");
+            assert!(e.to_string().contains("/proc/1/ns/net"), "{e}");
+        }
+    }
 }
 
 /// An injected pod on node-1 whose istio-validation failed with 126, with `ip` as its IP.
@@ -264,10 +440,7 @@ fn a_repair_installs_what_the_plugin_would_have() {
         };
         assert!(!before.contains("inet istio"), "{before}");
 
-        let repairer = HostRedirector {
-            scope: real_proc(),
-            backend,
-        };
+        let repairer = HostRedirector::new(Ok(real_proc()), backend);
         let (found, programmed) = repairer.repair(&[pod.ip], &redirect).unwrap();
         assert_eq!(found.pid, pod.pid());
         assert_eq!(programmed.v4, apply::FamilyOutcome::Applied, "{backend:?}");
@@ -368,10 +541,7 @@ async fn the_controller_repairs_a_broken_pod_once_from_its_watch_events() {
     };
     let api = Arc::new(Api::default());
     let shared = Shared::new();
-    let redirector = Arc::new(HostRedirector {
-        scope: real_proc(),
-        backend: cfg.plugin.backend,
-    });
+    let redirector = Arc::new(HostRedirector::new(Ok(real_proc()), cfg.plugin.backend));
     let mut controller = Controller::new(cfg, api.clone(), redirector, shared.clone());
     controller
         .run(stream::iter(vec![

@@ -318,6 +318,9 @@ fn no_socket_or_someone_elses_is_not_used() {
 
 #[test]
 fn a_listener_that_never_reads_costs_at_most_the_deadline() {
+    // The margin over the deadline is for the scheduler of a loaded machine (85 ms seen at load ~7), not for the
+    // code: a send that ignored the deadline would block for the socket's lifetime.
+    const MARGIN: Duration = Duration::from_millis(200);
     let dir = TempDir::new("stuck");
     let path = dir.0.join(SOCKET_NAME);
     let listener = UnixListener::bind(&path).unwrap();
@@ -329,7 +332,7 @@ fn a_listener_that_never_reads_costs_at_most_the_deadline() {
         Delivery::Unconfirmed
     );
     assert!(
-        start.elapsed() < DEADLINE + Duration::from_millis(20),
+        start.elapsed() < DEADLINE + MARGIN,
         "{:?}",
         start.elapsed()
     );
@@ -344,7 +347,7 @@ fn a_listener_that_never_reads_costs_at_most_the_deadline() {
     let e = send(&dir.0, &big, DEADLINE).unwrap_err();
     assert!(matches!(e, SendError::Write { .. }), "{e}");
     let spent = start.elapsed().saturating_sub(encoding_time);
-    assert!(spent < DEADLINE + Duration::from_millis(20), "{spent:?}");
+    assert!(spent < DEADLINE + MARGIN, "{spent:?}");
     // A backlog that is full (nobody accepts; each connection waits in it, closed or not): refused at once, not
     // waited for.
     drop(listener);

@@ -296,7 +296,7 @@ struct Recorder {
     /// Answers of delete/label, in order; empty: Ok.
     answers: Mutex<VecDeque<Result<(), ApiError>>>,
     /// Answers of the redirector, in order; empty: Ok.
-    redirects: Mutex<VecDeque<Result<(), String>>>,
+    redirects: Mutex<VecDeque<Result<(), RedirectError>>>,
 }
 
 impl Recorder {
@@ -314,6 +314,16 @@ impl Recorder {
     }
     fn deletes(&self) -> usize {
         self.count(|c| matches!(c, Call::Delete(_)))
+    }
+    /// Some Event's message contains `text`.
+    fn assert_event_says(&self, text: &str) {
+        let calls = self.calls();
+        assert!(
+            calls
+                .iter()
+                .any(|c| matches!(c, Call::Event { message, .. } if message.contains(text))),
+            "no Event says {text:?}: {calls:?}"
+        );
     }
     fn answer(&self) -> Result<(), ApiError> {
         self.answers.lock().unwrap().pop_front().unwrap_or(Ok(()))
@@ -340,7 +350,7 @@ impl PodActions for Recorder {
 }
 
 impl Redirector for Recorder {
-    fn redirect(&self, ips: &[IpAddr], _redirect: &Redirect) -> Result<Redirected, String> {
+    fn redirect(&self, ips: &[IpAddr], _redirect: &Redirect) -> Result<Redirected, RedirectError> {
         self.push(Call::Redirect(ips.to_vec()));
         self.redirects
             .lock()
@@ -364,6 +374,8 @@ struct Run {
 fn controller(mode: RepairMode) -> Run {
     let rec = Arc::new(Recorder::default());
     let shared = Shared::new();
+    // The plugin is in place (the delete mode waits for it).
+    shared.set_ready(true);
     let controller = Controller::new(config(mode), rec.clone(), rec.clone(), shared.clone());
     Run {
         rec,
@@ -545,11 +557,11 @@ async fn repair_mode_skips_what_the_plugin_would_skip() {
 async fn failures_are_retried_on_later_events_up_to_the_limit() {
     let mut run = controller(RepairMode::Repair);
     for _ in 0..10 {
-        run.rec
-            .redirects
-            .lock()
-            .unwrap()
-            .push_back(Err("no network namespace has the pod's address".into()));
+        run.rec.redirects.lock().unwrap().push_back(Err(
+            "no network namespace has the pod's address"
+                .to_string()
+                .into(),
+        ));
     }
     let sick = broken_pod("ns", "a", "u1");
     feed(&mut run, vec![Event::Apply(sick.clone()); 8]).await;
@@ -559,10 +571,8 @@ async fn failures_are_retried_on_later_events_up_to_the_limit() {
         metric(&run.shared, "repair", "fail"),
         u64::from(MAX_ATTEMPTS)
     );
-    assert!(
-        run.rec.calls().iter().any(|c| matches!(c,
-        Call::Event { message, .. } if message.contains("failed to repair: no network namespace")))
-    );
+    run.rec
+        .assert_event_says("failed to repair: no network namespace");
 
     // A failure then a success: two attempts, then never again.
     let mut run = controller(RepairMode::Repair);
@@ -570,12 +580,64 @@ async fn failures_are_retried_on_later_events_up_to_the_limit() {
         .redirects
         .lock()
         .unwrap()
-        .push_back(Err("not yet".into()));
+        .push_back(Err("not yet".to_string().into()));
     feed(&mut run, vec![Event::Apply(sick); 4]).await;
     let redirects = run.rec.redirects();
     assert_eq!(redirects, 2);
     assert_eq!(metric(&run.shared, "repair", "fail"), 1);
     assert_eq!(metric(&run.shared, "repair", "success"), 1);
+}
+
+#[tokio::test]
+async fn delete_mode_waits_for_the_plugin_to_be_in_place() {
+    let mut run = controller(RepairMode::Delete);
+    run.shared.set_ready(false);
+    run.controller = Controller::new(
+        config(RepairMode::Delete),
+        run.rec.clone(),
+        run.rec.clone(),
+        run.shared.clone(),
+    )
+    .with_install_wait(Duration::from_millis(150));
+    let sick = broken_pod("ns", "a", "u1");
+    let started = Instant::now();
+    feed(&mut run, vec![Event::Apply(sick.clone())]).await;
+    assert!(started.elapsed() >= Duration::from_millis(150));
+    assert_eq!(
+        run.rec.deletes(),
+        0,
+        "deleted while the plugin is not in place"
+    );
+    assert_eq!(metric(&run.shared, "delete", "fail"), 1);
+    run.rec
+        .assert_event_says("not deleted: the plugin is not in place");
+    // Ready meanwhile (the installer's first reconcile): the next event deletes it, at once.
+    run.shared.set_ready(true);
+    let started = Instant::now();
+    feed(&mut run, vec![Event::Apply(sick)]).await;
+    assert!(started.elapsed() < Duration::from_millis(100));
+    assert_eq!(run.rec.deletes(), 1);
+    assert_eq!(metric(&run.shared, "delete", "success"), 1);
+}
+
+#[tokio::test]
+async fn a_refused_repair_fails_once_without_retry() {
+    let mut run = controller(RepairMode::Repair);
+    run.rec
+        .redirects
+        .lock()
+        .unwrap()
+        .push_back(Err(RedirectError {
+            message:
+                "the in-place repair is refused: cannot establish the host's network namespace"
+                    .into(),
+            retry: false,
+        }));
+    feed(&mut run, vec![Event::Apply(broken_pod("ns", "a", "u1")); 3]).await;
+    assert_eq!(run.rec.redirects(), 1);
+    assert_eq!(metric(&run.shared, "repair", "fail"), 1);
+    run.rec
+        .assert_event_says("failed to repair: the in-place repair is refused");
 }
 
 #[tokio::test]

@@ -58,8 +58,9 @@ env = {"PATH": os.environ.get("PATH", ""), "MOUNTED_CNI_NET_DIR": d["conf"], "MO
        "CNI_BINARIES_SOURCE_DIR": d["src"], "CNI_AGENT_RUN_DIR": d["run"], "SERVICE_ACCOUNT_DIR": d["sa"],
        "KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "443", "LOG_LEVEL": "warn",
        "HEALTH_PORT": str(health), "MONITORING_PORT": str(metrics), "BIND_ADDRESS": "127.0.0.1",
-       # 10.96.0.1 is only a name in the kubeconfig: nothing may connect to it (the pod cache would).
-       "POD_CACHE_ENABLED": "false", "REPAIR_ENABLED": "false"}
+       # 10.96.0.1 is only a name in the kubeconfig: nothing may connect to it (the pod cache would, and so would
+       # the shutdown's read of the DaemonSet).
+       "POD_CACHE_ENABLED": "false", "REPAIR_ENABLED": "false", "DAEMONSET_NAME": ""}
 log = open(os.path.join(root, "agent.log"), "wb")
 agent = subprocess.Popen([agent_bin], env=env, stdout=log, stderr=log)
 

@@ -786,6 +786,9 @@ else
 fi
 bench_delete
 
+# --- 9. a rollout restart (issue 10), before check 5 deletes what it brought ----------------------------------------
+source "$REPO/tests/e2e/rollout.sh"
+
 # --- 5. delete and re-apply -------------------------------------------------------------------------------------------
 step "5. Deleting the DaemonSet removes the plugin; re-applying brings it back"
 AGENT_POD=$(agent_pod)
@@ -919,6 +922,8 @@ PY
 )
 [ -z "$plugin_bad" ] && pass "the plugin logged no warning or error on its successful ADDs (containerd's log)" \
     || fail "the plugin logged: $plugin_bad"
+
+rollout_uninstall_all  # tests/e2e/rollout.sh
 
 step "Summary"
 say "istio-cni-node Ready after kubectl apply: ${READY_MS} ms (re-apply: ${READY2_MS:-?} ms)"

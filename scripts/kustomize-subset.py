@@ -25,7 +25,7 @@ import sys
 
 import yaml
 
-NAMESPACED = {"ServiceAccount", "ConfigMap", "DaemonSet"}
+NAMESPACED = {"ServiceAccount", "ConfigMap", "DaemonSet", "Role", "RoleBinding"}
 CLUSTER_SCOPED = {"ClusterRole", "ClusterRoleBinding"}
 
 # Strategic-merge semantics of every list a patch may touch, by path ("[]" = any item of a list), as the

@@ -219,6 +219,20 @@ want(switches == {
 main = docs[("ClusterRole", "istio-cni")]
 want([(r["apiGroups"], r["resources"], sorted(r["verbs"])) for r in main["rules"]]
      == [([""], ["pods"], ["get", "list", "watch"])], "the main role: get, list, watch of pods only")
+# The shutdown's read of the agent's own DaemonSet: one namespaced rule, `get` of that one name, bound to the
+# DaemonSet's service account, and the name the agent is told to read.
+ds_name, ds_ns = ds["metadata"]["name"], ds["metadata"]["namespace"]
+shutdown = docs.get(("Role", "istio-cni-shutdown"))
+want(shutdown is not None and shutdown["metadata"].get("namespace") == ds_ns, f"the shutdown Role in {ds_ns}")
+want(shutdown is not None and shutdown["rules"] == [{"apiGroups": ["apps"], "resources": ["daemonsets"],
+                                                      "resourceNames": [ds_name], "verbs": ["get"]}],
+     f"the shutdown Role grants exactly get daemonsets/{ds_name}")
+binding = docs.get(("RoleBinding", "istio-cni-shutdown"))
+want(binding is not None and binding["metadata"].get("namespace") == ds_ns
+     and binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "istio-cni-shutdown"}
+     and binding["subjects"] == [{"kind": "ServiceAccount", "name": pod["serviceAccountName"], "namespace": ds_ns}],
+     "the shutdown RoleBinding binds that Role to the DaemonSet's service account")
+want(data.get("DAEMONSET_NAME") == ds_name, f"DAEMONSET_NAME {data.get('DAEMONSET_NAME')!r} names the DaemonSet {ds_name!r}")
 if problems:
     print(f"FAIL: {mode}: " + "; ".join(problems), file=sys.stderr)
     sys.exit(1)

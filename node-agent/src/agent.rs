@@ -1,4 +1,6 @@
-//! The agent: a set of supervised tasks on one runtime, until SIGTERM/SIGINT, which removes everything of ours.
+//! The agent: a set of supervised tasks on one runtime, until SIGTERM/SIGINT. Then it asks whether its DaemonSet is
+//! being deleted ([`shutdown`](crate::shutdown)): an uninstall removes everything of ours, a restart or an upgrade
+//! leaves it for the next agent, and an agent that a newer one superseded on this node removes nothing.
 //!
 //! - the installer: reconcile, publish readiness and metrics, then wait for a relevant inotify event or a timer
 //!   (retry, back-off end, periodic resync). The reconcile itself (file copies, fsyncs) runs on a blocking thread,
@@ -18,6 +20,7 @@ use std::time::{Duration, Instant};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::config::{Config, RepairConfig, RepairMode, HEALTH_PORT, MONITORING_PORT};
+use crate::install::owner::Standing;
 use crate::install::{InstallError, Installer, Status};
 use crate::pluginlog;
 use crate::podcache::{self, PodCache};
@@ -26,6 +29,7 @@ use crate::repair::kube_api::KubeActions;
 use crate::repair::netns::{HostRedirector, Scope};
 use crate::repair::{Controller, Tap};
 use crate::server::{self, Endpoints, ServerError, Shared, RESULT_SUCCESS};
+use crate::shutdown::{self, Action, Answer};
 use crate::status::{self, InstallState};
 use crate::uds;
 use crate::watch::{self, Filter, Target, WatchError, Watcher};
@@ -35,6 +39,11 @@ pub const RESYNC: Duration = Duration::from_secs(60);
 /// First retry delay after a failed reconcile; doubles up to `MAX_RETRY`.
 pub const FIRST_RETRY: Duration = Duration::from_millis(200);
 pub const MAX_RETRY: Duration = Duration::from_secs(30);
+/// How often a superseded agent looks whether the newer one is still there (its end is seen at once when it
+/// removes or closes the owner record; this is the safety net).
+pub const SUPERSEDED_POLL: Duration = Duration::from_secs(1);
+/// How long the shutdown waits for the run dir's lock (another agent's reconcile holds it for milliseconds).
+pub const SHUTDOWN_LOCK_WAIT: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -202,10 +211,11 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
         uds_paths.push((path, bound));
     }
 
-    tokio::select! {
-        _ = sigterm.recv() => tracing::info!("SIGTERM: cleaning up"),
-        _ = sigint.recv() => tracing::info!("SIGINT: cleaning up"),
-    }
+    let signal = tokio::select! {
+        _ = sigterm.recv() => "SIGTERM",
+        _ = sigint.recv() => "SIGINT",
+    };
+    tracing::info!(signal, "stopping");
     for t in &tasks {
         t.abort();
     }
@@ -223,14 +233,106 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
             }
         }
     }
+    finish(&cfg, installer).await
+}
+
+/// The shutdown: unless a newer agent owns the node, ask whether this is an uninstall, then act on the answer.
+async fn finish(cfg: &Config, installer: Arc<Mutex<Installer>>) -> Result<(), AgentError> {
     // The installer task may be in the middle of a reconcile on its blocking thread: the lock waits for it.
-    let cleanup = tokio::task::spawn_blocking(move || lock(&installer).cleanup()).await;
-    match cleanup {
-        Ok(r) => r.map_err(AgentError::Cleanup)?,
-        Err(e) => return Err(AgentError::Task(format!("cleanup panicked: {e}"))),
+    let peek = {
+        let installer = installer.clone();
+        blocking(move || {
+            lock(&installer)
+                .standing(SHUTDOWN_LOCK_WAIT)
+                .map(|(_, s)| s)
+        })
+        .await?
+    };
+    let answer = match (&peek, &cfg.shutdown_check) {
+        // Its files are not ours to remove, whatever the answer: no need to ask. (Should it be gone by the time
+        // this agent acts, this agent has no answer: everything stays.)
+        (Ok(Standing::Superseded { by }), _) => Answer::Unavailable {
+            reason: format!("not asked: a newer agent owns this node ({by})"),
+        },
+        (_, None) => Answer::NotAsked,
+        (_, Some(check)) => {
+            let started = Instant::now();
+            let (answer, attempts) = shutdown::ask(cfg, check).await;
+            tracing::info!(
+                daemonset = %check.name,
+                namespace = %check.namespace,
+                %answer,
+                attempts,
+                millis = started.elapsed().as_millis() as u64,
+                "asked the API server for the agent's own DaemonSet"
+            );
+            answer
+        }
+    };
+    let verdict = shutdown::decide(&answer);
+    let cfg = cfg.clone();
+    blocking(move || {
+        let mut installer = lock(&installer);
+        let (dir_lock, standing) = match installer.standing(SHUTDOWN_LOCK_WAIT) {
+            Ok(s) => s,
+            Err(e) => {
+                // Whether a newer agent owns the node is unknown: removing could take its files away.
+                tracing::warn!(error = %e, "cannot tell whether a newer agent owns this node: everything stays in place");
+                return Ok(());
+            }
+        };
+        match shutdown::action(verdict.decision, &standing) {
+            Action::StepAside { by } => tracing::info!(
+                newer = %by,
+                "a newer agent owns this node's installation: nothing of it is removed"
+            ),
+            Action::Leave => {
+                installer.release(&dir_lock).map_err(AgentError::Cleanup)?;
+                let files = installed_files(&cfg, &installer);
+                if answer.is_final() {
+                    tracing::info!(reason = verdict.why, files = %files, "left in place for the next agent");
+                } else {
+                    tracing::warn!(
+                        reason = verdict.why,
+                        %answer,
+                        files = %files,
+                        "left in place; if the DaemonSet was deleted, remove these by hand (README: restarts and upgrades)"
+                    );
+                }
+            }
+            Action::Uninstall => {
+                tracing::info!(reason = verdict.why, "removing istio-cni from this node");
+                installer.uninstall(&dir_lock).map_err(AgentError::Cleanup)?;
+                tracing::info!("cleanup complete");
+            }
+        }
+        Ok(())
+    })
+    .await?
+}
+
+/// What stays on the node when the agent leaves it in place.
+fn installed_files(cfg: &Config, installer: &Installer) -> String {
+    let mut files = vec![
+        cfg.bin_dir
+            .join(crate::install::binaries::PLUGIN_BINARY)
+            .display()
+            .to_string(),
+        cfg.kubeconfig_path().display().to_string(),
+    ];
+    if let Some(conf) = installer.installed_conf() {
+        files.insert(0, format!("the istio-cni entry of {}", conf.display()));
     }
-    tracing::info!("cleanup complete");
-    Ok(())
+    files.join(", ")
+}
+
+/// Runs `f` on a blocking thread.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, AgentError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| AgentError::Task(format!("shutdown step panicked: {e}")))
 }
 
 /// Starts the repair controller's task; returns the tap the pod watch feeds it through. A restarted task goes on
@@ -418,7 +520,7 @@ fn reconcile_once(
     let elapsed = started.elapsed();
     shared.observe_reconcile(elapsed);
     let now = Instant::now();
-    shared.set_fighting(matches!(report.status, Status::BackingOff { .. }));
+    shared.set_fighting(installer.fighting(now));
     let next = match &report.status {
         Status::Ready => {
             shared.set_ready(true);
@@ -440,6 +542,10 @@ fn reconcile_once(
             let at = now + *retry;
             *retry = (*retry * 2).min(MAX_RETRY);
             at
+        }
+        Status::Superseded { .. } => {
+            shared.set_ready(false);
+            now + SUPERSEDED_POLL
         }
     };
     // A fight's `until` moves on every reconcile: a new deadline alone is not news.
@@ -467,6 +573,10 @@ fn reconcile_once(
             Status::Failed { step, error } => {
                 tracing::error!(step = step.result_label(), %error, "reconcile failed; will retry")
             }
+            Status::Superseded { by } => tracing::info!(
+                newer = %by,
+                "a newer agent on this node owns the installation (a rolling update): this one writes nothing while it runs; not ready"
+            ),
         }
     }
     shared.set_install_state(InstallState::of(&report.status, installer.installed_conf()));

@@ -49,6 +49,15 @@ pub const REPAIR_BROKEN_POD_LABEL_KEY: &str = "REPAIR_BROKEN_POD_LABEL_KEY";
 pub const REPAIR_BROKEN_POD_LABEL_VALUE: &str = "REPAIR_BROKEN_POD_LABEL_VALUE";
 /// Ours: where the host's /proc is mounted in the agent's container (Istio hard-codes /host/proc).
 pub const REPAIR_HOST_PROC_DIR: &str = "REPAIR_HOST_PROC_DIR";
+/// The agent's own pod (Istio's chart passes it with the downward API): named in the owner record of the run dir.
+pub const POD_NAME: &str = "POD_NAME";
+/// Ours: the agent's own DaemonSet in POD_NAMESPACE, read on SIGTERM to tell an uninstall from a restart or upgrade
+/// (Istio reads `istio-cni-node`, a fixed name).
+pub const DAEMONSET_NAME: &str = "DAEMONSET_NAME";
+/// Ours: how long that read may take, retries included.
+pub const SHUTDOWN_CHECK_SECONDS: &str = "SHUTDOWN_CHECK_SECONDS";
+/// Istio's DaemonSet name, the default of DAEMONSET_NAME.
+pub const DEFAULT_DAEMONSET_NAME: &str = "istio-cni-node";
 
 /// Command line and environment, as given.
 #[derive(Debug, Clone, Parser)]
@@ -58,7 +67,9 @@ pub const REPAIR_HOST_PROC_DIR: &str = "REPAIR_HOST_PROC_DIR";
     about = "meshcni node agent: installs the istio-cni plugin on this node and keeps it installed",
     long_about = "meshcni node agent (Istio's install-cni): copies the istio-cni binary into the host's CNI bin dir, \
 writes the plugin's kubeconfig from this pod's service account, inserts the istio-cni entry last in the node's \
-primary CNI configuration, and keeps all three in place until SIGTERM/SIGINT, when it removes them.\n\n\
+primary CNI configuration, and keeps all three in place until SIGTERM/SIGINT. Then it reads its own DaemonSet \
+(DAEMONSET_NAME): gone or being deleted means an uninstall, and it removes all three; still there means a restart or \
+an upgrade, and it leaves them in place for the next agent (as it does when the API server cannot tell).\n\n\
 Every option can be set by its environment variable (shown as [env: NAME=]); the flag wins over the variable."
 )]
 pub struct Args {
@@ -198,6 +209,25 @@ pub struct Args {
     #[arg(long, env = REPAIR_HOST_PROC_DIR, value_name = REPAIR_HOST_PROC_DIR, default_value = "/host/proc")]
     pub repair_host_proc_dir: PathBuf,
 
+    /// This agent's pod name (the DaemonSet passes metadata.name): recorded in the run dir's owner record, which
+    /// tells two agents on one node (a rolling update) which one is the newer.
+    #[arg(long, env = POD_NAME, value_name = POD_NAME, default_value = "")]
+    pub pod_name: String,
+
+    /// The agent's own DaemonSet, in POD_NAMESPACE. On SIGTERM/SIGINT the agent reads it: not found, or being
+    /// deleted, means an uninstall (the entry, the kubeconfig and the binary are removed); present means a restart or
+    /// an upgrade (all three stay for the next agent, so no pod starts outside the mesh meanwhile). An answer it cannot
+    /// get within SHUTDOWN_CHECK_SECONDS (a timeout, 403, no network) also leaves them in place; a 401 (the service
+    /// account is gone) counts as an uninstall. Empty: no check, always remove them (outside Kubernetes). Needs RBAC:
+    /// get on daemonsets/<this name> in POD_NAMESPACE.
+    #[arg(long, env = DAEMONSET_NAME, value_name = DAEMONSET_NAME, default_value = DEFAULT_DAEMONSET_NAME)]
+    pub daemonset_name: String,
+
+    /// How long, retries included, the agent asks for its DaemonSet on SIGTERM before it gives up and leaves
+    /// everything in place (1-300; keep it below the pod's terminationGracePeriodSeconds).
+    #[arg(long, env = SHUTDOWN_CHECK_SECONDS, value_name = SHUTDOWN_CHECK_SECONDS, default_value = "5", value_parser = parse_check_seconds)]
+    pub shutdown_check_seconds: u64,
+
     /// Port of the Prometheus metrics server (/metrics); 0 disables it.
     #[arg(long, env = MONITORING_PORT, value_name = MONITORING_PORT, default_value = "15014", value_parser = parse_port_or_zero)]
     pub monitoring_port: u16,
@@ -247,6 +277,13 @@ fn parse_mode(s: &str) -> Result<u32, String> {
     Ok(mode)
 }
 
+fn parse_check_seconds(s: &str) -> Result<u64, String> {
+    match s.trim().parse::<u64>() {
+        Ok(n) if (1..=300).contains(&n) => Ok(n),
+        _ => Err(format!("{s:?} is not a number of seconds (1-300)")),
+    }
+}
+
 fn parse_port(s: &str) -> Result<u16, String> {
     match s.parse::<u16>() {
         Ok(p) if p > 0 => Ok(p),
@@ -272,15 +309,7 @@ pub fn check_qualified_name(s: &str) -> Result<(), String> {
         None => (None, s),
     };
     if let Some(p) = prefix {
-        let label_ok = |l: &str| {
-            !l.is_empty()
-                && l.len() <= 63
-                && l.bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-                && !l.starts_with('-')
-                && !l.ends_with('-')
-        };
-        if p.is_empty() || p.len() > 253 || !p.split('.').all(label_ok) {
+        if !is_dns_subdomain(p) {
             return Err(format!(
                 "prefix {p:?} is not a DNS subdomain (lower-case labels separated by dots, at most 253 characters)"
             ));
@@ -362,6 +391,18 @@ pub struct Config {
     pub pod_cache: bool,
     /// The repair controller; `None` when REPAIR_ENABLED is false or no mode is selected.
     pub repair: Option<RepairConfig>,
+    /// This agent's pod (POD_NAME; empty outside a pod).
+    pub pod_name: String,
+    /// What to read on shutdown to tell an uninstall from a restart; `None` when DAEMONSET_NAME is empty.
+    pub shutdown_check: Option<ShutdownCheck>,
+}
+
+/// The agent's own DaemonSet, read on shutdown, and how long the read may take.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShutdownCheck {
+    pub namespace: String,
+    pub name: String,
+    pub timeout: std::time::Duration,
 }
 
 /// What the repair controller does with a broken pod (Istio's precedence: repair > delete > label).
@@ -597,6 +638,11 @@ impl Args {
             Some(n) => n,
             None => hostname(),
         };
+        let shutdown_check = shutdown_check(
+            self.daemonset_name.trim(),
+            &self.pod_namespace,
+            self.shutdown_check_seconds,
+        )?;
         let repair = repair_config(
             RepairArgs {
                 enabled: self.repair_enabled,
@@ -643,8 +689,60 @@ impl Args {
             bind_address: self.bind_address,
             pod_cache: self.pod_cache_enabled,
             repair,
+            pod_name: self.pod_name,
+            shutdown_check,
         })
     }
+}
+
+/// The shutdown check's settings: `None` when DAEMONSET_NAME is empty; a name that cannot be a DaemonSet's, or a
+/// name without the namespace to look in, stops the agent at start.
+fn shutdown_check(
+    name: &str,
+    namespace: &str,
+    seconds: u64,
+) -> Result<Option<ShutdownCheck>, ConfigError> {
+    if name.is_empty() {
+        return Ok(None);
+    }
+    if !is_dns_subdomain(name) {
+        return Err(ConfigError::Invalid {
+            var: DAEMONSET_NAME,
+            value: name.to_string(),
+            reason:
+                "not an object name (lower-case alphanumerics, '-' and '.', at most 253 characters)"
+                    .into(),
+        });
+    }
+    if namespace.is_empty() {
+        return Err(ConfigError::Invalid {
+            var: POD_NAMESPACE,
+            value: String::new(),
+            reason: format!(
+                "{DAEMONSET_NAME}={name} is read in this namespace on shutdown: set it (the DaemonSet passes \
+                 metadata.namespace), or set {DAEMONSET_NAME}=\"\" to always uninstall on shutdown"
+            ),
+        });
+    }
+    Ok(Some(ShutdownCheck {
+        namespace: namespace.to_string(),
+        name: name.to_string(),
+        timeout: std::time::Duration::from_secs(seconds),
+    }))
+}
+
+/// A DNS subdomain (a Kubernetes object name, a key prefix): at most 253 characters, labels of at most 63
+/// lower-case alphanumerics and inner '-', separated by dots.
+fn is_dns_subdomain(s: &str) -> bool {
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    !s.is_empty() && s.len() <= 253 && s.split('.').all(label_ok)
 }
 
 /// The repair arguments, as given.
@@ -803,6 +901,42 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("KUBECONFIG_MODE"), "{err}");
+    }
+
+    #[test]
+    fn the_shutdown_check_needs_a_valid_name_and_its_namespace() {
+        let check = shutdown_check("istio-cni-node", "kube-system", 5)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            check,
+            ShutdownCheck {
+                namespace: "kube-system".into(),
+                name: "istio-cni-node".into(),
+                timeout: std::time::Duration::from_secs(5),
+            }
+        );
+        // Empty: no check, whatever the namespace.
+        assert_eq!(shutdown_check("", "", 5), Ok(None));
+        let e = shutdown_check("istio-cni-node", "", 5).unwrap_err();
+        assert!(
+            e.to_string().starts_with("POD_NAMESPACE=\"\"")
+                && e.to_string().contains("DAEMONSET_NAME"),
+            "{e}"
+        );
+        for bad in ["Istio", "a_b", "-a", "a..b", "x/y", &"a".repeat(254)] {
+            let e = shutdown_check(bad, "kube-system", 5).unwrap_err();
+            assert!(e.to_string().starts_with("DAEMONSET_NAME="), "{bad}: {e}");
+        }
+        for bad in ["0", "301", "x", ""] {
+            assert!(parse_check_seconds(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_check_seconds("300"), Ok(300));
+        let a = Args::try_parse_from(["node-agent"]).unwrap();
+        assert_eq!(
+            (a.daemonset_name.as_str(), a.shutdown_check_seconds),
+            ("istio-cni-node", 5)
+        );
     }
 
     fn repair_args() -> RepairArgs {

@@ -12,6 +12,7 @@ pub mod podcache;
 pub mod podsock;
 pub mod repair;
 pub mod server;
+pub mod shutdown;
 pub mod status;
 pub mod uds;
 pub mod watch;

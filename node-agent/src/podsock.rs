@@ -248,6 +248,18 @@ pub async fn serve(
     }
 }
 
+/// An error and its causes, `: `-separated: a TLS failure says only "client error (Connect)" at the top.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut message = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        message.push_str(": ");
+        message.push_str(&s.to_string());
+        source = s.source();
+    }
+    message
+}
+
 /// The agent's own API client, from its service account (the token file is re-read by kube as kubelet rotates it)
 /// and the API server the plugin's kubeconfig names.
 pub async fn client(cfg: &Config) -> Result<kube::Client, String> {

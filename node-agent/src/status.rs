@@ -56,6 +56,9 @@ pub fn describe(status: &Status) -> String {
             file.display()
         ),
         Status::Failed { step, error } => format!("{}: {error}", step.result_label()),
+        Status::Superseded { by } => format!(
+            "a newer agent on this node owns the installation ({by}); this one writes nothing while it runs"
+        ),
     }
 }
 

@@ -1,6 +1,7 @@
 //! inotify on the directories whose files the reconcile reads or writes: the CNI conf dir, the host bin dir (our
-//! binaries only), the run dir (our kubeconfig only), the service-account dir (kubelet's `..data` swap) and the CA
-//! file's dir. Directories, not files, are watched: the files are replaced by rename, which a file watch would lose.
+//! binaries only), the run dir (our kubeconfig and the owner record), the service-account dir (kubelet's `..data`
+//! swap) and the CA file's dir. Directories, not files, are watched: the files are replaced by rename, which a file
+//! watch would lose.
 //!
 //! Only completed changes count: CLOSE_WRITE (an in-place write finished), MOVED_TO/MOVED_FROM (renames), CREATE
 //! (symlinks, new files), DELETE, ATTRIB. A bare MODIFY is ignored: reacting to it would read a file half-written.
@@ -13,7 +14,7 @@ use std::path::{Path, PathBuf};
 use futures::{FutureExt, StreamExt};
 use inotify::{EventMask, EventStream, Inotify, WatchDescriptor, WatchMask};
 
-use crate::install::conflist;
+use crate::install::{conflist, owner};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Target {
@@ -57,7 +58,8 @@ impl Filter {
         match target {
             Target::ConfDir => conflist::is_config_name(name),
             Target::BinDir => self.binaries.iter().any(|b| b == name),
-            Target::RunDir => name == self.kubeconfig,
+            // The owner record too: a newer agent's claim, or its end, changes what this one may do.
+            Target::RunDir => name == self.kubeconfig || name == owner::OWNER_FILE,
             Target::ServiceAccount => true,
             Target::CaDir => Some(name) == self.ca_file.as_deref() || name == "..data",
         }

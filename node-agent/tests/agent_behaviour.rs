@@ -350,15 +350,21 @@ fn fighting_writer_is_rate_limited_without_a_bypass_window() {
     agent.wait_ready();
 }
 
-/// Two agents on the same node with the same settings: both install, then neither writes again.
+/// Two agents on the same node with the same settings (a rolling update's overlap): the newer one owns the
+/// installation, the older one steps back (not ready, writes nothing), nothing is rewritten in a loop, and the older
+/// one's SIGTERM removes nothing of the newer one's. `agent_overlap.rs` has the upgrade (two versions) and the
+/// newer one's death.
 #[test]
 fn two_agents_converge() {
     let node = Node::new("two");
     let path = calico(&node);
     let mut a = Agent::start_named(&node, &[], "a");
-    let mut b = Agent::start_named(&node, &[], "b");
     a.wait_ready();
+    let mut b = Agent::start_named(&node, &[], "b");
     b.wait_ready();
+    a.expect("the older agent to step back", WAIT, || {
+        (a.ready() == Some(false)).then_some(())
+    });
     let stamp = |p: &Path| {
         let md = fs::metadata(p).unwrap();
         (md.ino(), md.mtime(), md.mtime_nsec())
@@ -378,7 +384,7 @@ fn two_agents_converge() {
         );
         assert_eq!(before, after, "round {round}: files still being rewritten");
         assert!(has_entry_last(&path));
-        // The primary rewrites its file: both react, they converge again with one entry.
+        // The primary rewrites its file: the owner puts the entry back, once.
         fs::copy(corpus("install-e2e/pre/calico.conflist"), &path).unwrap();
         wait_for("entry back", WAIT, STEP, || {
             has_entry_last(&path).then_some(())
@@ -388,13 +394,24 @@ fn two_agents_converge() {
         !a.log_text().contains("keeps reverting our configuration")
             && !b.log_text().contains("keeps reverting our configuration")
     );
-    // One stops (cleanup removes our files); the other puts them back.
+    assert!(
+        a.log_text()
+            .contains("a newer agent on this node owns the installation"),
+        "{}",
+        a.log_text()
+    );
+    // The older one stops (DAEMONSET_NAME is empty here: an uninstall) but the node is the newer one's.
     assert!(a.stop(libc::SIGTERM).success());
-    wait_for("the survivor restores", WAIT, STEP, || {
-        (has_entry_last(&path) && node.plugin().exists() && node.kubeconfig().exists())
-            .then_some(())
-    });
+    assert!(
+        has_entry_last(&path) && node.plugin().exists() && node.kubeconfig().exists(),
+        "the older agent removed the newer one's files; log:\n{}",
+        a.log_text()
+    );
+    assert!(a.log_text().contains("nothing of it is removed"));
     b.wait_ready();
+    // The owner's own SIGTERM uninstalls.
+    assert!(b.stop(libc::SIGTERM).success());
+    assert!(!has_entry_last(&path) && !node.plugin().exists() && !node.kubeconfig().exists());
 }
 
 #[test]
@@ -480,6 +497,19 @@ fn bad_configuration_stops_at_start_naming_the_variable() {
         ),
         (vec![("MONITORING_PORT", String::new())], "MONITORING_PORT"),
         (vec![("KUBECONFIG_MODE", String::new())], "KUBECONFIG_MODE"),
+        (
+            vec![("DAEMONSET_NAME", "Istio_CNI".into())],
+            "DAEMONSET_NAME",
+        ),
+        // A DaemonSet to read on shutdown, but no namespace to read it in.
+        (
+            vec![("DAEMONSET_NAME", "istio-cni-node".into())],
+            "POD_NAMESPACE",
+        ),
+        (
+            vec![("SHUTDOWN_CHECK_SECONDS", "0".into())],
+            "SHUTDOWN_CHECK_SECONDS",
+        ),
     ];
     for (env, var) in cases {
         let mut cmd = std::process::Command::new(AGENT);
@@ -557,6 +587,9 @@ fn help_documents_every_variable() {
         "REPAIR_BROKEN_POD_LABEL_KEY",
         "REPAIR_BROKEN_POD_LABEL_VALUE",
         "REPAIR_HOST_PROC_DIR",
+        "POD_NAME",
+        "DAEMONSET_NAME",
+        "SHUTDOWN_CHECK_SECONDS",
     ] {
         assert!(
             help.contains(&format!("[env: {var}=")),

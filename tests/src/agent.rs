@@ -8,7 +8,7 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -125,6 +125,11 @@ pub struct Agent {
 impl Agent {
     /// Starts the agent on `node`, pointed at `srv`, with the pod cache on.
     pub fn start(node: &Node, srv: &ApiServer) -> Agent {
+        Self::start_with(node, srv, &[])
+    }
+
+    /// [`Self::start`] with more (or other) environment variables.
+    pub fn start_with(node: &Node, srv: &ApiServer, extra: &[(&str, &str)]) -> Agent {
         let health = free_port();
         let log = node.root.join(format!("agent-{health}.log"));
         let logf =
@@ -148,6 +153,7 @@ impl Agent {
             .env("MONITORING_PORT", "0")
             .env("BIND_ADDRESS", "127.0.0.1")
             .env("POD_CACHE_ENABLED", "true")
+            .envs(extra.iter().copied())
             .stdin(Stdio::null())
             .stdout(logf)
             .stderr(errf)
@@ -257,13 +263,23 @@ impl Agent {
 
     /// SIGTERM and a bounded wait for its exit.
     pub fn stop(&mut self) {
-        self.signal(libc::SIGTERM);
-        self.wait_exit(Duration::from_secs(15));
+        self.terminate();
     }
 
-    fn wait_exit(&mut self, limit: Duration) {
+    /// SIGTERM, a bounded wait for its exit; how it exited and how long that took.
+    pub fn terminate(&mut self) -> (ExitStatus, Duration) {
         let start = Instant::now();
-        while self.child.try_wait().ok().flatten().is_none() {
+        self.signal(libc::SIGTERM);
+        let status = self.wait_exit(Duration::from_secs(15));
+        (status, start.elapsed())
+    }
+
+    fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
             assert!(
                 start.elapsed() < limit,
                 "agent did not exit; log:\n{}",

@@ -5,8 +5,10 @@
 //! * `GET /api/v1/namespaces/{ns}/pods/{name}`: the Pod from the in-memory map (or from a directory of Pod JSON
 //!   files, re-read on every request), `404` with a Kubernetes `Status` body when unknown.
 //!   `GET /api/v1/namespaces/{ns}`: a Namespace when a pod lives there or it was added. `GET /version`: a version
-//!   object (no token needed, as on a real server). Anything else: `404`. Every `/api` request needs
-//!   `Authorization: Bearer <token>` (`401` Status otherwise).
+//!   object (no token needed, as on a real server).
+//!   `GET /apis/apps/v1/namespaces/{ns}/daemonsets/{name}`: a DaemonSet set with [`ApiServer::set_daemonset`]
+//!   (the agent reads its own on shutdown), `404` otherwise. Anything else: `404`. Every `/api` and `/apis` request
+//!   needs `Authorization: Bearer <token>` (`401` Status otherwise).
 //! * `GET /api/v1/pods` and `GET /api/v1/namespaces/{ns}/pods`: a `PodList` (with `metadata.resourceVersion`,
 //!   `limit`/`continue` paging) or, with `watch=true`, a chunked stream of watch events, as kube-runtime's
 //!   watcher asks for them (see [`watch`](self#list-and-watch)).
@@ -218,6 +220,11 @@ pub enum RequestKind {
     PodWatch,
     /// `GET /api/v1/namespaces/{ns}`.
     Namespace,
+    /// `GET /apis/apps/v1/namespaces/{ns}/daemonsets/{name}`: the agent's read of its own DaemonSet.
+    DaemonSetGet {
+        namespace: String,
+        name: String,
+    },
     /// `GET /version`.
     Version,
     Other,
@@ -260,6 +267,7 @@ struct State {
     rv: u64,
     changes: VecDeque<Change>,
     namespaces: BTreeMap<String, Value>,
+    daemonsets: BTreeMap<Key, Value>,
     pod_dir: Option<PathBuf>,
     faults: VecDeque<Fault>,
     requests: HashMap<String, usize>,
@@ -637,6 +645,24 @@ impl ApiServer {
         self.shared.lock().namespaces.insert(name.to_string(), ns);
     }
 
+    /// Serves this DaemonSet (keyed by its `metadata.namespace`/`metadata.name`), replacing one of that name.
+    pub fn set_daemonset(&self, ds: Value) -> Result<(), ApiServerError> {
+        let key = pod_key(&ds)?;
+        self.shared.lock().daemonsets.insert(key, ds);
+        Ok(())
+    }
+
+    /// Stops serving a DaemonSet (a GET of it is then `404`); whether it was there.
+    pub fn remove_daemonset(&self, namespace: &str, name: &str) -> bool {
+        let key = (namespace.to_string(), name.to_string());
+        self.shared.lock().daemonsets.remove(&key).is_some()
+    }
+
+    /// GETs of DaemonSets.
+    pub fn daemonset_gets(&self) -> usize {
+        self.count(|k| matches!(k, RequestKind::DaemonSetGet { .. }))
+    }
+
     /// Queues a fault for the next request that has none queued before it.
     pub fn push_fault(&self, fault: Fault) {
         self.shared.lock().faults.push_back(fault);
@@ -996,6 +1022,10 @@ fn classify(method: &hyper::Method, path: &str, query: &str) -> RequestKind {
         },
         ["api", "v1", "pods"] | ["api", "v1", "namespaces", _, "pods"] => list(),
         ["api", "v1", "namespaces", _] => RequestKind::Namespace,
+        ["apis", "apps", "v1", "namespaces", ns, "daemonsets", name] => RequestKind::DaemonSetGet {
+            namespace: ns.to_string(),
+            name: name.to_string(),
+        },
         _ => RequestKind::Other,
     }
 }
@@ -1096,7 +1126,7 @@ fn route(
             &json!({"major": "1", "minor": "33", "gitVersion": "v1.33.0-meshcni-stub", "platform": "linux/amd64"}),
         );
     }
-    if !path.starts_with("/api/") {
+    if !path.starts_with("/api/") && !path.starts_with("/apis/") {
         return status_response(
             404,
             &format!("the server could not find the requested resource {path}"),
@@ -1156,6 +1186,13 @@ fn route(
             patch_pod(shared, (ns, name), body)
         }
         ("POST", ["api", "v1", "namespaces", ns, "events"]) => create_event(shared, ns, body),
+        ("GET", ["apis", "apps", "v1", "namespaces", ns, "daemonsets", name]) => {
+            let st = shared.lock();
+            match st.daemonsets.get(&(ns.to_string(), name.to_string())) {
+                Some(ds) => json_response(200, ds),
+                None => not_found("daemonsets.apps", name),
+            }
+        }
         ("GET", _) => status_response(
             404,
             &format!("the server could not find the requested resource {path}"),
@@ -1776,4 +1813,27 @@ pub fn sample_pod(namespace: &str, name: &str) -> Value {
             ],
         },
     })
+}
+
+/// A DaemonSet as the API server answers it (what the agent reads on shutdown): `deleting` sets
+/// `metadata.deletionTimestamp`, as on a DaemonSet whose deletion waits for its finalizers or its pods (foreground).
+pub fn sample_daemonset(namespace: &str, name: &str, deleting: bool) -> Value {
+    let mut ds = json!({
+        "apiVersion": "apps/v1",
+        "kind": "DaemonSet",
+        "metadata": {"name": name, "namespace": namespace, "uid": format!("uid-ds-{name}"), "generation": 1},
+        "spec": {
+            "selector": {"matchLabels": {"k8s-app": name}},
+            "template": {
+                "metadata": {"labels": {"k8s-app": name}},
+                "spec": {"containers": [{"name": "install-cni", "image": "localhost/meshcni/node-agent:0.1.0"}]},
+            },
+        },
+        "status": {"currentNumberScheduled": 1, "desiredNumberScheduled": 1, "numberMisscheduled": 0, "numberReady": 1},
+    });
+    if deleting {
+        ds["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+        ds["metadata"]["finalizers"] = json!(["foregroundDeletion"]);
+    }
+    ds
 }

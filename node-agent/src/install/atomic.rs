@@ -225,6 +225,20 @@ pub fn write(target: &Path, content: &[u8], attrs: Attrs) -> Result<(), AtomicEr
     replace_with(target, attrs, |f| f.write_all(content))
 }
 
+/// [`write`], and `hold` runs on the new file before it is renamed into place: what it does to the file (a lock on a
+/// duplicate of its descriptor) is in effect before anyone can see the file.
+pub fn write_held(
+    target: &Path,
+    content: &[u8],
+    attrs: Attrs,
+    hold: impl FnOnce(&File) -> io::Result<()>,
+) -> Result<(), AtomicError> {
+    replace_with(target, attrs, |f| {
+        f.write_all(content)?;
+        hold(f)
+    })
+}
+
 /// Atomically replaces `target` with a copy of `source` (streamed: a large binary is never held in memory).
 pub fn copy(source: &Path, target: &Path, attrs: Attrs) -> Result<(), AtomicError> {
     let mut src = File::open(source).map_err(io_err(target, "open the source", source))?;

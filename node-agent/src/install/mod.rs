@@ -1,6 +1,7 @@
 //! The installer: desired state (binary present and identical, kubeconfig current, our entry last in the primary
 //! conflist) against the actual files, fixed with atomic writes. `reconcile` is idempotent and never rewrites a file
-//! that is already right, so its own writes (and a second agent writing the same content) cannot make it loop.
+//! that is already right, so its own writes cannot make it loop. Only the node's owner (`owner`: the newest agent
+//! while it runs) writes or removes anything, so two agents on one node (a rolling update) never fight either.
 
 pub mod atomic;
 pub mod binaries;
@@ -8,11 +9,12 @@ pub mod conflist;
 pub mod fight;
 pub mod gojson;
 pub mod kubeconfig;
+pub mod owner;
 
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -20,6 +22,10 @@ use crate::config::Config;
 use atomic::Attrs;
 use binaries::Binaries;
 use fight::FightDetector;
+use owner::{DirLock, Ownership, Record, Standing};
+
+/// How long a reconcile waits for another agent to release the run dir (it holds it for one reconcile: ms).
+pub const LOCK_WAIT: Duration = Duration::from_secs(2);
 
 /// Which step failed: the `result` label of `istio_cni_installs_total`, as Istio names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -27,6 +33,8 @@ pub enum Step {
     CopyBinaries,
     CreateKubeconfig,
     CreateCniConfig,
+    /// Telling whether this agent owns the node (the run dir's lock or owner record).
+    Ownership,
 }
 
 impl Step {
@@ -35,6 +43,7 @@ impl Step {
             Step::CopyBinaries => "COPY_BINARIES_FAILURE",
             Step::CreateKubeconfig => "CREATE_KUBECONFIG_FAILURE",
             Step::CreateCniConfig => "CREATE_CNI_CONFIG_FAILURE",
+            Step::Ownership => "OWNERSHIP_FAILURE",
         }
     }
 }
@@ -54,6 +63,8 @@ pub enum InstallError {
     Conflist(#[from] conflist::ConflistError),
     #[error(transparent)]
     Write(#[from] atomic::AtomicError),
+    #[error(transparent)]
+    Owner(#[from] owner::OwnerError),
     #[error("CA bundle {path}: {source}")]
     Kubeconfig {
         path: PathBuf,
@@ -82,6 +93,8 @@ pub enum Status {
     BackingOff { file: PathBuf, until: Instant },
     /// A step failed (retried later).
     Failed { step: Step, error: String },
+    /// A newer agent on this node (a rolling update's next one) owns the installation: this one writes nothing.
+    Superseded { by: Record },
 }
 
 /// What one reconcile did.
@@ -98,28 +111,48 @@ pub struct Installer {
     /// The file holding our entry (chained) or our standalone file, once written or found right.
     installed_conf: Option<PathBuf>,
     fight: FightDetector,
+    owner: Ownership,
 }
 
 impl Installer {
-    /// Snapshots the source binaries and removes temp files a crashed run may have left.
+    /// Snapshots the source binaries, claims the node (this agent is the newest) and removes temp files a crashed
+    /// run may have left.
     pub fn new(cfg: Config) -> Result<Self, InstallError> {
         let binaries = Binaries::snapshot(&cfg.source_dir, &cfg.bin_dir)?;
-        let mut stale = atomic::remove_stale_temps(&cfg.bin_dir, |t| binaries.is_managed(t));
-        stale.extend(atomic::remove_stale_temps(&cfg.run_dir, |t| {
-            t == cni_plugin::config::KUBECONFIG_NAME
-        }));
-        stale.extend(atomic::remove_stale_temps(
-            &cfg.conf_dir,
-            conflist::is_config_name,
-        ));
-        for path in stale {
-            tracing::info!(path = %path.display(), "removed a temp file left by an interrupted write");
+        // Under the run dir's lock: no other agent is in the middle of a write whose temp file this would take for
+        // a crash's leftover, and this agent's own claim comes after the cleanup (a kill in between leaves the
+        // temp files of one agent at most).
+        let (owner, previous) = Ownership::claim(
+            &cfg.run_dir,
+            Record::this(&cfg.pod_name),
+            LOCK_WAIT,
+            || {
+                let mut stale =
+                    atomic::remove_stale_temps(&cfg.bin_dir, |t| binaries.is_managed(t));
+                stale.extend(atomic::remove_stale_temps(&cfg.run_dir, |t| {
+                    t == cni_plugin::config::KUBECONFIG_NAME || t == owner::OWNER_FILE
+                }));
+                stale.extend(atomic::remove_stale_temps(
+                    &cfg.conf_dir,
+                    conflist::is_config_name,
+                ));
+                for path in stale {
+                    tracing::info!(path = %path.display(), "removed a temp file left by an interrupted write");
+                }
+            },
+        )?;
+        if let Some(previous) = previous {
+            tracing::info!(
+                previous = %previous,
+                "another agent is still running on this node (a rolling update): this newer one takes over the installation"
+            );
         }
         Ok(Installer {
             cfg,
             binaries,
             installed_conf: None,
             fight: FightDetector::default(),
+            owner,
         })
     }
 
@@ -132,14 +165,43 @@ impl Installer {
         self.binaries.names().map(String::from).collect()
     }
 
+    /// Whether a fight with another writer is on (whatever the last reconcile found: a torn read of the fighter's
+    /// in-place write in the middle of it is no end of the fight).
+    pub fn fighting(&self, now: Instant) -> bool {
+        self.fight.fighting(now).is_some()
+    }
+
     /// The file holding our entry, if any.
     pub fn installed_conf(&self) -> Option<&Path> {
         self.installed_conf.as_deref()
     }
 
-    /// One pass: binaries, then kubeconfig, then the CNI configuration. A failing step stops the pass (an entry must
-    /// never point at a missing binary or kubeconfig).
+    /// One pass, under the run dir's lock, if this agent owns the node (taking it over when its owner is gone):
+    /// binaries, then kubeconfig, then the CNI configuration. A failing step stops the pass (an entry must never
+    /// point at a missing binary or kubeconfig).
     pub fn reconcile(&mut self, now: Instant) -> Report {
+        let owned = self.owner.lock_dir(LOCK_WAIT).and_then(|lock| {
+            let standing = self.owner.standing(&lock)?;
+            if let Standing::Vacant { last } = &standing {
+                self.owner.take_over(&lock)?;
+                match last {
+                    Some(last) => tracing::info!(previous = %last, "the agent that owned this node is gone: taking the installation over"),
+                    None => tracing::debug!("no owner record: claimed the node again"),
+                }
+            }
+            Ok((lock, standing))
+        });
+        match owned {
+            Err(e) => failed(Step::Ownership, e, Vec::new()),
+            Ok((_, Standing::Superseded { by })) => Report {
+                status: Status::Superseded { by },
+                changed: Vec::new(),
+            },
+            Ok((_lock, Standing::Owner | Standing::Vacant { .. })) => self.reconcile_owned(now),
+        }
+    }
+
+    fn reconcile_owned(&mut self, now: Instant) -> Report {
         let mut changed = Vec::new();
         match self.binaries.ensure() {
             Ok(written) => {
@@ -381,9 +443,29 @@ impl Installer {
         }
     }
 
-    /// Removes everything of ours: the entry (or the standalone file), the kubeconfig, the binaries. Returns the
+    /// Locks the run dir (waiting up to `wait`) and tells where this agent stands: what it may still do on shutdown.
+    pub fn standing(&self, wait: Duration) -> Result<(DirLock, Standing), InstallError> {
+        let lock = self.owner.lock_dir(wait)?;
+        let standing = self.owner.standing(&lock)?;
+        Ok((lock, standing))
+    }
+
+    /// Leaves the installation in place for the next agent and gives the claim up.
+    pub fn release(&mut self, lock: &DirLock) -> Result<(), InstallError> {
+        self.owner.release(lock)?;
+        Ok(())
+    }
+
+    /// Removes everything of ours (the entry or the standalone file, the kubeconfig, the binaries), then gives the
+    /// claim up. Only for an agent that is not superseded (see [`Self::standing`]; `lock` is its lock). Returns the
     /// first error, after trying every step.
-    pub fn cleanup(&mut self) -> Result<(), InstallError> {
+    pub fn uninstall(&mut self, lock: &DirLock) -> Result<(), InstallError> {
+        let removed = self.remove_all();
+        self.owner.release(lock)?;
+        removed
+    }
+
+    fn remove_all(&mut self) -> Result<(), InstallError> {
         let mut first_err = None;
         if let Some(path) = self.installed_conf.take() {
             let result = if self.cfg.chained {
@@ -542,6 +624,7 @@ mod tests {
             format!("--service-account-dir={}", p("sa")),
             "--kubernetes-service-host=10.0.0.1".to_string(),
             "--kubernetes-service-port=443".to_string(),
+            "--daemonset-name=".to_string(),
         ])
         .unwrap();
         (root, args.validate().unwrap())
@@ -590,7 +673,10 @@ mod tests {
             ino,
             "a right file is never rewritten"
         );
-        inst.cleanup().unwrap();
+        let (lock, standing) = inst.standing(LOCK_WAIT).unwrap();
+        assert_eq!(standing, Standing::Owner);
+        inst.uninstall(&lock).unwrap();
+        assert!(!root.join("run").join(owner::OWNER_FILE).exists());
         let v: Value = serde_json::from_slice(&fs::read(&list).unwrap()).unwrap();
         assert!(!conflist::has_entry(&v) && v["plugins"].as_array().unwrap().len() == 1);
         assert!(

@@ -35,20 +35,12 @@ fn api_error(what: String, e: kube::Error) -> ApiError {
             status: s.code,
             message: scrub(&s.message),
         },
-        other => {
-            // The whole chain: a TLS failure says only "client error (Connect)" at the top.
-            let mut message = other.to_string();
-            let mut source = std::error::Error::source(&other);
-            while let Some(s) = source {
-                message.push_str(": ");
-                message.push_str(&s.to_string());
-                source = s.source();
-            }
-            ApiError::Request {
-                what,
-                message: scrub(&message),
-            }
-        }
+        // The whole chain (a TLS failure says only "client error (Connect)" at the top), scrubbed: it goes into
+        // the pod's Event.
+        other => ApiError::Request {
+            what,
+            message: scrub(&crate::podsock::error_chain(&other)),
+        },
     }
 }
 

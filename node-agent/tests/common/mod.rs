@@ -212,6 +212,9 @@ impl Node {
             ("POD_CACHE_ENABLED", "false".to_string()),
             // The repair controller shares that watch: off too.
             ("REPAIR_ENABLED", "false".to_string()),
+            // Nor may the shutdown ask it for the DaemonSet: no check, every SIGTERM uninstalls (unless a newer agent
+            // owns the node).
+            ("DAEMONSET_NAME", String::new()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))

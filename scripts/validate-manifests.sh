@@ -181,8 +181,17 @@ want(sc.get("readOnlyRootFilesystem") is True, "readOnlyRootFilesystem: true")
 want(sc["capabilities"].get("drop") == ["ALL"], "capabilities: drop ALL")
 want(not pod.get("hostNetwork") and not pod.get("hostPID") and not pod.get("hostIPC"), "no host namespaces")
 mounts = {m["mountPath"]: m for m in c.get("volumeMounts", [])}
-# What the agent writes: the host's CNI bin and conf dirs, its run dir (kubeconfig, sockets). Nothing else.
+# What the agent writes: the host's CNI bin and conf dirs, its run dir (kubeconfig, sockets), and, for the in-place
+# repair only, /tmp: the image's iptables' per-pod xtables lock files, in a small memory-backed emptyDir.
 WRITABLE = {"/host/opt/cni/bin", "/host/etc/cni/net.d", "/var/run/istio-cni"}
+volumes = {v["name"]: v for v in pod.get("volumes", [])}
+if mode == "repair":
+    tmp = volumes.get(mounts.get("/tmp", {}).get("name"), {}).get("emptyDir")
+    want(tmp is not None and tmp.get("medium") == "Memory" and tmp.get("sizeLimit") == "1Mi",
+         "the in-place repair's /tmp: a 1Mi memory emptyDir")
+    WRITABLE = WRITABLE | {"/tmp"}
+else:
+    want("/tmp" not in mounts, "no /tmp without the in-place repair")
 want(all(m.get("readOnly") is True for p, m in mounts.items() if p not in WRITABLE), "read-only mounts but the host dirs it writes")
 volumes = {v["name"] for v in pod.get("volumes", [])}
 data = docs[("ConfigMap", "istio-cni-config")]["data"]

@@ -163,5 +163,17 @@ scripts = {
 }
 for name, text in scripts.items():
     put("agent_socket", name, text)
+
+# --- what the fuzzers found (each also has a regression unit test in its crate) ---
+put("kubeconfig", "found-empty-ca", b"\0".join([b"https", b"10.96.0.1", b"443", b"", token]))
+put("kubeconfig", "found-del-in-token", b"\0".join([b"https", b"h", b"443", b"skip", b"a\x7fb\xc2\x85c"]))
+put("nftables_render", "found-v6-dns-without-ipv6",
+    dumps(dict(cases["base"], redirect_dns=True, dns_servers_v6=["fd00::53"], enable_ipv6=False)))
+put("prev_result", "found-legacy-top-level-routes",
+    bytes([5]) + dumps({"cniVersion": "0.2.0", "ip4": {"ip": "10.1.0.5/16"}, "routes": {"dst": "0.0.0.0/0"}}).encode())
+long_number = "9999099999999999999" + "0" * 91
+put("cni_request", "found-long-float", request(add_env, (
+    '{"cniVersion":"1.0.0","name":"n","type":"istio-cni","enablement_selectors":[' + long_number + ']}').encode()))
+put("conflist_edit", "found-float-mtu", b'{"cniVersion":"0.3.1","name":"n","plugins":[{"type":"bridge","mtu":14.0}]}')
 PY
 for d in corpus/*/; do echo "$(basename "$d"): $(ls "$d" | wc -l) seeds"; done

@@ -47,7 +47,9 @@ if [ -z "${FUZZ_STABLE:-}" ] && rustup run nightly rustc --version >/dev/null 2>
 else
   toolchain=()
   export RUSTC_BOOTSTRAP=1
-  echo "fuzz: no nightly toolchain installed: using $(rustc --version) with RUSTC_BOOTSTRAP=1"
+  why="no nightly toolchain installed"
+  [ -n "${FUZZ_STABLE:-}" ] && why="FUZZ_STABLE is set"
+  echo "fuzz: $why: using $(rustc --version) with RUSTC_BOOTSTRAP=1"
 fi
 
 work=$(mktemp -d)

@@ -342,20 +342,22 @@ fn check_restore(text: &str, ipv6: bool, values: &HashSet<String>) {
             (Some(_), [op, ..]) if *op == "-A" || *op == "-I" => {}
             _ => panic!("not a restore line here: {line:?} (in table {table:?})\n{text}"),
         }
-        for tok in &toks {
+        for (i, tok) in toks.iter().enumerate() {
             assert!(
                 lit.allows(tok, values),
                 "iptables token {tok:?} is neither a word of the renderer nor a typed value\nline: {line}"
             );
+            // An address is the value of -s/-d (an interface may be named 10.0.0.1, after -i/-o).
+            let is_addr_opt = i > 0 && matches!(toks[i - 1], "-s" | "-d");
             let addr = tok
                 .parse::<IpNet>()
                 .map(|n| n.addr())
                 .or_else(|_| tok.parse::<IpAddr>());
-            if let Ok(addr) = addr {
+            if let (true, Ok(addr)) = (is_addr_opt, addr) {
                 assert_eq!(
                     addr.is_ipv6(),
                     ipv6,
-                    "address {tok} in the IPv{} payload",
+                    "address {tok} in the IPv{} payload\nline: {line}\n{text}",
                     if ipv6 { 6 } else { 4 }
                 );
             }

@@ -96,6 +96,11 @@ fn write_object<'a>(
 /// Go's encoder escapes `<`, `>`, `&`, U+2028 and U+2029 (HTML safety) and control characters; `\b`, `\f`, `\n`,
 /// `\r`, `\t` get their short forms.
 fn write_string(out: &mut String, s: &str) {
+    write_string_escaping(out, s, |_| false);
+}
+
+/// [`write_string`], with the characters `also` names written as `\uXXXX` too (the kubeconfig's YAML scalars).
+pub(crate) fn write_string_escaping(out: &mut String, s: &str, also: impl Fn(char) -> bool) {
     out.push('"');
     for c in s.chars() {
         match c {
@@ -109,7 +114,7 @@ fn write_string(out: &mut String, s: &str) {
             '<' | '>' | '&' | '\u{2028}' | '\u{2029}' => {
                 out.push_str(&format!("\\u{:04x}", c as u32));
             }
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c if (c as u32) < 0x20 || also(c) => out.push_str(&format!("\\u{:04x}", c as u32)),
             c => out.push(c),
         }
     }

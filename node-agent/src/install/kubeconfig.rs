@@ -86,30 +86,17 @@ fn scalar(s: &str) -> String {
     }
 }
 
-/// A YAML double-quoted scalar: every character that YAML does not allow as it is (`c-printable`: controls, DEL,
-/// the C1 range), the line and paragraph separators, which a YAML 1.1 reader takes as line breaks, and the byte
-/// order mark are written as escapes, so any string reads back unchanged.
+/// A YAML double-quoted scalar: Go's JSON escapes (valid YAML escapes: controls, U+2028/U+2029, which a YAML 1.1
+/// reader takes as line breaks) and also every other character YAML does not allow as it is (`c-printable`: DEL, the
+/// C1 range, U+FFFE/U+FFFF) and the byte order mark, so any string reads back unchanged.
 fn double_quoted(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\t' => out.push_str("\\t"),
-            '\r' => out.push_str("\\r"),
-            '\0'..='\u{1f}'
-            | '\u{7f}'..='\u{9f}'
-            | '\u{2028}'
-            | '\u{2029}'
-            | '\u{feff}'
-            | '\u{fffe}'
-            | '\u{ffff}' => out.push_str(&format!("\\u{:04x}", u32::from(c))),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
+    super::gojson::write_string_escaping(&mut out, s, |c| {
+        matches!(
+            c,
+            '\u{7f}'..='\u{9f}' | '\u{feff}' | '\u{fffe}' | '\u{ffff}'
+        )
+    });
     out
 }
 

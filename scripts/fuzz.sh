@@ -58,6 +58,11 @@ artifacts=${FUZZ_ARTIFACTS:-$work/artifacts}
 
 # No sanitizer: the fuzzed code is safe Rust (the invariants and overflow checks find its bugs), and ASan would
 # double the build and halve the executions per second. Release with debug assertions (cargo-fuzz's default).
+# The build dir is shared by every checkout on the machine (a CI clone, a developer's worktree): build and copy the
+# binaries under a lock, so that another checkout's build cannot replace them before they run.
+mkdir -p "$CARGO_TARGET_DIR"
+exec 9>"$CARGO_TARGET_DIR/.meshcni-fuzz.lock"
+flock 9
 start=$(date +%s)
 (cd fuzz && cargo "${toolchain[@]}" fuzz build --sanitizer none)
 # cargo-fuzz has no --locked: the committed fuzz/Cargo.lock must have been current (the tests below are --locked).
@@ -65,6 +70,11 @@ if git rev-parse --is-inside-work-tree >/dev/null 2>&1 && ! git diff --quiet -- 
   echo "fuzz: the build changed fuzz/Cargo.lock: commit the updated lock file" >&2
   exit 1
 fi
+bin_dir="$work/bin"
+mkdir -p "$bin_dir"
+for t in $targets; do
+  cp "$CARGO_TARGET_DIR/$(rustc -vV | sed -n 's/^host: //p')/release/$t" "$bin_dir/"
+done
 echo "fuzz: built in $(( $(date +%s) - start )) s"
 
 passed=0
@@ -74,8 +84,8 @@ if ! (cd fuzz && cargo "${toolchain[@]}" test --locked --lib --quiet); then
   echo "fuzz: the fuzz crate's unit tests FAILED"
   failed=$((failed + 1))
 fi
+flock -u 9
 
-bin_dir="$CARGO_TARGET_DIR/$(rustc -vV | sed -n 's/^host: //p')/release"
 for t in $targets; do
   [ -d "fuzz/corpus/$t" ] || { echo "fuzz: $t: no seed corpus fuzz/corpus/$t"; failed=$((failed + 1)); continue; }
   corpus="$work/corpus/$t"
@@ -97,7 +107,7 @@ for t in $targets; do
     sed -n '/panicked at/,/^note:/p' "$log" | head -40
     for f in "$artifacts/$t"/*; do
       [ -f "$f" ] || continue
-      echo "fuzz: $t: crashing input $f (replay: $bin_dir/$t $f):"
+      echo "fuzz: $t: crashing input $f (replay: cd fuzz && cargo +nightly fuzz run $t FILE):"
       head -c 2048 "$f" | od -An -c | head -20
     done
   fi

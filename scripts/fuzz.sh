@@ -70,6 +70,18 @@ if git rev-parse --is-inside-work-tree >/dev/null 2>&1 && ! git diff --quiet -- 
   echo "fuzz: the build changed fuzz/Cargo.lock: commit the updated lock file" >&2
   exit 1
 fi
+# What failed, from the target's log, and its input (the head of each: `| head` may cut a writer short, which
+# pipefail would turn into the end of the script).
+show_failure() (
+  set +o pipefail
+  grep -aE 'panicked at|ERROR: libFuzzer|Test unit written' "$2" | head -10
+  sed -n '/panicked at/,/^note:/p' "$2" | head -40
+  for f in "$artifacts/$1"/*; do
+    [ -f "$f" ] || continue
+    echo "fuzz: $1: crashing input $f (replay: cd fuzz && cargo +nightly fuzz run $1 FILE):"
+    head -c 1024 "$f" | od -An -c | head -20
+  done
+)
 bin_dir="$work/bin"
 mkdir -p "$bin_dir"
 for t in $targets; do
@@ -103,13 +115,7 @@ for t in $targets; do
   else
     failed=$((failed + 1))
     echo "fuzz: $t: FAILED (exit $rc) after ${execs:-?} executions"
-    grep -E 'panicked at|^thread|ERROR: libFuzzer|SUMMARY|Test unit written' "$log" | head -20 || true
-    sed -n '/panicked at/,/^note:/p' "$log" | head -40
-    for f in "$artifacts/$t"/*; do
-      [ -f "$f" ] || continue
-      echo "fuzz: $t: crashing input $f (replay: cd fuzz && cargo +nightly fuzz run $t FILE):"
-      head -c 2048 "$f" | od -An -c | head -20
-    done
+    show_failure "$t" "$log" || true
   fi
 done
 [ -n "${FUZZ_ARTIFACTS:-}" ] || [ "$failed" -eq 0 ] || {

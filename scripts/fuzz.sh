@@ -58,6 +58,11 @@ artifacts=${FUZZ_ARTIFACTS:-$work/artifacts}
 
 # No sanitizer: the fuzzed code is safe Rust (the invariants and overflow checks find its bugs), and ASan would
 # double the build and halve the executions per second. Release with debug assertions (cargo-fuzz's default).
+# The build dir is shared by every checkout on the machine (a CI clone, a developer's worktree): build and copy the
+# binaries under a lock, so that another checkout's build cannot replace them before they run.
+mkdir -p "$CARGO_TARGET_DIR"
+exec 9>"$CARGO_TARGET_DIR/.meshcni-fuzz.lock"
+flock 9
 start=$(date +%s)
 (cd fuzz && cargo "${toolchain[@]}" fuzz build --sanitizer none)
 # cargo-fuzz has no --locked: the committed fuzz/Cargo.lock must have been current (the tests below are --locked).
@@ -65,6 +70,23 @@ if git rev-parse --is-inside-work-tree >/dev/null 2>&1 && ! git diff --quiet -- 
   echo "fuzz: the build changed fuzz/Cargo.lock: commit the updated lock file" >&2
   exit 1
 fi
+# What failed, from the target's log, and its input (the head of each: `| head` may cut a writer short, which
+# pipefail would turn into the end of the script).
+show_failure() (
+  set +o pipefail
+  grep -aE 'panicked at|ERROR: libFuzzer|Test unit written' "$2" | head -10
+  sed -n '/panicked at/,/^note:/p' "$2" | head -40
+  for f in "$artifacts/$1"/*; do
+    [ -f "$f" ] || continue
+    echo "fuzz: $1: crashing input $f (replay: cd fuzz && cargo +nightly fuzz run $1 FILE):"
+    head -c 1024 "$f" | od -An -c | head -20
+  done
+)
+bin_dir="$work/bin"
+mkdir -p "$bin_dir"
+for t in $targets; do
+  cp "$CARGO_TARGET_DIR/$(rustc -vV | sed -n 's/^host: //p')/release/$t" "$bin_dir/"
+done
 echo "fuzz: built in $(( $(date +%s) - start )) s"
 
 passed=0
@@ -74,8 +96,8 @@ if ! (cd fuzz && cargo "${toolchain[@]}" test --locked --lib --quiet); then
   echo "fuzz: the fuzz crate's unit tests FAILED"
   failed=$((failed + 1))
 fi
+flock -u 9
 
-bin_dir="$CARGO_TARGET_DIR/$(rustc -vV | sed -n 's/^host: //p')/release"
 for t in $targets; do
   [ -d "fuzz/corpus/$t" ] || { echo "fuzz: $t: no seed corpus fuzz/corpus/$t"; failed=$((failed + 1)); continue; }
   corpus="$work/corpus/$t"
@@ -93,13 +115,7 @@ for t in $targets; do
   else
     failed=$((failed + 1))
     echo "fuzz: $t: FAILED (exit $rc) after ${execs:-?} executions"
-    grep -E 'panicked at|^thread|ERROR: libFuzzer|SUMMARY|Test unit written' "$log" | head -20 || true
-    sed -n '/panicked at/,/^note:/p' "$log" | head -40
-    for f in "$artifacts/$t"/*; do
-      [ -f "$f" ] || continue
-      echo "fuzz: $t: crashing input $f (replay: $bin_dir/$t $f):"
-      head -c 2048 "$f" | od -An -c | head -20
-    done
+    show_failure "$t" "$log" || true
   fi
 done
 [ -n "${FUZZ_ARTIFACTS:-}" ] || [ "$failed" -eq 0 ] || {

@@ -37,7 +37,7 @@ fuzz_target!(|data: &[u8]| {
     let ipv6 = text.lines().next() == Some("6");
     let pod = pod_lines(&text);
     let body = serde_json::to_vec(&pod).expect("serialise the pod");
-    let pi = match interpret(200, &body, &PodRef::new("ns", "pod")) {
+    let pi = match interpret(200, &body, &PodRef::new("ns", "pod"), None) {
         Ok(pi) => pi,
         // k8s-openapi refuses some shapes (e.g. a container name that is not a string cannot happen here, but a
         // duplicate env name can): nothing to decide then.

@@ -257,6 +257,27 @@ impl Netns {
         Ok(Some(Userns { fd, id: owner }))
     }
 
+    /// Moves the calling thread into this network namespace and checks that it is there (belt and braces: the
+    /// thread must now be in exactly this namespace). Err when the `setns` failed (the thread did not move) and
+    /// when the check did (the thread may have moved).
+    fn enter(&self) -> Result<(), NetnsError> {
+        nix::sched::setns(self.file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|source| {
+            NetnsError::Setns {
+                path: self.path.clone(),
+                source,
+            }
+        })?;
+        let here = Netns::current()?;
+        if here.id != self.id {
+            return Err(NetnsError::Verify {
+                path: self.path.clone(),
+                expected: self.id,
+                found: here.id,
+            });
+        }
+        Ok(())
+    }
+
     /// Runs `f` on the calling thread inside this network namespace, then returns the thread to the netns it was
     /// in, and returns `f`'s value: no thread to start and hand over to, for work that needs nothing but the netns
     /// (netlink sockets). The caller must not start threads or runtimes in `f` that outlive it (they would stay in
@@ -265,24 +286,9 @@ impl Netns {
     /// that refuses a namespace it just left, the process aborts: it must not go on in the pod's netns.
     pub fn run_here<T>(&self, f: impl FnOnce() -> T) -> Result<T, NetnsError> {
         let home = Netns::current()?;
-        nix::sched::setns(self.file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|source| {
-            NetnsError::Setns {
-                path: self.path.clone(),
-                source,
-            }
-        })?;
-        let inside = Netns::current().and_then(|here| {
-            if here.id == self.id {
-                Ok(())
-            } else {
-                Err(NetnsError::Verify {
-                    path: self.path.clone(),
-                    expected: self.id,
-                    found: here.id,
-                })
-            }
-        });
-        let result = inside.map(|()| std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)));
+        let result = self
+            .enter()
+            .map(|()| std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)));
         if let Err(e) = nix::sched::setns(home.file.as_fd(), CloneFlags::CLONE_NEWNET) {
             tracing::error!(netns = %self.path.display(), error = %e, "cannot return to our own network namespace; aborting");
             std::process::abort();
@@ -309,21 +315,7 @@ impl Netns {
             let handle = std::thread::Builder::new()
                 .name(name)
                 .spawn_scoped(scope, || -> Result<T, NetnsError> {
-                    nix::sched::setns(self.file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(
-                        |source| NetnsError::Setns {
-                            path: self.path.clone(),
-                            source,
-                        },
-                    )?;
-                    // Belt and braces: the thread must now be in exactly this namespace.
-                    let here = Netns::current()?;
-                    if here.id != self.id {
-                        return Err(NetnsError::Verify {
-                            path: self.path.clone(),
-                            expected: self.id,
-                            found: here.id,
-                        });
-                    }
+                    self.enter()?;
                     Ok(f())
                 })
                 .map_err(|source| NetnsError::Thread {

@@ -425,9 +425,9 @@ impl Pipes<'_> {
     /// `Ok(true)`; `Ok(false)` when the deadline came first.
     fn pump(&mut self, deadline: Instant) -> std::io::Result<bool> {
         for fd in [
-            self.input.as_ref().map(|(w, _)| w.as_raw_fd()),
-            self.stdout.as_ref().map(AsRawFd::as_raw_fd),
-            self.stderr.as_ref().map(AsRawFd::as_raw_fd),
+            self.input.as_ref().map(|(w, _)| w.as_fd()),
+            self.stdout.as_ref().map(AsFd::as_fd),
+            self.stderr.as_ref().map(AsFd::as_fd),
         ]
         .into_iter()
         .flatten()
@@ -511,10 +511,8 @@ fn read_some(pipe: &mut Option<impl Read>, into: &mut Vec<u8>) -> std::io::Resul
     }
 }
 
-fn set_nonblocking(fd: RawFd) -> std::io::Result<()> {
+fn set_nonblocking(fd: BorrowedFd<'_>) -> std::io::Result<()> {
     use nix::fcntl::{fcntl, FcntlArg, OFlag};
-    // SAFETY: the fd belongs to a pipe end owned by the caller for the whole call.
-    let fd = unsafe { BorrowedFd::borrow_raw(fd) };
     let flags = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL)?);
     fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
     Ok(())

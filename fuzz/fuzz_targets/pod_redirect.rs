@@ -7,7 +7,8 @@
 //! with an error naming an annotation of the pod and its exact value (or the proxy id), or gives a configuration
 //! that validates, whose typed values are the annotations' (TPROXY iff asked, uid/gid the pod's or 1337), and
 //! whose rendered rules hold only the renderers' words and typed values (`meshcni_fuzz::check_capture`), never
-//! raw annotation text. The `PodInfo` (the agent socket's payload) survives its JSON round trip.
+//! raw annotation text. The `PodInfo` (the agent socket's payload) survives its JSON round trip. The plugin's
+//! lean decode of the answer gives k8s-openapi's `PodInfo::from(&Pod)` whenever k8s-openapi decodes it.
 #![no_main]
 
 use cni_plugin::lookup::response::interpret;
@@ -37,12 +38,21 @@ fuzz_target!(|data: &[u8]| {
     let ipv6 = text.lines().next() == Some("6");
     let pod = pod_lines(&text);
     let body = serde_json::to_vec(&pod).expect("serialise the pod");
+    // The plugin decodes only the fields it reads; k8s-openapi's whole Pod must give the same PodInfo whenever
+    // it decodes the answer at all.
+    let typed = serde_json::from_slice::<k8s_openapi::api::core::v1::Pod>(&body)
+        .ok()
+        .map(|p| PodInfo::from(&p));
     let pi = match interpret(200, &body, &PodRef::new("ns", "pod"), None) {
         Ok(pi) => pi,
-        // k8s-openapi refuses some shapes (e.g. a container name that is not a string cannot happen here, but a
-        // duplicate env name can): nothing to decide then.
-        Err(_) => return,
+        Err(e) => {
+            assert!(typed.is_none(), "k8s-openapi decodes a pod the plugin refuses: {e:?}");
+            return;
+        }
     };
+    if let Some(typed) = &typed {
+        assert_eq!(typed, &pi, "the plugin's decode differs from k8s-openapi's");
+    }
     let wire = serde_json::to_string(&pi).expect("serialise PodInfo");
     assert_eq!(
         serde_json::from_str::<PodInfo>(&wire).expect("PodInfo from its JSON"),

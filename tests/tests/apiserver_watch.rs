@@ -27,9 +27,8 @@ fn rt() -> tokio::runtime::Runtime {
 async fn client(srv: &ApiServer, dir: &std::path::Path) -> kube::Client {
     let kc = dir.join("kubeconfig");
     srv.write_kubeconfig(&kc).expect("kubeconfig");
-    let config = cni_plugin::lookup::kubeconfig::load_config(&kc, Duration::from_secs(5))
-        .await
-        .expect("config");
+    let config =
+        cni_plugin::lookup::kubeconfig::load_config(&kc, Duration::from_secs(5)).expect("config");
     kube::Client::try_from(config).expect("client")
 }
 

@@ -608,7 +608,6 @@ fn stub_answers_namespace_version_and_unknown_paths() {
         .expect("rt");
     rt.block_on(async {
         let config = cni_plugin::lookup::kubeconfig::load_config(&kc, Duration::from_secs(5))
-            .await
             .expect("config");
         let client = kube::Client::try_from(config).expect("client");
         let v = client.apiserver_version().await.expect("version");
@@ -930,4 +929,101 @@ fn binary_help_and_bad_args() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("broken.json"), "{err}");
+}
+
+/// `srv`'s kubeconfig with `edit` applied to its YAML, written into `dir` as `name`.
+fn edited_kubeconfig(
+    srv: &ApiServer,
+    dir: &TempDir,
+    name: &str,
+    edit: impl Fn(String) -> String,
+) -> PathBuf {
+    let yaml = edit(srv.kubeconfig().to_yaml());
+    let kc = dir.join(name);
+    std::fs::write(&kc, yaml).expect("write kubeconfig");
+    kc
+}
+
+fn get_web1(kc: &Path) -> Result<PodInfo, Box<lookup::LookupError>> {
+    lookup::pod(
+        kc,
+        &PodRef::new("default", "web-1"),
+        None,
+        &policy(Duration::from_secs(5)),
+    )
+}
+
+/// A `tokenFile` is read (and its trailing newline dropped) by the plugin's own client.
+#[test]
+fn token_file_is_read() {
+    let (srv, dir, _) = setup("token-file");
+    let token = dir.join("token");
+    std::fs::write(&token, format!("{}\n", srv.token())).expect("token");
+    let kc = edited_kubeconfig(&srv, &dir, "kc-token-file", |y| {
+        y.replace(
+            &format!("token: {}", srv.token()),
+            &format!("tokenFile: {}", token.display()),
+        )
+    });
+    get_web1(&kc).expect("lookup with tokenFile");
+    assert_eq!(srv.pod_requests("default", "web-1"), 1);
+    std::fs::write(&token, "not-the-token").expect("token");
+    let e = get_web1(&kc).expect_err("wrong token");
+    assert_eq!(e.http_status(), Some(401), "{e}");
+}
+
+/// A server named by a DNS name is resolved; `tls-server-name` is the name its certificate is checked against.
+#[test]
+fn tls_server_name_is_the_name_checked() {
+    let (srv, dir, _) = setup("tls-server-name");
+    let by_name = |tls_name: &'static str| {
+        let url = srv.url();
+        move |y: String| {
+            y.replace(&url, &url.replace("127.0.0.1", "localhost"))
+                .replace(
+                    "    server:",
+                    &format!("    tls-server-name: {tls_name}\n    server:"),
+                )
+        }
+    };
+    let kc = edited_kubeconfig(&srv, &dir, "kc-good-name", by_name("127.0.0.1"));
+    get_web1(&kc).expect("the certificate is valid for 127.0.0.1");
+    let kc = edited_kubeconfig(&srv, &dir, "kc-bad-name", by_name("api.example"));
+    let e = get_web1(&kc).expect_err("not valid for api.example");
+    assert!(matches!(e.kind, LookupErrorKind::Tls { .. }), "{e:?}");
+    assert!(
+        e.to_string()
+            .contains("certificate not valid for name \"api.example\""),
+        "{e}"
+    );
+    assert_eq!(srv.pod_requests("default", "web-1"), 1);
+}
+
+/// A kubeconfig the plugin's own client does not serve (an exec credential plugin) goes through kube's client,
+/// which runs the plugin for the token.
+#[test]
+fn an_exec_credential_kubeconfig_is_served_by_kubes_client() {
+    let (srv, dir, _) = setup("exec-credential");
+    let script = dir.join("credential.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nprintf '%s' '{{\"apiVersion\":\"client.authentication.k8s.io/v1\",\"kind\":\"ExecCredential\",\"status\":{{\"token\":\"{}\"}}}}'\n",
+            srv.token()
+        ),
+    )
+    .expect("script");
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .expect("chmod");
+    let kc = edited_kubeconfig(&srv, &dir, "kc-exec", |y| {
+        y.replace(
+            &format!("    token: {}", srv.token()),
+            &format!(
+                "    exec:\n      apiVersion: client.authentication.k8s.io/v1\n      command: {}\n      interactiveMode: Never",
+                script.display()
+            ),
+        )
+    });
+    get_web1(&kc).expect("lookup through the exec plugin's token");
+    assert_eq!(srv.pod_requests("default", "web-1"), 1);
 }

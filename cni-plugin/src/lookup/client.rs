@@ -1,9 +1,9 @@
-//! The kube API client: one HTTPS GET of a Pod per attempt, its answer interpreted, transport failures classified
-//! (TLS verification failures apart from network ones). The blocking caller's current-thread tokio runtime is made
-//! here too, so that every connection is made from the calling thread (and so in its network namespace).
+//! kube's API client, for the kubeconfigs the plugin's own GET does not serve (an exec plugin, an auth-provider,
+//! ...): one HTTPS GET of a Pod per attempt, its answer interpreted, transport failures classified (TLS
+//! verification failures apart from network ones). Its current-thread tokio runtime is made here too, so that
+//! every connection is made from the calling thread (and so in its network namespace).
 
 use std::error::Error as StdError;
-use std::future::Future;
 use std::time::Duration;
 
 use kube::api::GetParams;
@@ -14,12 +14,11 @@ use super::{response, LookupErrorKind, PodRef};
 use crate::error::{causes, error_chain};
 use crate::pod::PodInfo;
 
-/// Runs `f` to completion on a new current-thread tokio runtime on the calling thread.
-pub(super) fn block_on<F: Future>(f: F) -> Result<F::Output, std::io::Error> {
-    let rt = tokio::runtime::Builder::new_current_thread()
+/// A current-thread tokio runtime for kube's client, on the calling thread.
+pub(super) fn runtime() -> Result<tokio::runtime::Runtime, std::io::Error> {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .build()?;
-    Ok(rt.block_on(f))
+        .build()
 }
 
 /// A kube client for one API server. Must be created inside the tokio runtime that uses it.

@@ -19,7 +19,7 @@ const PROXY_PLACEHOLDER: &str = "http://127.0.0.1:9";
 /// Reads and parses the kubeconfig and builds the kube `Config` from its current context, with the proxy cleared,
 /// kube's own retries off and the connect timeout set. No I/O beyond reading the files the kubeconfig names (CA
 /// file, if any).
-pub async fn load_config(
+pub fn load_config(
     kubeconfig: &Path,
     request_timeout: Duration,
 ) -> Result<Config, LookupErrorKind> {
@@ -50,9 +50,11 @@ pub async fn load_config(
         }
     }
     register_tokens(&kc);
-    let mut config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
-        .await
-        .map_err(|e| invalid(error_chain(&e)))?;
+    let mut config = now_or_on_a_runtime(Config::from_custom_kubeconfig(
+        kc,
+        &KubeConfigOptions::default(),
+    ))?
+    .map_err(|e| invalid(error_chain(&e)))?;
     config.proxy_url = None;
     config.default_retry = false;
     config.connect_timeout = Some(request_timeout);
@@ -69,6 +71,18 @@ pub async fn load_config(
         );
     }
     Ok(config)
+}
+
+/// The output of `f`, which does no I/O of its own for a kubeconfig (kube's `from_custom_kubeconfig` is async but
+/// awaits nothing): polled once, and run on a runtime only if a future version ever made it wait.
+fn now_or_on_a_runtime<F: std::future::Future>(f: F) -> Result<F::Output, LookupErrorKind> {
+    let mut f = std::pin::pin!(f);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    if let std::task::Poll::Ready(out) = f.as_mut().poll(&mut cx) {
+        return Ok(out);
+    }
+    let rt = super::client::runtime().map_err(LookupErrorKind::Runtime)?;
+    Ok(rt.block_on(f))
 }
 
 /// Makes the kubeconfig's tokens (inline, or in a `tokenFile`) known to [`crate::redact`], before anything that
@@ -102,14 +116,6 @@ mod tests {
         p
     }
 
-    fn block<F: std::future::Future>(f: F) -> F::Output {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime")
-            .block_on(f)
-    }
-
     fn tempdir(tag: &str) -> PathBuf {
         let d =
             std::env::temp_dir().join(format!("meshcni-kube-unit-{}-{tag}", std::process::id()));
@@ -126,7 +132,7 @@ mod tests {
             "kubeconfig-skip-tls",
         ] {
             let p = crate::compat::path(&format!("install/{f}"));
-            let c = block(load_config(&p, Duration::from_secs(5))).expect(f);
+            let c = load_config(&p, Duration::from_secs(5)).expect(f);
             assert!(c.proxy_url.is_none(), "{f}");
             assert!(!c.default_retry, "{f}");
             assert_eq!(c.connect_timeout, Some(Duration::from_secs(5)));
@@ -145,7 +151,7 @@ mod tests {
             "contexts":[{"name":"c","context":{"cluster":"l","user":"u"}}],
             "users":[{"name":"u","user":{"token":"t"}}]}"#;
         let p = write(&d, "kc.json", json);
-        let c = block(load_config(&p, Duration::from_secs(1))).expect("json kubeconfig");
+        let c = load_config(&p, Duration::from_secs(1)).expect("json kubeconfig");
         assert!(c.proxy_url.is_none());
         assert_eq!(c.cluster_url.to_string(), "https://127.0.0.1:6443/");
         let _ = std::fs::remove_dir_all(&d);
@@ -155,7 +161,7 @@ mod tests {
     fn bad_kubeconfigs_fail_as_unreadable_or_invalid() {
         let d = tempdir("bad");
         let missing = d.join("nope");
-        let e = block(load_config(&missing, Duration::from_secs(1))).expect_err("missing");
+        let e = load_config(&missing, Duration::from_secs(1)).expect_err("missing");
         assert!(
             matches!(e, LookupErrorKind::KubeconfigUnreadable { .. }),
             "{e:?}"
@@ -181,7 +187,7 @@ mod tests {
         ];
         for (name, text) in cases {
             let p = write(&d, name, text);
-            let e = block(load_config(&p, Duration::from_secs(1))).expect_err(name);
+            let e = load_config(&p, Duration::from_secs(1)).expect_err(name);
             assert!(
                 matches!(e, LookupErrorKind::KubeconfigInvalid { .. }),
                 "{name}: {e:?}"

@@ -26,12 +26,14 @@
 //! ignored too (with a warning). The API server must be reached over `https`: the kubeconfig carries a bearer
 //! token, which must never travel in clear text.
 //!
-//! Files: this one the policy and the retry loop; [`kubeconfig`] the kube `Config`; `client` the GET and the
-//! classification of transport failures; [`response`] what an answer means; [`error`] the error type.
+//! Files: this one the policy and the retry loop; [`kubeconfig`] the kube `Config`; `https` the plugin's own GET
+//! and the classification of its failures; `client` kube's client, for kubeconfigs that need it; [`response`]
+//! what an answer means; [`error`] the error type.
 
 pub mod agent;
 mod client;
 pub mod error;
+mod https;
 pub mod kubeconfig;
 pub mod response;
 
@@ -153,50 +155,64 @@ impl LookupPolicy {
     }
 }
 
-/// Blocking pod lookup (the error is boxed: it is large and rare): builds a current-thread tokio runtime on the
-/// calling thread, creates the kube client inside it and GETs the pod per `policy`. `uid` is the pod's UID as the
-/// runtime knows it (`K8S_POD_UID`), when it passed one: a pod of that name with another UID is refused. Connections
-/// are made from the calling thread (and so in its network namespace). Must not be called from within a tokio
-/// runtime (use [`pod_async`] there).
+/// Blocking pod lookup (the error is boxed: it is large and rare): reads the kubeconfig and GETs the pod per
+/// `policy`, from the calling thread (and so in its network namespace). `uid` is the pod's UID as the runtime
+/// knows it (`K8S_POD_UID`), when it passed one: a pod of that name with another UID is refused.
+///
+/// The GET is the plugin's own lean one ([`https`]) for every kubeconfig it serves; one that needs more (an exec
+/// plugin, ...) is served by kube's client on a current-thread tokio runtime made here. Must not be called from
+/// within a tokio runtime.
 pub fn pod(
     kubeconfig: &Path,
     pod: &PodRef,
     uid: Option<&str>,
     policy: &LookupPolicy,
 ) -> Result<PodInfo, Box<LookupError>> {
+    let start = Instant::now();
     let fail = |kind| error(pod, "", kubeconfig, kind);
     pod.validate()
         .map_err(|reason| fail(LookupErrorKind::InvalidPodRef { reason }))?;
-    client::block_on(pod_async(kubeconfig, pod, uid, policy))
-        .map_err(|e| fail(LookupErrorKind::Runtime(e)))?
-}
-
-/// The async lookup behind [`pod()`], for callers that already run a tokio runtime.
-pub async fn pod_async(
-    kubeconfig: &Path,
-    pod: &PodRef,
-    uid: Option<&str>,
-    policy: &LookupPolicy,
-) -> Result<PodInfo, Box<LookupError>> {
-    let start = Instant::now();
-    pod.validate().map_err(|reason| {
-        error(
-            pod,
-            "",
-            kubeconfig,
-            LookupErrorKind::InvalidPodRef { reason },
-        )
-    })?;
     let span = info_span!("pod_lookup", namespace = %pod.namespace, pod = %pod.name);
     let _enter = span.enter();
 
-    let config = kubeconfig::load_config(kubeconfig, policy.request_timeout)
-        .await
-        .map_err(|kind| error(pod, "", kubeconfig, kind))?;
+    let config = kubeconfig::load_config(kubeconfig, policy.request_timeout).map_err(fail)?;
     let server = config.cluster_url.to_string();
     let fail = |kind| error(pod, &server, kubeconfig, kind);
-    let client = ApiClient::new(config).map_err(fail)?;
+    match https::Endpoint::from_config(&config).map_err(fail)? {
+        Ok(endpoint) => {
+            let path = format!("/api/v1/namespaces/{}/pods/{}", pod.namespace, pod.name);
+            retry(policy, start, fail, |timeout| {
+                match endpoint.get(&path, timeout) {
+                    Ok(a) => (
+                        response::interpret(a.status, &a.body, pod, uid),
+                        a.retry_after,
+                    ),
+                    Err(kind) => (Err(kind), None),
+                }
+            })
+        }
+        Err(reason) => {
+            debug!(reason, "the kubeconfig needs kube's client");
+            let rt = client::runtime().map_err(|e| fail(LookupErrorKind::Runtime(e)))?;
+            let client = {
+                let _in_runtime = rt.enter();
+                ApiClient::new(config).map_err(fail)?
+            };
+            retry(policy, start, fail, |timeout| {
+                rt.block_on(client.get(pod, uid, timeout))
+            })
+        }
+    }
+}
 
+/// The retry loop of [`pod()`] around `attempt` (one GET within the timeout it is given; its result and the
+/// server's `Retry-After`), the lookup having started at `start`.
+fn retry(
+    policy: &LookupPolicy,
+    start: Instant,
+    fail: impl Fn(LookupErrorKind) -> Box<LookupError>,
+    mut attempt_once: impl FnMut(Duration) -> (Result<PodInfo, LookupErrorKind>, Option<Duration>),
+) -> Result<PodInfo, Box<LookupError>> {
     let mut attempt: u32 = 0;
     // The error of the attempt before, reported instead of a last attempt that the deadline cut short (that
     // timeout says nothing about the server).
@@ -206,7 +222,7 @@ pub async fn pod_async(
         let remaining = policy.deadline.saturating_sub(start.elapsed());
         let timeout = policy.request_timeout.min(remaining);
         debug!(attempt, timeout_ms = timeout.as_millis() as u64, "GET pod");
-        let (result, retry_after) = client.get(pod, uid, timeout).await;
+        let (result, retry_after) = attempt_once(timeout);
         let err = match result {
             Ok(info) => {
                 debug!(attempt, "got pod");
@@ -246,7 +262,7 @@ pub async fn pod_async(
             "pod lookup failed, retrying"
         );
         previous = Some(err.kind);
-        tokio::time::sleep(delay).await;
+        std::thread::sleep(delay);
     }
 }
 

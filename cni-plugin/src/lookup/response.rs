@@ -2,6 +2,8 @@
 //! is the pod asked for: its namespace and name, and its UID when the runtime gave `K8S_POD_UID`), any other status
 //! an error kind with the server's message. Pure.
 
+use std::collections::BTreeMap;
+
 use k8s_openapi::api::core::v1::{Container, Pod};
 
 use super::{LookupErrorKind, PodRef};
@@ -16,9 +18,10 @@ pub fn interpret(
     uid: Option<&str>,
 ) -> Result<PodInfo, LookupErrorKind> {
     if (200..300).contains(&status) {
-        let obj: Pod = serde_json::from_slice(body).map_err(|e| LookupErrorKind::BadResponse {
-            detail: format!("HTTP {status} with a body that is not a Pod: {e}"),
-        })?;
+        let obj: PodDoc =
+            serde_json::from_slice(body).map_err(|e| LookupErrorKind::BadResponse {
+                detail: format!("HTTP {status} with a body that is not a Pod: {e}"),
+            })?;
         let got_ns = obj.metadata.namespace.as_deref().unwrap_or("");
         let got_name = obj.metadata.name.as_deref().unwrap_or("");
         if got_ns != pod.namespace || got_name != pod.name {
@@ -37,7 +40,7 @@ pub fn interpret(
                 });
             }
         }
-        return Ok(PodInfo::from(&obj));
+        return Ok(obj.into_info());
     }
     let message = status_message(body);
     Err(match status {
@@ -74,6 +77,103 @@ fn status_message(body: &[u8]) -> String {
     match text.char_indices().nth(MAX) {
         Some((i, _)) => format!("{}...", &text[..i]),
         None => text.to_string(),
+    }
+}
+
+/// The part of a Pod object that [`PodInfo`] is made of, decoded straight from the API server's answer: the
+/// rest of the object is skipped, not built (the plugin decodes one Pod per process, and k8s-openapi's full
+/// `Pod` is most of that decode's cost). Field names, required fields and types are k8s-openapi's for the same
+/// fields, so an answer decodes here exactly when the same fields decode there; `into_info` gives what
+/// `PodInfo::from(&Pod)` gives (a test compares the two).
+#[derive(serde::Deserialize)]
+struct PodDoc {
+    #[serde(default)]
+    metadata: MetaDoc,
+    #[serde(default)]
+    spec: Option<SpecDoc>,
+}
+
+#[derive(serde::Deserialize, Default)]
+struct MetaDoc {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    namespace: Option<String>,
+    #[serde(default)]
+    uid: Option<String>,
+    #[serde(default)]
+    labels: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    annotations: Option<BTreeMap<String, String>>,
+}
+
+#[derive(serde::Deserialize)]
+struct SpecDoc {
+    #[serde(default)]
+    containers: Vec<ContainerDoc>,
+    #[serde(default, rename = "initContainers")]
+    init_containers: Option<Vec<ContainerDoc>>,
+}
+
+#[derive(serde::Deserialize)]
+struct ContainerDoc {
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    args: Option<Vec<String>>,
+    #[serde(default)]
+    env: Option<Vec<EnvDoc>>,
+    #[serde(default, rename = "securityContext")]
+    security_context: Option<SecurityContextDoc>,
+}
+
+#[derive(serde::Deserialize)]
+struct EnvDoc {
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    value: Option<String>,
+}
+
+#[derive(serde::Deserialize)]
+struct SecurityContextDoc {
+    #[serde(default, rename = "runAsUser")]
+    run_as_user: Option<i64>,
+    #[serde(default, rename = "runAsGroup")]
+    run_as_group: Option<i64>,
+}
+
+impl PodDoc {
+    fn into_info(self) -> PodInfo {
+        let mut pi = PodInfo {
+            labels: self.metadata.labels.unwrap_or_default(),
+            annotations: self.metadata.annotations.unwrap_or_default(),
+            ..Default::default()
+        };
+        let Some(spec) = self.spec else {
+            return pi;
+        };
+        let init = spec.init_containers.into_iter().flatten();
+        for c in init.chain(spec.containers) {
+            let is_proxy = c.name == ISTIO_PROXY;
+            pi.containers.insert(c.name);
+            if !is_proxy {
+                continue;
+            }
+            for e in c.env.into_iter().flatten() {
+                pi.proxy_env.insert(e.name, e.value.unwrap_or_default());
+            }
+            if let Some(args) = c.args {
+                if args.len() >= 2 && args[0] == "proxy" {
+                    pi.proxy_type = Some(args[1].clone());
+                }
+            }
+            if let Some(sc) = c.security_context {
+                pi.proxy_uid = sc.run_as_user;
+                pi.proxy_gid = sc.run_as_group;
+            }
+        }
+        pi
     }
 }
 
@@ -158,6 +258,83 @@ mod tests {
             "{e:?}"
         );
         assert!(e.to_string().contains("HTTP 200"), "{e}");
+    }
+
+    /// The lean decode gives what k8s-openapi's `Pod` and `PodInfo::from` give, for pods with every field it
+    /// reads (and many it skips), and refuses what k8s-openapi refuses in those fields.
+    #[test]
+    fn the_lean_decode_is_k8s_openapis() {
+        let full = serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "web-1", "namespace": "default", "uid": "u1",
+                "labels": {"app": "web", "sidecar.istio.io/inject": "true"},
+                "annotations": {"sidecar.istio.io/status": "{\"a\":1}", "k": ""},
+                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "r", "uid": "x"}],
+                "managedFields": [{"manager": "kubelet", "operation": "Update", "fieldsV1": {"f:x": {}}}]},
+            "spec": {
+                "nodeName": "n1", "volumes": [{"name": "v", "emptyDir": {}}],
+                "initContainers": [
+                    {"name": "istio-validation", "image": "proxyv2", "args": ["istio-iptables", "--run-validation"]},
+                    {"name": "istio-proxy", "restartPolicy": "Always", "args": ["proxy", "sidecar", "--x"],
+                     "env": [{"name": "A", "value": "1"}, {"name": "B", "valueFrom": {"fieldRef": {"fieldPath": "x"}}},
+                             {"name": "A", "value": "2"}],
+                     "securityContext": {"runAsUser": 1337, "runAsGroup": 1338, "privileged": false}}],
+                "containers": [{"name": "app", "ports": [{"containerPort": 8080}],
+                                "securityContext": {"runAsUser": 1000}}]},
+            "status": {"phase": "Pending", "podIP": "10.0.0.1"}
+        });
+        let variants = [
+            full.clone(),
+            serde_json::json!({"metadata": {"name": "web-1", "namespace": "default"}}),
+            serde_json::json!({"metadata": {"name": "web-1", "namespace": "default"}, "spec": {}}),
+            serde_json::json!({"metadata": {"name": "web-1", "namespace": "default"},
+                               "spec": {"containers": [{"image": "x"},
+                                        {"name": "istio-proxy", "env": [{"value": "v"}]}]}}),
+            serde_json::json!({"metadata": {"name": "web-1", "namespace": "default", "labels": null},
+                               "spec": {"containers": [{"name": "istio-proxy", "args": ["proxy"]}]}}),
+            serde_json::json!({"metadata": {"name": "web-1", "namespace": "default"},
+                               "spec": {"containers": [{"name": "istio-proxy", "args": ["router", "sidecar"],
+                                        "env": null, "securityContext": {}}]}}),
+        ];
+        for v in variants {
+            let body = serde_json::to_vec(&v).expect("json");
+            let typed: Pod = serde_json::from_slice(&body).expect("k8s-openapi decodes it");
+            let lean = interpret(200, &body, &PodRef::new("default", "web-1"), None)
+                .expect("lean decodes it");
+            assert_eq!(lean, PodInfo::from(&typed), "{v}");
+        }
+        let info = interpret(
+            200,
+            &serde_json::to_vec(&full).expect("json"),
+            &PodRef::new("default", "web-1"),
+            None,
+        )
+        .expect("full");
+        assert_eq!(info.proxy_type.as_deref(), Some("sidecar"));
+        assert_eq!((info.proxy_uid, info.proxy_gid), (Some(1337), Some(1338)));
+        assert_eq!(info.proxy_env.get("A").map(String::as_str), Some("2"));
+        assert_eq!(info.proxy_env.get("B").map(String::as_str), Some(""));
+        assert_eq!(info.containers.len(), 3);
+        // Shapes k8s-openapi refuses in the fields read: refused here too.
+        for bad in [
+            serde_json::json!({"metadata": {"name": "web-1", "namespace": "default", "labels": {"a": 1}}}),
+            serde_json::json!({"metadata": {"name": "web-1", "namespace": "default"},
+                               "spec": {"containers": [{"name": "istio-proxy",
+                                        "securityContext": {"runAsUser": "1337"}}]}}),
+            serde_json::json!([]),
+        ] {
+            let body = serde_json::to_vec(&bad).expect("json");
+            assert!(
+                serde_json::from_slice::<Pod>(&body).is_err(),
+                "k8s-openapi accepts {bad}"
+            );
+            let e =
+                interpret(200, &body, &PodRef::new("default", "web-1"), None).expect_err("refused");
+            assert!(
+                matches!(e, LookupErrorKind::BadResponse { .. }),
+                "{bad}: {e:?}"
+            );
+        }
     }
 
     #[test]

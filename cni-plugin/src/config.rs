@@ -174,7 +174,19 @@ impl LogLevel {
         }
     }
 
-    /// The `tracing` filter directive for this level.
+    /// The level as a tracing filter: a plain level, so the plugin needs no directive parser.
+    pub fn filter(self) -> tracing_subscriber::filter::LevelFilter {
+        use tracing_subscriber::filter::LevelFilter;
+        match self {
+            LogLevel::Debug => LevelFilter::DEBUG,
+            LogLevel::Info => LevelFilter::INFO,
+            LogLevel::Warn => LevelFilter::WARN,
+            LogLevel::Error => LevelFilter::ERROR,
+            LogLevel::None => LevelFilter::OFF,
+        }
+    }
+
+    /// The `tracing` filter directive for this level (the agent's own log level takes the same names).
     pub fn directive(self) -> &'static str {
         match self {
             LogLevel::Debug => "debug",

@@ -2,6 +2,7 @@
 //! namespace. The core (config, pod, redirect, rules) is pure; the edges (cni I/O, lookup, netns, apply) do the I/O.
 
 pub mod apply;
+pub mod arena;
 pub mod cni;
 #[doc(hidden)]
 pub mod compat;

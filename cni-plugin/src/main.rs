@@ -14,9 +14,13 @@ use cni_plugin::report::{self, BufferLayer, LogBuffer, SendError};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
+/// A CNI call lives a few milliseconds: allocations are pointer bumps, returned when the process exits.
+#[global_allocator]
+static ALLOCATOR: cni_plugin::arena::Arena = cni_plugin::arena::Arena::new();
+
 /// JSON lines on stderr (the runtime's log), and the same events kept for the agent's log socket.
 fn init_logging(level: LogLevel, buffer: Arc<LogBuffer>) {
-    let filter = tracing_subscriber::EnvFilter::new(level.directive());
+    let filter = level.filter();
     let stderr = tracing_subscriber::fmt::layer()
         .json()
         .with_current_span(true)

@@ -185,13 +185,71 @@ pub fn spawn_in_userns(
     piped_stdin: bool,
     userns: Option<BorrowedFd<'_>>,
 ) -> Result<Running, ExecError> {
+    let stdin = if piped_stdin {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    };
+    spawn_with(binary, args, env, stdin, userns)
+}
+
+/// Runs `binary args` like [`spawn_in_owning_userns`] + [`Running::finish`], with its whole input already in
+/// its stdin when the child starts: written into a fresh pipe (grown to fit, up to the system's pipe size
+/// limit) whose write end is closed before the spawn. The child then never waits for us: a tool started with an
+/// empty pipe blocks on its first read until the parent is scheduled again, which on a busy node (or with the
+/// parent woken on the child's CPU) can be after the child's whole start-up. Input that does not fit is fed by
+/// [`Running::finish`] as before.
+pub fn run_in_owning_userns(
+    binary: &Path,
+    args: &[&str],
+    env: &[(&str, &OsStr)],
+    stdin: Option<&str>,
+    timeout: Duration,
+) -> Result<String, ExecError> {
+    let userns = crate::netns::Netns::current()
+        .and_then(|ns| ns.owner_userns())
+        .map_err(|source| ExecError::Userns {
+            binary: binary.to_path_buf(),
+            source,
+        })?;
+    let userns = userns.as_ref().map(AsFd::as_fd);
+    let input = stdin.unwrap_or_default().as_bytes();
+    match prefilled_pipe(input) {
+        Some(read_end) => {
+            spawn_with(binary, args, env, Stdio::from(read_end), userns)?.finish(None, timeout)
+        }
+        None => spawn_with(binary, args, env, Stdio::piped(), userns)?.finish(stdin, timeout),
+    }
+}
+
+/// The read end of a pipe that holds all of `input`, its write end closed; `None` when it does not fit (the
+/// pipe cannot be grown to its size) or the pipe cannot be made.
+fn prefilled_pipe(input: &[u8]) -> Option<OwnedFd> {
+    let (read_end, write_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).ok()?;
+    let capacity = nix::fcntl::fcntl(&write_end, nix::fcntl::FcntlArg::F_GETPIPE_SZ).ok()?;
+    if usize::try_from(capacity).ok()? < input.len() {
+        let wanted = libc::c_int::try_from(input.len()).ok()?;
+        let grown =
+            nix::fcntl::fcntl(&write_end, nix::fcntl::FcntlArg::F_SETPIPE_SZ(wanted)).ok()?;
+        if usize::try_from(grown).ok()? < input.len() {
+            return None;
+        }
+    }
+    // An empty pipe with room for all of it: the write does not block.
+    std::fs::File::from(write_end).write_all(input).ok()?;
+    Some(read_end)
+}
+
+fn spawn_with(
+    binary: &Path,
+    args: &[&str],
+    env: &[(&str, &OsStr)],
+    stdin: Stdio,
+    userns: Option<BorrowedFd<'_>>,
+) -> Result<Running, ExecError> {
     let mut cmd = Command::new(binary);
     cmd.args(args)
-        .stdin(if piped_stdin {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
+        .stdin(stdin)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     for (k, v) in env {
@@ -659,6 +717,49 @@ mod tests {
         // No input: the pipe is closed, the tool sees an empty stdin.
         let r = spawn(&sh, &["-c", "wc -c"], &[], true).unwrap();
         assert_eq!(r.finish(None, Duration::from_secs(10)).unwrap().trim(), "0");
+    }
+
+    /// The whole input is in the tool's stdin before it starts: it reads it without anyone feeding it, whatever
+    /// its size up to what a pipe can be grown to; beyond that it is streamed as before.
+    #[test]
+    fn input_is_prefilled_when_it_fits_and_streamed_when_not() {
+        let sh = find_binary("sh").unwrap();
+        for len in [0usize, 1, 4096, 100_000] {
+            let input = "p".repeat(len);
+            let pipe = prefilled_pipe(input.as_bytes()).expect("fits in a pipe");
+            let mut got = String::new();
+            std::fs::File::from(pipe).read_to_string(&mut got).unwrap();
+            assert_eq!(
+                got.len(),
+                len,
+                "the pipe holds it all and ends: its write end is closed"
+            );
+            let out = run_in_owning_userns(
+                &sh,
+                &["-c", "wc -c"],
+                &[],
+                Some(&input),
+                Duration::from_secs(10),
+            )
+            .unwrap();
+            assert_eq!(out.trim(), len.to_string());
+        }
+        // Beyond the system's pipe size limit (1 MiB by default): not prefilled, still delivered whole.
+        let max: usize = std::fs::read_to_string("/proc/sys/fs/pipe-max-size")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(1 << 20);
+        let big = "q".repeat(max + 1);
+        assert!(prefilled_pipe(big.as_bytes()).is_none());
+        let out = run_in_owning_userns(
+            &sh,
+            &["-c", "wc -c"],
+            &[],
+            Some(&big),
+            Duration::from_secs(20),
+        )
+        .unwrap();
+        assert_eq!(out.trim(), (max + 1).to_string());
     }
 
     fn gone(pid: u32) -> bool {

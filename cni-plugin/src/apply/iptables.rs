@@ -30,7 +30,7 @@ use std::time::Duration;
 
 pub use crate::rules::iptables::Family;
 
-use super::exec::{self, ExecError, Running};
+use super::exec::{self, ExecError};
 use super::text::{compose, Owned, Tables};
 use super::{sandbox, Applied, ApplyError, Backend, BackendKind, Capture, FamilyOutcome};
 use crate::rules::render_iptables;
@@ -165,8 +165,7 @@ impl Tools {
     /// `hostUsers: false` (owner rules are refused otherwise), ours for a scratch netns.
     fn run(&self, binary: &str, args: &[&str], stdin: Option<&str>) -> Result<String, ExecError> {
         let path = exec::find_binary(binary)?;
-        exec::spawn_in_owning_userns(&path, args, &self.env(), stdin.is_some())?
-            .finish(stdin, TOOL_TIMEOUT)
+        exec::run_in_owning_userns(&path, args, &self.env(), stdin, TOOL_TIMEOUT)
     }
 
     fn save_text(&self, family: Family) -> Result<String, ExecError> {
@@ -185,27 +184,12 @@ impl Tools {
         })
     }
 
-    /// Starts `iptables-restore --noflush` of this family; it waits for its input.
-    fn spawn_restore(&self, family: Family) -> Result<Running, ExecError> {
-        let path = exec::find_binary(&self.flavour.restore_binary(family))?;
-        exec::spawn_in_owning_userns(&path, &["--noflush"], &self.env(), true)
-    }
-
-    /// Feeds `input` to a started restore and waits for it.
-    fn finish_restore(
-        &self,
-        family: Family,
-        running: Running,
-        input: &str,
-    ) -> Result<(), ApplyError> {
-        tracing::debug!(binary = %running.binary().display(), %family, %input, "iptables-restore --noflush");
-        running.finish(Some(input), TOOL_TIMEOUT)?;
-        Ok(())
-    }
-
+    /// `iptables-restore --noflush` of this family with `input`.
     fn restore(&self, family: Family, input: &str) -> Result<(), ApplyError> {
-        let running = self.spawn_restore(family)?;
-        self.finish_restore(family, running, input)
+        let binary = self.flavour.restore_binary(family);
+        tracing::debug!(%binary, %family, %input, "iptables-restore --noflush");
+        self.run(&binary, &["--noflush"], Some(input))?;
+        Ok(())
     }
 
     /// The ruleset as iptables-save prints it once loaded: loaded into a fresh empty netns that vanishes after.

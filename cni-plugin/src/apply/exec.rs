@@ -158,6 +158,18 @@ pub fn spawn_in_owning_userns(
     env: &[(&str, &OsStr)],
     piped_stdin: bool,
 ) -> Result<Running, ExecError> {
+    let userns = owning_userns(binary)?;
+    spawn_in_userns(
+        binary,
+        args,
+        env,
+        piped_stdin,
+        userns.as_ref().map(AsFd::as_fd),
+    )
+}
+
+/// The user namespace owning the calling thread's netns when it is not ours (see [`spawn_in_owning_userns`]).
+fn owning_userns(binary: &Path) -> Result<Option<crate::netns::Userns>, ExecError> {
     let userns = crate::netns::Netns::current()
         .and_then(|ns| ns.owner_userns())
         .map_err(|source| ExecError::Userns {
@@ -167,13 +179,7 @@ pub fn spawn_in_owning_userns(
     if let Some(u) = &userns {
         tracing::debug!(binary = %binary.display(), userns = %u, "running inside the netns's user namespace");
     }
-    spawn_in_userns(
-        binary,
-        args,
-        env,
-        piped_stdin,
-        userns.as_ref().map(std::os::fd::AsFd::as_fd),
-    )
+    Ok(userns)
 }
 
 /// Like [`spawn`]; with `userns`, the child joins that user namespace before exec and runs there as described
@@ -206,12 +212,7 @@ pub fn run_in_owning_userns(
     stdin: Option<&str>,
     timeout: Duration,
 ) -> Result<String, ExecError> {
-    let userns = crate::netns::Netns::current()
-        .and_then(|ns| ns.owner_userns())
-        .map_err(|source| ExecError::Userns {
-            binary: binary.to_path_buf(),
-            source,
-        })?;
+    let userns = owning_userns(binary)?;
     let userns = userns.as_ref().map(AsFd::as_fd);
     let input = stdin.unwrap_or_default().as_bytes();
     match prefilled_pipe(input) {

@@ -349,21 +349,37 @@ impl Deadlined<'_> {
     }
 }
 
+/// `op` again after a signal interrupted it (EINTR): rustls passes every I/O error through.
+fn uninterrupted<T>(mut op: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+    loop {
+        match op() {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
 impl Read for Deadlined<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.sock.set_read_timeout(Some(self.left()?))?;
-        self.sock.read(buf)
+        uninterrupted(|| {
+            self.sock.set_read_timeout(Some(self.left()?))?;
+            self.sock.read(buf)
+        })
     }
 }
 
 impl Write for Deadlined<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.sock.set_write_timeout(Some(self.left()?))?;
-        self.sock.write(buf)
+        uninterrupted(|| {
+            self.sock.set_write_timeout(Some(self.left()?))?;
+            self.sock.write(buf)
+        })
     }
     fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
-        self.sock.set_write_timeout(Some(self.left()?))?;
-        self.sock.write_vectored(bufs)
+        uninterrupted(|| {
+            self.sock.set_write_timeout(Some(self.left()?))?;
+            self.sock.write_vectored(bufs)
+        })
     }
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
@@ -936,5 +952,43 @@ mod tests {
             "GET /api/v1/namespaces/ns/pods/p HTTP/1.1\r\nHost: 10.96.0.1:443\r\nUser-Agent: istio-cni (meshcni)\r\n\
              Accept: application/json\r\nAuthorization: Bearer t0k3n\r\nConnection: close\r\n\r\n"
         );
+    }
+
+    /// A signal delivered while the socket is read (a handler without SA_RESTART, as test harnesses and runtimes
+    /// install for SIGCHLD) does not end the exchange: the read is made again, within the same deadline.
+    #[test]
+    fn a_signal_during_a_read_is_not_a_failure() {
+        use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+        extern "C" fn nothing(_: libc::c_int) {}
+        let act = SigAction::new(
+            SigHandler::Handler(nothing),
+            SaFlags::empty(),
+            SigSet::empty(),
+        );
+        // SAFETY: the handler does nothing; SIGUSR2 is used by nothing else in this test binary.
+        unsafe { sigaction(Signal::SIGUSR2, &act) }.expect("sigaction");
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let client = TcpStream::connect(addr).expect("connect");
+        let (mut server, _) = listener.accept().expect("accept");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            // SAFETY: pthread_self has no preconditions.
+            tx.send(unsafe { libc::pthread_self() }).expect("send");
+            let mut io = Deadlined {
+                sock: &client,
+                deadline: Instant::now() + Duration::from_secs(5),
+            };
+            let mut buf = [0u8; 4];
+            io.read(&mut buf).map(|n| buf[..n].to_vec())
+        });
+        let thread = rx.recv().expect("thread");
+        for _ in 0..5 {
+            std::thread::sleep(Duration::from_millis(20));
+            // SAFETY: the thread is alive (it is blocked in the read until the server writes below).
+            unsafe { libc::pthread_kill(thread, libc::SIGUSR2) };
+        }
+        server.write_all(b"ok").expect("write");
+        assert_eq!(reader.join().expect("join").expect("read"), b"ok");
     }
 }

@@ -281,7 +281,8 @@ impl Netns {
     /// Runs `f` on the calling thread inside this network namespace, then returns the thread to the netns it was
     /// in, and returns `f`'s value: no thread to start and hand over to, for work that needs nothing but the netns
     /// (netlink sockets). The caller must not start threads or runtimes in `f` that outlive it (they would stay in
-    /// this netns), nor change its mount namespace (the iptables tools' sandbox needs [`Netns::run`]). A panic in
+    /// this netns), nor change its mount namespace unless the process exits afterwards (the iptables tools'
+    /// sandbox: [`crate::apply::Worker`]). A panic in
     /// `f` becomes [`NetnsError::Panicked`] after the thread is back. Should the way back fail, which needs a kernel
     /// that refuses a namespace it just left, the process aborts: it must not go on in the pod's netns.
     pub fn run_here<T>(&self, f: impl FnOnce() -> T) -> Result<T, NetnsError> {

@@ -201,12 +201,18 @@ pub fn add(req: &Request, cfg: &PluginConfig) -> Result<AddOutcome, PluginError>
             "",
         )
     })?;
-    let programmed = apply::program(netns, cfg.backend, &apply::Target::Redirect(redirect))
-        .map_err(|source| PluginError::Apply {
-            namespace: namespace.into(),
-            name: name.into(),
-            source: Box::new(source),
-        })?;
+    // The plugin exits after this: the netns work runs on this thread (no worker thread to hand over to).
+    let programmed = apply::program_with(
+        netns,
+        cfg.backend,
+        &apply::Target::Redirect(redirect),
+        apply::Worker::CallingThreadThenExit,
+    )
+    .map_err(|source| PluginError::Apply {
+        namespace: namespace.into(),
+        name: name.into(),
+        source: Box::new(source),
+    })?;
     info!(backend = programmed.backend.name(), v4 = ?programmed.v4, v6 = ?programmed.v6, "rules programmed");
     Ok(AddOutcome::Redirected(programmed.backend.name()))
 }

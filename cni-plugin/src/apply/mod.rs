@@ -276,14 +276,38 @@ pub enum Target {
     Config(CaptureConfig),
 }
 
+/// Where [`program_with`] runs the work inside the pod netns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Worker {
+    /// A dedicated thread that enters the netns (and, for the iptables backends, a private mount namespace for
+    /// their children) and dies afterwards: the caller's thread changes nothing. For long-lived callers (the
+    /// agent's repair) and the tests. Native nftables enters the netns on the calling thread either way: it needs
+    /// no mount namespace.
+    Thread,
+    /// The calling thread enters the netns and comes back ([`Netns::run_here`]); for the iptables backends it
+    /// also keeps the sandbox's private mount namespace ([`sandbox`]) afterwards, until the process exits. Only
+    /// for a process that exits after programming: the plugin, which so saves a thread and two hand-overs.
+    CallingThreadThenExit,
+}
+
 /// Programs `target` in the netns at `netns_path`: the one programming path of the plugin, its repair and its
-/// tests. Opens the netns (refusing the host's), then on a dedicated thread inside it: derives and validates the
-/// capture, chooses the backend (logged by name), applies the rules, then the routes; when the routes fail the
-/// rules are removed again.
+/// tests ([`program_with`] on a dedicated thread).
 pub fn program(
     netns_path: &Path,
     choice: BackendChoice,
     target: &Target,
+) -> Result<Programmed, ApplyError> {
+    program_with(netns_path, choice, target, Worker::Thread)
+}
+
+/// Programs `target` in the netns at `netns_path`: opens the netns (refusing the host's), then inside it (on the
+/// `worker`): derives and validates the capture, chooses the backend (logged by name), applies the rules, then
+/// the routes; when the routes fail the rules are removed again.
+pub fn program_with(
+    netns_path: &Path,
+    choice: BackendChoice,
+    target: &Target,
+    worker: Worker,
 ) -> Result<Programmed, ApplyError> {
     let netns = Netns::open(netns_path)?;
     netns.ensure_not_host()?;
@@ -292,10 +316,11 @@ pub fn program(
         _ => Some(LockFile::create(netns.id())?),
     };
     let lock_path = lock.as_ref().map(LockFile::path);
-    if choice == BackendChoice::Nftables {
+    if choice == BackendChoice::Nftables || worker == Worker::CallingThreadThenExit {
         // Native nftables needs nothing but netlink sockets opened in the netns: the calling thread enters it
-        // and comes back, saving a thread and two hand-overs per ADD.
-        return netns.run_here(|| on_netns_thread(&netns, choice, None, target))?;
+        // and comes back, saving a thread and two hand-overs per ADD. So do the iptables backends in a process
+        // that exits afterwards (their sandbox's mount namespace stays with the thread).
+        return netns.run_here(|| on_netns_thread(&netns, choice, lock_path, target))?;
     }
     let span = tracing::Span::current();
     netns.run(|| {

@@ -9,7 +9,9 @@
 //! Why on the thread rather than in each child (`pre_exec`): the setup is done once per ADD instead of once per
 //! iptables process (copying a busy node's mount table is not free), and it runs as ordinary Rust code rather than
 //! in the restricted context between fork and exec. The thread is the dedicated netns thread of
-//! [`crate::netns::Netns::run`]: it runs nothing else and dies afterwards, taking the namespace with it.
+//! [`crate::netns::Netns::run`], which runs nothing else and dies afterwards, taking the namespace with it; or,
+//! in the plugin, its own thread, which keeps the namespace until the process exits a moment later (only its
+//! output and its log lines for the agent are left to write then, neither through the hidden files).
 //! `unshare(CLONE_NEWNS)` also unshares the thread's filesystem attributes (CLONE_FS), which Linux allows for one
 //! thread of a multi-threaded process.
 //!
@@ -45,7 +47,8 @@ fn mnt_ns_ino() -> Option<u64> {
 }
 
 /// Gives the calling thread a private mount namespace and hides what iptables must not use. Only call this on a
-/// dedicated thread that dies afterwards (the netns thread).
+/// dedicated thread that dies afterwards (the netns thread), or on a thread of a process that exits afterwards
+/// (the plugin, [`crate::apply::Worker::CallingThreadThenExit`]): the thread keeps the namespace.
 pub fn enter(lockfile: Option<&Path>) -> Sandbox {
     let mut sb = Sandbox {
         private: false,

@@ -10,7 +10,7 @@ use super::msg::{
     answers, MsgBuf, NftMsg, NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END, NFNL_SUBSYS_NFTABLES,
     NFPROTO_UNSPEC, NLM_F_ACK, NLM_F_REQUEST,
 };
-use super::{classify, open, programmed_tables, NftError, NFTA_TABLE_NAME};
+use super::{classify, open, programmed_tables, NftError, Session, NFTA_TABLE_NAME};
 use crate::apply::{Applied, ApplyError, Backend, BackendKind, Capture, FamilyOutcome};
 use crate::rules::nftables::{render, NftTable};
 
@@ -27,8 +27,9 @@ impl Backend for NativeNftables {
         let ruleset = render(&capture.config);
         // Ours already there are deleted in the same transaction that creates the new ones: nothing of an earlier,
         // different capture stays (a table or chain the new one lacks), and there is no moment without rules.
-        let before = programmed_tables()?;
-        let sent = super::apply_replacing(&ruleset, &before)?;
+        let mut session = Session::open()?;
+        let before = session.programmed_tables()?;
+        let sent = session.apply_replacing(&ruleset, &before)?;
         tracing::debug!(?sent, replaced = ?before, "nftables batch applied");
         let outcome = if before.is_empty() {
             FamilyOutcome::Applied

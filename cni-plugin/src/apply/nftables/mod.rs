@@ -139,7 +139,37 @@ pub fn apply_replacing(
     ruleset: &NftRuleset,
     existing: &[NftTable],
 ) -> Result<NftApplied, NftError> {
-    send_batch(Batch::build(ruleset, existing, &system_gid)?)
+    send_batch(Batch::build(ruleset, existing, &system_gid)?, None)
+}
+
+/// One netfilter netlink socket for a table dump and the batch after it (one socket, one receive buffer, instead
+/// of one each).
+pub struct Session {
+    socket: NfSocket,
+}
+
+impl Session {
+    /// Opens the socket in the calling thread's netns.
+    pub fn open() -> Result<Session, NftError> {
+        Ok(Session { socket: open()? })
+    }
+
+    /// [`programmed_tables`] on this socket.
+    pub fn programmed_tables(&mut self) -> Result<Vec<NftTable>, NftError> {
+        tables_on(&mut self.socket)
+    }
+
+    /// [`apply_replacing`] on this socket.
+    pub fn apply_replacing(
+        &mut self,
+        ruleset: &NftRuleset,
+        existing: &[NftTable],
+    ) -> Result<NftApplied, NftError> {
+        send_batch(
+            Batch::build(ruleset, existing, &system_gid)?,
+            Some(&mut self.socket),
+        )
+    }
 }
 
 /// [`apply`] with the group-name resolver given (tests, or a caller that resolved names already).
@@ -147,26 +177,37 @@ pub fn apply_with_groups(
     ruleset: &NftRuleset,
     gid_of: &dyn Fn(&str) -> Option<u32>,
 ) -> Result<NftApplied, NftError> {
-    send_batch(Batch::build(ruleset, &[], gid_of)?)
+    send_batch(Batch::build(ruleset, &[], gid_of)?, None)
 }
 
-fn send_batch(batch: Batch<'_>) -> Result<NftApplied, NftError> {
+/// Sends the batch on `socket`, or on a socket of its own.
+fn send_batch(batch: Batch<'_>, socket: Option<&mut NfSocket>) -> Result<NftApplied, NftError> {
     if batch.stats.tables == 0 && batch.stats.deleted == 0 {
         return Ok(NftApplied::default());
     }
-    let mut socket = open()?;
+    let mut own;
+    let socket = match socket {
+        Some(s) => s,
+        None => {
+            own = open()?;
+            &mut own
+        }
+    };
     let bytes = batch.m.as_bytes();
     socket.send(bytes).map_err(|source| NftError::Send {
         bytes: bytes.len(),
         source,
     })?;
-    batch.check_answers(&mut socket)?;
+    batch.check_answers(socket)?;
     Ok(batch.stats)
 }
 
 /// Which of Istio's tables exist in the calling thread's netns (a table dump of family `inet`).
 pub fn programmed_tables() -> Result<Vec<NftTable>, NftError> {
-    let mut socket = open()?;
+    tables_on(&mut open()?)
+}
+
+fn tables_on(socket: &mut NfSocket) -> Result<Vec<NftTable>, NftError> {
     let mut m = MsgBuf::with_capacity(32);
     let seq = m.begin_nft(NftMsg::GetTable, NLM_F_REQUEST | NLM_F_DUMP);
     m.end();

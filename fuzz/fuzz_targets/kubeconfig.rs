@@ -7,10 +7,14 @@
 //! Invariants: the writer refuses only an empty CA bundle (it would read back as no CA); otherwise the file has
 //! exactly the template's lines, in order, with only the three values (CA data, server, token) in their places, so
 //! a newline, quote, `#` or `: ` in an input never creates a key or a line; the reader finds exactly one cluster, user and context, no key beyond the template's, and the
-//! same server URL, CA bytes (or skip-verify) and token.
+//! same server URL, CA bytes (or skip-verify) and token. The plugin's own reader of the layout
+//! (`agent_written_text`), when it takes the file, reads the same server, token and CA certificates.
 #![no_main]
 
+use std::time::Duration;
+
 use base64::Engine;
+use cni_plugin::lookup::kubeconfig::agent_written_text;
 use kube::config::Kubeconfig;
 use libfuzzer_sys::fuzz_target;
 use meshcni_fuzz::text::nul_fields;
@@ -148,4 +152,31 @@ fuzz_target!(|data: &[u8]| {
         (ctx.cluster.as_str(), ctx.user.as_deref()),
         ("local", Some("istio-cni"))
     );
+
+    // The plugin reads this layout without YAML when its values are plain (a JWT, a PEM CA bundle, an https
+    // URL): then it must read exactly what was written.
+    let Some(fast) = agent_written_text(&file, Duration::from_secs(1)) else {
+        return;
+    };
+    let url = server.url();
+    let written = kube::Config::new(url.parse().expect("the fast reader parsed it too"));
+    assert_eq!(fast.cluster_url, written.cluster_url, "{file}");
+    assert_eq!(
+        fast.auth_info
+            .token
+            .as_ref()
+            .map(|t| t.expose_secret().to_string()),
+        Some(token.clone())
+    );
+    match trust {
+        Trust::SkipVerify => assert!(fast.accept_invalid_certs && fast.root_cert.is_none()),
+        Trust::Ca(ca) => {
+            use rustls::pki_types::pem::PemObject;
+            let want: Vec<Vec<u8>> = rustls::pki_types::CertificateDer::pem_slice_iter(ca)
+                .map(|c| c.expect("the fast reader took it").to_vec())
+                .collect();
+            assert!(!fast.accept_invalid_certs);
+            assert_eq!(fast.root_cert, Some(want), "the CA certificates read back");
+        }
+    }
 });

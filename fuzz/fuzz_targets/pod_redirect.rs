@@ -46,7 +46,10 @@ fuzz_target!(|data: &[u8]| {
     let pi = match interpret(200, &body, &PodRef::new("ns", "pod"), None) {
         Ok(pi) => pi,
         Err(e) => {
-            assert!(typed.is_none(), "k8s-openapi decodes a pod the plugin refuses: {e:?}");
+            assert!(
+                typed.is_none(),
+                "k8s-openapi decodes a pod the plugin refuses: {e:?}"
+            );
             return;
         }
     };

@@ -468,9 +468,11 @@ fn bind_in_netns(netns: &Path, addr: SocketAddr) -> Result<StdTcpListener, ApiSe
     handle.join().map_err(|_| ApiServerError::BindThread)?
 }
 
+/// A random bearer token shaped as a service account's is (a JWT: `{"alg":"none"}`, `{"sub":"meshcni-test"}`,
+/// then random hex as its signature), so the plugin reads the stub's kubeconfig as it reads a real node's.
 fn random_token() -> String {
     use std::hash::{BuildHasher, Hasher};
-    let mut out = String::from("meshcni-test-");
+    let mut out = String::from("eyJhbGciOiJub25lIn0.eyJzdWIiOiJtZXNoY25pLXRlc3QifQ.");
     for i in 0..2u8 {
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
         h.write_u8(i);

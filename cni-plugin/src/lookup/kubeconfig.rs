@@ -73,6 +73,130 @@ pub fn load_config(
     Ok(config)
 }
 
+/// The kubeconfig exactly as the node agent (and Istio's install-cni) writes it: these lines, in this order, with
+/// a value after each `: ` that ends a line here.
+const AGENT_TEMPLATE: [&str; 17] = [
+    "apiVersion: v1",
+    "clusters:",
+    "- cluster:",
+    "    certificate-authority-data: ",
+    "    server: ",
+    "  name: local",
+    "contexts:",
+    "- context:",
+    "    cluster: local",
+    "    user: istio-cni",
+    "  name: istio-cni-context",
+    "current-context: istio-cni-context",
+    "kind: Config",
+    "users:",
+    "- name: istio-cni",
+    "  user:",
+    "    token: ",
+];
+const SKIP_VERIFY_LINE: &str = "    insecure-skip-tls-verify: true";
+
+/// The kube `Config` of a kubeconfig file in the agent's exact layout, read without a YAML parser (which was a
+/// tenth of an ADD that GETs its pod): `None` for any other file, and for values outside the plain forms read
+/// here (a base64 CA bundle holding PEM certificates, an `https://` URL of host characters, a JWT token); the
+/// caller then reads the file with [`load_config`]. For a file read here both give the same configuration (a
+/// unit test, and the `kubeconfig` fuzz target on every file the agent can write).
+pub fn agent_written(kubeconfig: &Path, request_timeout: Duration) -> Option<Config> {
+    let text = std::fs::read_to_string(kubeconfig).ok()?;
+    let config = agent_written_text(&text, request_timeout)?;
+    if config.accept_invalid_certs {
+        warn!(
+            kubeconfig = %kubeconfig.display(),
+            "insecure-skip-tls-verify is set: the API server's certificate is not verified"
+        );
+    }
+    Some(config)
+}
+
+/// [`agent_written`] of the file's text. Pure but for registering the token with [`crate::redact`].
+pub fn agent_written_text(text: &str, request_timeout: Duration) -> Option<Config> {
+    let (server, ca, token) = parse_agent_written(text)?;
+    let mut config = Config::new(server.parse().ok()?);
+    match ca {
+        Some(pem) => {
+            use rustls::pki_types::pem::PemObject;
+            let ders = rustls::pki_types::CertificateDer::pem_slice_iter(&pem)
+                .map(|c| c.map(|der| der.to_vec()))
+                .collect::<Result<Vec<_>, _>>()
+                .ok()
+                .filter(|d| !d.is_empty())?;
+            config.root_cert = Some(ders);
+        }
+        None => config.accept_invalid_certs = true,
+    }
+    crate::redact::register(token);
+    config.auth_info.token = Some(token.to_string().into());
+    config.proxy_url = None;
+    config.default_retry = false;
+    config.connect_timeout = Some(request_timeout);
+    Some(config)
+}
+
+/// `(server, CA bundle or None for skip-verify, token)` of a file in the agent's layout. Pure.
+fn parse_agent_written(text: &str) -> Option<(&str, Option<Vec<u8>>, &str)> {
+    use base64::Engine;
+    let body = text.strip_suffix('\n')?;
+    let lines: Vec<&str> = body.split('\n').collect();
+    if lines.len() != AGENT_TEMPLATE.len() {
+        return None;
+    }
+    let (mut server, mut ca, mut token) = (None, None, None);
+    for (line, want) in lines.iter().zip(AGENT_TEMPLATE) {
+        match want {
+            "    certificate-authority-data: " if *line == SKIP_VERIFY_LINE => {}
+            "    certificate-authority-data: " | "    server: " | "    token: " => {
+                let value = line.strip_prefix(want)?;
+                match want.trim() {
+                    "certificate-authority-data:" => ca = Some(value),
+                    "server:" => server = Some(value),
+                    _ => token = Some(value),
+                }
+            }
+            _ if line == &want => {}
+            _ => return None,
+        }
+    }
+    let server = server.filter(|s| plain_url(s))?;
+    let token = token.filter(|t| plain_jwt(t))?;
+    let ca = match ca {
+        None => None,
+        Some(b64) => {
+            let base64_chars = |c: char| c.is_ascii_alphanumeric() || matches!(c, '+' | '/' | '=');
+            if b64.is_empty() || !b64.chars().all(base64_chars) {
+                return None;
+            }
+            Some(base64::engine::general_purpose::STANDARD.decode(b64).ok()?)
+        }
+    };
+    Some((server, ca, token))
+}
+
+/// An `https://` URL of host, port and path characters only: a YAML plain scalar that reads back as itself.
+fn plain_url(s: &str) -> bool {
+    s.strip_prefix("https://").is_some_and(|rest| {
+        !rest.is_empty()
+            && rest.chars().all(|c| {
+                c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']' | '/')
+            })
+    })
+}
+
+/// A JWT (what a service-account token is): `eyJ` then base64url characters in three dot-separated parts. A
+/// YAML plain scalar that reads back as itself, never as a number, a boolean or null.
+fn plain_jwt(s: &str) -> bool {
+    let b64url = |p: &str| {
+        !p.is_empty()
+            && p.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'))
+    };
+    s.starts_with("eyJ") && s.split('.').count() == 3 && s.split('.').all(b64url)
+}
+
 /// The output of `f`, which does no I/O of its own for a kubeconfig (kube's `from_custom_kubeconfig` is async but
 /// awaits nothing): polled once, and run on a runtime only if a future version ever made it wait.
 fn now_or_on_a_runtime<F: std::future::Future>(f: F) -> Result<F::Output, LookupErrorKind> {
@@ -140,6 +264,85 @@ mod tests {
             assert_eq!(c.accept_invalid_certs, f == "kubeconfig-skip-tls", "{f}");
             assert_eq!(c.root_cert.is_some(), f != "kubeconfig-skip-tls", "{f}");
         }
+    }
+
+    const JWT: &str = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJzeXN0ZW06c2EifQ.c2lnbmF0dXJl-_x";
+
+    /// What the plugin uses of a configuration, to compare the two readers: the URL, the CA certificates, skip
+    /// verify, the token and the connect timeout, as text.
+    fn essentials(c: &Config) -> String {
+        use secrecy::ExposeSecret;
+        format!(
+            "{} {:?} {} {:?} {:?}",
+            c.cluster_url,
+            c.root_cert,
+            c.accept_invalid_certs,
+            c.auth_info
+                .token
+                .as_ref()
+                .map(|t| t.expose_secret().to_string()),
+            c.connect_timeout,
+        )
+    }
+
+    /// Istio's kubeconfigs (with a JWT as their token, as a service account's is) are read without YAML, and
+    /// give exactly what kube's reader gives; any change to the layout or a value outside the plain forms sends
+    /// the file to kube's reader.
+    #[test]
+    fn the_agents_layout_is_read_without_yaml_and_as_kube_reads_it() {
+        let d = tempdir("agent-written");
+        for f in [
+            "kubeconfig-tls",
+            "kubeconfig-newhost",
+            "kubeconfig-skip-tls",
+        ] {
+            let golden =
+                std::fs::read_to_string(crate::compat::path(&format!("install/{f}"))).expect(f);
+            let text = golden.replace("service_account_token_string", JWT);
+            let p = write(&d, f, &text);
+            let fast = agent_written(&p, Duration::from_secs(5)).expect("the agent's layout");
+            let kube = load_config(&p, Duration::from_secs(5)).expect(f);
+            assert_eq!(essentials(&fast), essentials(&kube), "{f}");
+            assert!(fast.proxy_url.is_none() && !fast.default_retry);
+            // Istio's own token is not a JWT: kube's reader then.
+            assert!(agent_written(&write(&d, "golden", &golden), Duration::from_secs(5)).is_none());
+            for (what, changed) in [
+                (
+                    "a comment",
+                    text.replacen("clusters:\n", "clusters: # x\n", 1),
+                ),
+                ("CRLF", text.replace('\n', "\r\n")),
+                ("a line more", format!("{text}preferences: {{}}\n")),
+                ("no final newline", text.trim_end().to_string()),
+                ("a quoted token", text.replace(JWT, &format!("\"{JWT}\""))),
+                (
+                    "another user",
+                    text.replace("user: istio-cni", "user: other"),
+                ),
+                ("http", text.replace("https://", "http://")),
+                ("a token that is no JWT", text.replace(JWT, "12345")),
+                (
+                    "a space in the server",
+                    text.replace("server: https://", "server: https:// x"),
+                ),
+            ] {
+                let p = write(&d, "changed", &changed);
+                assert!(
+                    agent_written(&p, Duration::from_secs(5)).is_none(),
+                    "{f}: {what}"
+                );
+            }
+        }
+        let bad_ca = std::fs::read_to_string(crate::compat::path("install/kubeconfig-tls"))
+            .expect("golden")
+            .replace("service_account_token_string", JWT)
+            .replace(
+                "certificate-authority-data: LS0t",
+                "certificate-authority-data: !!!!",
+            );
+        assert!(agent_written(&write(&d, "bad-ca", &bad_ca), Duration::from_secs(5)).is_none());
+        assert!(agent_written(&d.join("missing"), Duration::from_secs(5)).is_none());
+        let _ = std::fs::remove_dir_all(&d);
     }
 
     #[test]

@@ -175,7 +175,10 @@ pub fn pod(
     let span = info_span!("pod_lookup", namespace = %pod.namespace, pod = %pod.name);
     let _enter = span.enter();
 
-    let config = kubeconfig::load_config(kubeconfig, policy.request_timeout).map_err(fail)?;
+    let config = match kubeconfig::agent_written(kubeconfig, policy.request_timeout) {
+        Some(config) => config,
+        None => kubeconfig::load_config(kubeconfig, policy.request_timeout).map_err(fail)?,
+    };
     let server = config.cluster_url.to_string();
     let fail = |kind| error(pod, &server, kubeconfig, kind);
     match https::Endpoint::from_config(&config).map_err(fail)? {

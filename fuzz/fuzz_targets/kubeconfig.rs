@@ -14,33 +14,15 @@
 use std::time::Duration;
 
 use base64::Engine;
-use cni_plugin::lookup::kubeconfig::agent_written_text;
+// The lines of the file (the plugin's reader takes the same), a value after each that ends in `: `.
+use cni_plugin::lookup::kubeconfig::{
+    agent_written_text, AGENT_TEMPLATE as TEMPLATE, SKIP_VERIFY_LINE,
+};
 use kube::config::Kubeconfig;
 use libfuzzer_sys::fuzz_target;
 use meshcni_fuzz::text::nul_fields;
 use node_agent::install::kubeconfig::{render, ApiServer, KubeconfigError, Trust};
 use secrecy::ExposeSecret;
-
-/// The lines of the file, `None` where a value goes (the CA line is present only with a CA).
-const TEMPLATE: [&str; 17] = [
-    "apiVersion: v1",
-    "clusters:",
-    "- cluster:",
-    "    certificate-authority-data: ",
-    "    server: ",
-    "  name: local",
-    "contexts:",
-    "- context:",
-    "    cluster: local",
-    "    user: istio-cni",
-    "  name: istio-cni-context",
-    "current-context: istio-cni-context",
-    "kind: Config",
-    "users:",
-    "- name: istio-cni",
-    "  user:",
-    "    token: ",
-];
 
 fuzz_target!(|data: &[u8]| {
     let f = nul_fields(data, 5);
@@ -73,9 +55,7 @@ fuzz_target!(|data: &[u8]| {
         .iter()
         .copied()
         .map(|l| match (&trust, l) {
-            (Trust::SkipVerify, "    certificate-authority-data: ") => {
-                "    insecure-skip-tls-verify: true"
-            }
+            (Trust::SkipVerify, "    certificate-authority-data: ") => SKIP_VERIFY_LINE,
             _ => l,
         })
         .collect();

@@ -75,7 +75,7 @@ pub fn load_config(
 
 /// The kubeconfig exactly as the node agent (and Istio's install-cni) writes it: these lines, in this order, with
 /// a value after each `: ` that ends a line here.
-const AGENT_TEMPLATE: [&str; 17] = [
+pub const AGENT_TEMPLATE: [&str; 17] = [
     "apiVersion: v1",
     "clusters:",
     "- cluster:",
@@ -94,7 +94,8 @@ const AGENT_TEMPLATE: [&str; 17] = [
     "  user:",
     "    token: ",
 ];
-const SKIP_VERIFY_LINE: &str = "    insecure-skip-tls-verify: true";
+/// The line that takes the CA line's place with `insecure-skip-tls-verify`.
+pub const SKIP_VERIFY_LINE: &str = "    insecure-skip-tls-verify: true";
 
 /// The kube `Config` of a kubeconfig file in the agent's exact layout, read without a YAML parser (which was a
 /// tenth of an ADD that GETs its pod): `None` for any other file, and for values outside the plain forms read

@@ -9,8 +9,8 @@
 //!   same way: what the iptables backends cannot go below, and what the native backend is compared with.
 //!
 //! The three are interleaved so that drift affects them alike. Then, per backend, a burst of concurrent ADDs
-//! (each its own pod and netns): wall time, slowest, failures, against the bound the CPU time of one ADD gives
-//! (`burst × median CPU time / cores`). Results as a markdown table on stdout, and an SVG chart (`--svg`).
+//! (each its own pod and netns; one thread each, made before the clock starts and released together): wall time,
+//! slowest, failures, against the bound the CPU time of one ADD gives (`1.3 × burst × median CPU time / cores`). Results as a markdown table on stdout, and an SVG chart (`--svg`).
 //! Run it through `scripts/bench-add.sh` (release build, root). Touches only netns it creates.
 
 use std::fmt::Write as _;
@@ -256,15 +256,21 @@ fn run_plugin(plugin: &Path, env: &[(&str, String)], stdin: &[u8]) -> Result<Tim
 /// Every ADD run so far (pod starts, for the API requests per pod start).
 static ADDS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-fn add(s: &Setup, backend: BackendChoice, pod: &str, netns: &str) -> Result<Timed, String> {
-    ADDS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+/// One ADD's environment and stdin, ready to run.
+struct AddCall {
+    pod: String,
+    env: Vec<(&'static str, String)>,
+    stdin: Vec<u8>,
+}
+
+fn add_call(s: &Setup, backend: BackendChoice, pod: &str, netns: &str) -> Result<AddCall, String> {
     let conf = json!({
         "cniVersion": "1.0.0", "name": "k8s-pod-network", "type": "istio-cni",
         "cni_agent_run_dir": s.run_dir, "plugin_log_level": "warn",
         "iptables_backend": backend_key(backend),
         "prevResult": {"cniVersion": "1.0.0", "ips": [{"address": "10.77.0.2/16"}], "dns": {}}
     });
-    let env = [
+    let env = vec![
         ("CNI_COMMAND", "ADD".to_string()),
         ("CNI_CONTAINERID", format!("bench{pod}")),
         ("CNI_NETNS", netns.to_string()),
@@ -276,7 +282,20 @@ fn add(s: &Setup, backend: BackendChoice, pod: &str, netns: &str) -> Result<Time
         ),
     ];
     let stdin = serde_json::to_vec(&conf).map_err(|e| e.to_string())?;
-    run_plugin(&s.plugin, &env, &stdin).map_err(|e| format!("ADD {pod}: {e}"))
+    Ok(AddCall {
+        pod: pod.to_string(),
+        env,
+        stdin,
+    })
+}
+
+fn run_add(s: &Setup, call: &AddCall) -> Result<Timed, String> {
+    ADDS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    run_plugin(&s.plugin, &call.env, &call.stdin).map_err(|e| format!("ADD {}: {e}", call.pod))
+}
+
+fn add(s: &Setup, backend: BackendChoice, pod: &str, netns: &str) -> Result<Timed, String> {
+    run_add(s, &add_call(s, backend, pod, netns)?)
 }
 
 /// The plugin's `VERSION` call: its start-up and exit, nothing else.
@@ -552,13 +571,28 @@ fn burst(setup: &Setup, backend: BackendChoice, n: usize) -> Result<Burst, Strin
     let nss: Vec<BenchNetns> = (0..n)
         .map(|i| BenchNetns::new(3000 + i))
         .collect::<Result<_, _>>()?;
-    let start = Instant::now();
+    let calls: Vec<AddCall> = nss
+        .iter()
+        .enumerate()
+        .map(|(i, ns)| add_call(setup, backend, &format!("burst-{i}"), &ns.path()))
+        .collect::<Result<_, _>>()?;
+    // The threads are made and the calls prepared before the clock starts: the burst is the ADDs, released
+    // together, not the bench's thread creation.
+    let go = std::sync::Barrier::new(n + 1);
+    let mut start = Instant::now();
     let results: Vec<Result<Timed, String>> = std::thread::scope(|sc| {
-        let hs: Vec<_> = nss
+        let hs: Vec<_> = calls
             .iter()
-            .enumerate()
-            .map(|(i, ns)| sc.spawn(move || add(setup, backend, &format!("burst-{i}"), &ns.path())))
+            .map(|call| {
+                let go = &go;
+                sc.spawn(move || {
+                    go.wait();
+                    run_add(setup, call)
+                })
+            })
             .collect();
+        go.wait();
+        start = Instant::now();
         hs.into_iter()
             .map(|h| {
                 h.join()

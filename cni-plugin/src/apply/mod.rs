@@ -1,14 +1,16 @@
 //! Programming one pod netns: firewall backends behind one trait (netavark style: the backend is chosen once and
-//! logged by name), the routes that go with the rules, and the one entry point [`program`].
+//! logged by name), the routes that go with the rules, and the one entry point [`program_with`] ([`program`] for
+//! long-lived callers).
 //!
 //! A backend takes the typed [`Capture`] (the capture configuration and its routes) and renders its own payload:
 //! the iptables backends render Istio's iptables-restore text, the native nftables backend its netlink batch.
 //! Text is an output of a backend, never the interface between the core and the backends.
 //!
-//! Everything happens inside the pod netns: for the iptables backends on one dedicated thread ([`Netns::run`]) that
-//! also gets a private mount namespace for their children ([`sandbox`]) and a pod-scoped xtables lock file; for
-//! native nftables, which needs only netlink sockets, on the calling thread, which enters and leaves the netns
-//! ([`Netns::run_here`]).
+//! Everything happens inside the pod netns: for the iptables backends on a thread that also gets a private mount
+//! namespace for their children ([`sandbox`]) and a pod-scoped xtables lock file, either a dedicated one
+//! ([`Netns::run`], [`Worker::Thread`]) or, in a process that exits afterwards (the plugin), the calling thread
+//! ([`Worker::CallingThreadThenExit`]); for native nftables, which needs only netlink sockets, always the calling
+//! thread, which enters and leaves the netns ([`Netns::run_here`]).
 //! Nothing is applied before the whole configuration has been validated, and a failed ADD leaves no rule behind:
 //! if the IPv6 restore fails after IPv4 succeeded, or the routes fail, our rules are removed again.
 

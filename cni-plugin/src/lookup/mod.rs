@@ -159,7 +159,7 @@ impl LookupPolicy {
 /// `policy`, from the calling thread (and so in its network namespace). `uid` is the pod's UID as the runtime
 /// knows it (`K8S_POD_UID`), when it passed one: a pod of that name with another UID is refused.
 ///
-/// The GET is the plugin's own lean one ([`https`]) for every kubeconfig it serves; one that needs more (an exec
+/// The GET is the plugin's own lean one (`lookup/https.rs`) for every kubeconfig it serves; one that needs more (an exec
 /// plugin, ...) is served by kube's client on a current-thread tokio runtime made here. Must not be called from
 /// within a tokio runtime.
 pub fn pod(

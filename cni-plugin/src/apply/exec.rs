@@ -204,7 +204,7 @@ pub fn spawn_in_userns(
 /// limit) whose write end is closed before the spawn. The child then never waits for us: a tool started with an
 /// empty pipe blocks on its first read until the parent is scheduled again, which on a busy node (or with the
 /// parent woken on the child's CPU) can be after the child's whole start-up. Input that does not fit is fed by
-/// [`Running::finish`] as before.
+/// [`Running::finish`] as before. Without input the tool's stdin is /dev/null.
 pub fn run_in_owning_userns(
     binary: &Path,
     args: &[&str],
@@ -214,8 +214,10 @@ pub fn run_in_owning_userns(
 ) -> Result<String, ExecError> {
     let userns = owning_userns(binary)?;
     let userns = userns.as_ref().map(AsFd::as_fd);
-    let input = stdin.unwrap_or_default().as_bytes();
-    match prefilled_pipe(input) {
+    let Some(input) = stdin else {
+        return spawn_with(binary, args, env, Stdio::null(), userns)?.finish(None, timeout);
+    };
+    match prefilled_pipe(input.as_bytes()) {
         Some(read_end) => {
             spawn_with(binary, args, env, Stdio::from(read_end), userns)?.finish(None, timeout)
         }

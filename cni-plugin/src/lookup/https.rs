@@ -91,7 +91,7 @@ fn needs_kube(config: &kube::Config) -> Option<&'static str> {
 }
 
 impl Endpoint {
-    /// The endpoint of `config`, or `Ok(None)` with the reason when it needs kube's client (see the module docs).
+    /// The endpoint of `config`, or `Ok(Err(reason))` when it needs kube's client (see the module docs).
     pub(super) fn from_config(
         config: &kube::Config,
     ) -> Result<Result<Self, &'static str>, LookupErrorKind> {
@@ -207,21 +207,21 @@ impl Endpoint {
         let token = match &self.auth {
             Auth::None => None,
             Auth::Token(t) => Some(t.expose_secret().trim().to_string()),
-            Auth::TokenFile(file) => Some(
-                std::fs::read_to_string(file)
-                    .map_err(|e| LookupErrorKind::Client {
-                        chain: format!("reading tokenFile {}: {e}", file.display()),
-                    })?
-                    .trim()
-                    .to_string(),
-            ),
+            Auth::TokenFile(file) => {
+                let token = std::fs::read_to_string(file).map_err(|e| LookupErrorKind::Client {
+                    chain: format!("reading tokenFile {}: {e}", file.display()),
+                })?;
+                // Read again at each attempt (the file rotates): redacted from the first read on. An inline token
+                // was registered when the kubeconfig was read.
+                crate::redact::register(&token);
+                Some(token.trim().to_string())
+            }
         };
         let mut req = format!(
             "GET {}{path} HTTP/1.1\r\nHost: {}\r\nUser-Agent: {USER_AGENT}\r\nAccept: application/json\r\n",
             self.base_path, self.authority
         );
         if let Some(token) = token.filter(|t| !t.is_empty()) {
-            crate::redact::register(&token);
             if token.chars().any(char::is_control) {
                 return Err(LookupErrorKind::KubeconfigInvalid {
                     detail: "the bearer token contains control characters".into(),

@@ -159,9 +159,9 @@ impl LookupPolicy {
 /// `policy`, from the calling thread (and so in its network namespace). `uid` is the pod's UID as the runtime
 /// knows it (`K8S_POD_UID`), when it passed one: a pod of that name with another UID is refused.
 ///
-/// The GET is the plugin's own lean one (`lookup/https.rs`) for every kubeconfig it serves; one that needs more (an exec
-/// plugin, ...) is served by kube's client on a current-thread tokio runtime made here. Must not be called from
-/// within a tokio runtime.
+/// The GET is the plugin's own lean one (`lookup/https.rs`) for every kubeconfig it serves; one that needs more
+/// (an exec plugin, ...) is served by kube's client on a current-thread tokio runtime made here. Must not be called
+/// from within a tokio runtime.
 pub fn pod(
     kubeconfig: &Path,
     pod: &PodRef,
@@ -208,7 +208,7 @@ pub fn pod(
     }
 }
 
-/// The retry loop of [`pod()`] around `attempt` (one GET within the timeout it is given; its result and the
+/// The retry loop of [`pod()`] around `attempt_once` (one GET within the timeout it is given; its result and the
 /// server's `Retry-After`), the lookup having started at `start`.
 fn retry(
     policy: &LookupPolicy,

@@ -10,7 +10,7 @@ use super::msg::{
     answers, MsgBuf, NftMsg, NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END, NFNL_SUBSYS_NFTABLES,
     NFPROTO_UNSPEC, NLM_F_ACK, NLM_F_REQUEST,
 };
-use super::{classify, open, programmed_tables, NftError, Session, NFTA_TABLE_NAME};
+use super::{classify, NftError, Session, NFTA_TABLE_NAME};
 use crate::apply::{Applied, ApplyError, Backend, BackendKind, Capture, FamilyOutcome};
 use crate::rules::nftables::{render, NftTable};
 
@@ -49,7 +49,8 @@ impl Backend for NativeNftables {
 
 /// Deletes Istio's tables that exist in the calling thread's netns, in one transaction. Returns those deleted.
 pub fn remove_tables() -> Result<Vec<NftTable>, NftError> {
-    let present = programmed_tables()?;
+    let mut session = Session::open()?;
+    let present = session.programmed_tables()?;
     if present.is_empty() {
         return Ok(present);
     }
@@ -75,7 +76,7 @@ pub fn remove_tables() -> Result<Vec<NftTable>, NftError> {
         NFNL_SUBSYS_NFTABLES,
     );
     m.end();
-    let mut socket = open()?;
+    let socket = session.socket();
     socket.send(m.as_bytes()).map_err(|source| NftError::Send {
         bytes: m.as_bytes().len(),
         source,

@@ -132,16 +132,6 @@ pub fn apply(ruleset: &NftRuleset) -> Result<NftApplied, NftError> {
     apply_with_groups(ruleset, &system_gid)
 }
 
-/// [`apply`], deleting the tables of `existing` first in the same transaction: what an earlier, different
-/// capture left (a table or chain the new ruleset does not have) goes too, and there is still no moment without
-/// rules.
-pub fn apply_replacing(
-    ruleset: &NftRuleset,
-    existing: &[NftTable],
-) -> Result<NftApplied, NftError> {
-    send_batch(Batch::build(ruleset, existing, &system_gid)?, None)
-}
-
 /// One netfilter netlink socket for a table dump and the batch after it (one socket, one receive buffer, instead
 /// of one each).
 pub struct Session {
@@ -159,7 +149,14 @@ impl Session {
         tables_on(&mut self.socket)
     }
 
-    /// [`apply_replacing`] on this socket.
+    /// The socket, for a batch of the caller's own.
+    fn socket(&mut self) -> &mut NfSocket {
+        &mut self.socket
+    }
+
+    /// [`apply`] on this socket, deleting the tables of `existing` first in the same transaction: what an
+    /// earlier, different capture left (a table or chain the new ruleset does not have) goes too, and there is
+    /// still no moment without rules.
     pub fn apply_replacing(
         &mut self,
         ruleset: &NftRuleset,

@@ -521,13 +521,8 @@ fn program_renders_and_applies_the_redirect() {
 #[test]
 fn the_lock_file_is_removed() {
     let ns = TestNetns::new("lock");
-    let p = apply::program(ns.path(), BackendChoice::Legacy, &v4("basic")).unwrap();
-    let prefix = format!("meshcni-xtables-{}-", p.netns.ino);
-    let left: Vec<_> = std::fs::read_dir(std::env::temp_dir())
-        .unwrap()
-        .filter_map(Result::ok)
-        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
-        .collect();
+    apply::program(ns.path(), BackendChoice::Legacy, &v4("basic")).unwrap();
+    let left = lock_files_of(ns.path());
     assert!(left.is_empty(), "{left:?}");
 }
 
@@ -568,14 +563,21 @@ fn processes_in(path: &Path) -> Vec<(u32, String)> {
     out
 }
 
+/// The lock files this test process created for the netns at `netns` and left in the temp dir. Named by
+/// process, too: a process killed while it held one (an agent or a plugin killed by an earlier test) leaves its
+/// file behind, and a later netns may get the same inode number.
 fn lock_files_of(netns: &Path) -> Vec<std::path::PathBuf> {
     use std::os::unix::fs::MetadataExt;
     let ino = std::fs::metadata(netns).unwrap().ino();
-    let prefix = format!("meshcni-xtables-{ino}-");
-    std::fs::read_dir(std::env::temp_dir())
+    let prefix = format!("meshcni-xtables-{ino}-{}-", std::process::id());
+    files_starting_with(&std::env::temp_dir(), &prefix)
+}
+
+fn files_starting_with(dir: &Path, prefix: &str) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(dir)
         .unwrap()
         .filter_map(Result::ok)
-        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
         .map(|e| e.path())
         .collect()
 }
@@ -738,10 +740,16 @@ mod binary {
             std::process::id(),
             std::thread::current().id()
         ));
-        std::fs::create_dir_all(&run_dir).unwrap();
+        std::fs::create_dir_all(run_dir.join("tmp")).unwrap();
         srv.write_kubeconfig(&run_dir.join("istio-cni-kubeconfig"))
             .unwrap();
         Fixture { srv, run_dir }
+    }
+
+    /// The plugin runs of `fx` left nothing in their temp dir (their xtables lock files went).
+    fn plugin_left_no_file(fx: &Fixture) {
+        let left = files_starting_with(&fx.run_dir.join("tmp"), "");
+        assert!(left.is_empty(), "{left:?}");
     }
 
     fn add(fx: &Fixture, pod: &str, netns: &Path, path_var: Option<String>) -> PluginOutput {
@@ -770,6 +778,8 @@ mod binary {
                 "CNI_ARGS",
                 format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod}"),
             )
+            // The plugin's lock files go to a temp dir of this fixture's (see `plugin_left_no_file`).
+            .env("TMPDIR", fx.run_dir.join("tmp").display().to_string())
             .stdin(serde_json::to_vec(&conf).unwrap());
         if let Some(p) = path_var {
             inv = inv.env("PATH", p);
@@ -928,7 +938,7 @@ mod binary {
                 "{msg}"
             );
             no_istio_anywhere(&net.pod);
-            assert!(lock_files_of(net.pod.path()).is_empty());
+            plugin_left_no_file(&fx);
             assert!(processes_in(net.pod.path()).is_empty());
         }
     }
@@ -977,7 +987,7 @@ mod binary {
                     );
                 }
                 assert!(processes_in(net.pod.path()).is_empty());
-                assert!(lock_files_of(net.pod.path()).is_empty());
+                plugin_left_no_file(&fx);
             };
 
             let net = PodNet::new(tag, false);

@@ -166,11 +166,6 @@ impl Netns {
         Ok(Netns { file, path, id })
     }
 
-    /// The host's network namespace (`/proc/1/ns/net`).
-    pub fn host() -> Result<Self, NetnsError> {
-        Netns::open(HOST_NETNS_PATH)
-    }
-
     /// The network namespace of the calling thread.
     pub fn current() -> Result<Self, NetnsError> {
         Netns::open(THREAD_NETNS_PATH)
@@ -188,14 +183,17 @@ impl Netns {
     /// process's own netns (the runtime runs the plugin in the host's netns; a pod's netns is never ours).
     /// Where /proc/1 may not be inspected (EACCES/EPERM, e.g. a hardened or sandboxed init), the process's own
     /// netns is the reference; any other failure to read either is an error.
+    ///
+    /// Only identities are compared, so the references are `stat`ed, not opened: `/proc/PID/ns/net` always
+    /// names a network namespace, and `self` was checked to be one when it was opened.
     pub fn is_host(&self) -> Result<bool, NetnsError> {
-        if Netns::open(PROCESS_NETNS_PATH)?.id == self.id {
+        if id_at(Path::new(PROCESS_NETNS_PATH))? == self.id {
             return Ok(true);
         }
-        match Netns::host() {
-            Ok(host) => Ok(host.id == self.id),
-            Err(NetnsError::Open { source, .. })
-                if source.kind() == std::io::ErrorKind::PermissionDenied =>
+        match id_at(Path::new(HOST_NETNS_PATH)) {
+            Ok(host) => Ok(host == self.id),
+            Err(NetnsError::Stat { source, .. })
+                if matches!(source, nix::errno::Errno::EACCES | nix::errno::Errno::EPERM) =>
             {
                 tracing::debug!(path = HOST_NETNS_PATH, error = %source, "cannot inspect init's netns; comparing with our own only");
                 Ok(false)
@@ -267,12 +265,12 @@ impl Netns {
                 source,
             }
         })?;
-        let here = Netns::current()?;
-        if here.id != self.id {
+        let here = id_at(Path::new(THREAD_NETNS_PATH))?;
+        if here != self.id {
             return Err(NetnsError::Verify {
                 path: self.path.clone(),
                 expected: self.id,
-                found: here.id,
+                found: here,
             });
         }
         Ok(())
@@ -286,11 +284,15 @@ impl Netns {
     /// `f` becomes [`NetnsError::Panicked`] after the thread is back. Should the way back fail, which needs a kernel
     /// that refuses a namespace it just left, the process aborts: it must not go on in the pod's netns.
     pub fn run_here<T>(&self, f: impl FnOnce() -> T) -> Result<T, NetnsError> {
-        let home = Netns::current()?;
+        // The way back: the calling thread's own netns, which needs no checking.
+        let home = File::open(THREAD_NETNS_PATH).map_err(|source| NetnsError::Open {
+            path: PathBuf::from(THREAD_NETNS_PATH),
+            source,
+        })?;
         let result = self
             .enter()
             .map(|()| std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)));
-        if let Err(e) = nix::sched::setns(home.file.as_fd(), CloneFlags::CLONE_NEWNET) {
+        if let Err(e) = nix::sched::setns(home.as_fd(), CloneFlags::CLONE_NEWNET) {
             tracing::error!(netns = %self.path.display(), error = %e, "cannot return to our own network namespace; aborting");
             std::process::abort();
         }
@@ -338,6 +340,18 @@ impl AsFd for Netns {
     fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
         self.file.as_fd()
     }
+}
+
+/// The identity of the namespace at `path` (a `/proc/PID/ns/net` link, followed), without opening it.
+fn id_at(path: &Path) -> Result<NetnsId, NetnsError> {
+    let st = nix::sys::stat::stat(path).map_err(|source| NetnsError::Stat {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(NetnsId {
+        dev: st.st_dev,
+        ino: st.st_ino,
+    })
 }
 
 fn id_of(file: &File, path: &Path) -> Result<NetnsId, NetnsError> {

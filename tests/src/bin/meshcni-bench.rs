@@ -206,24 +206,27 @@ fn backend_name(backend: BackendChoice) -> &'static str {
     }
 }
 
-/// One plugin run, timed: wall time and the child's CPU time (user + system).
+/// One plugin run, timed: wall time, the child's CPU time (user + system) and its minor page faults (the code
+/// and data it paged in, which the machine's load does not change).
 struct Timed {
     wall: Duration,
     cpu: Duration,
+    faults: u64,
 }
 
-fn children_cpu() -> Duration {
+/// CPU time and minor page faults of this process's waited-for children so far.
+fn children_usage() -> (Duration, u64) {
     // SAFETY: getrusage only writes the struct it is given.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
     unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };
     let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-    tv(ru.ru_utime) + tv(ru.ru_stime)
+    (tv(ru.ru_utime) + tv(ru.ru_stime), ru.ru_minflt as u64)
 }
 
-/// Runs the plugin with `env` and `stdin` and waits. The CPU time is right only when no other child of this
-/// process ends meanwhile (the sequential samples; not the burst).
+/// Runs the plugin with `env` and `stdin` and waits. The CPU time and faults are right only when no other child
+/// of this process ends meanwhile (the sequential samples; not the burst).
 fn run_plugin(plugin: &Path, env: &[(&str, String)], stdin: &[u8]) -> Result<Timed, String> {
-    let cpu0 = children_cpu();
+    let (cpu0, faults0) = children_usage();
     let start = Instant::now();
     let mut child = Command::new(plugin)
         .env_clear()
@@ -241,7 +244,8 @@ fn run_plugin(plugin: &Path, env: &[(&str, String)], stdin: &[u8]) -> Result<Tim
         .wait_with_output()
         .map_err(|e| format!("{}: {e}", plugin.display()))?;
     let wall = start.elapsed();
-    let cpu = children_cpu().saturating_sub(cpu0);
+    let (cpu1, faults1) = children_usage();
+    let (cpu, faults) = (cpu1.saturating_sub(cpu0), faults1.saturating_sub(faults0));
     if !out.status.success() {
         return Err(format!(
             "{} failed: {} {}",
@@ -250,7 +254,7 @@ fn run_plugin(plugin: &Path, env: &[(&str, String)], stdin: &[u8]) -> Result<Tim
             String::from_utf8_lossy(&out.stderr)
         ));
     }
-    Ok(Timed { wall, cpu })
+    Ok(Timed { wall, cpu, faults })
 }
 
 /// The targets missed so far, each with its numbers (printed at the end).
@@ -322,6 +326,11 @@ fn version(s: &Setup) -> Result<Timed, String> {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
+}
+
+fn median(v: &mut [u64]) -> u64 {
+    v.sort_unstable();
+    v.get(v.len() / 2).copied().unwrap_or(0)
 }
 
 fn percentile(v: &mut [Duration], p: f64) -> Duration {
@@ -494,10 +503,15 @@ fn measure(
     let mut ok = true;
     warm_up(setup, BackendChoice::Nft, rules)?;
     let (mut plain, mut ver, mut nft_floor) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut plain_faults, mut ver_faults) = (Vec::new(), Vec::new());
     for i in 0..a.samples {
         let ns = BenchNetns::new(i)?;
-        plain.push(add(setup, BackendChoice::Nft, "plain", &ns.path())?.wall);
-        ver.push(version(setup)?.wall);
+        let t = add(setup, BackendChoice::Nft, "plain", &ns.path())?;
+        plain.push(t.wall);
+        plain_faults.push(t.faults);
+        let t = version(setup)?;
+        ver.push(t.wall);
+        ver_faults.push(t.faults);
         let ns = BenchNetns::new(i + 1000)?;
         nft_floor.push(restore_in(&ns.path(), "iptables-nft-restore", rules)?);
     }
@@ -505,8 +519,8 @@ fn measure(
     let (v50, v90) = (percentile(&mut ver, 0.5), percentile(&mut ver, 0.9));
     let nf50 = percentile(&mut nft_floor, 0.5);
     println!(
-        "| measurement | p50 (p90) |\n|---|---|\n| ADD non-injected | {:.2} ms ({:.2}) |\n| VERSION (start-up) | {:.2} ms ({:.2}) |\n| iptables-nft floor | {:.2} ms |\n",
-        ms(p50), ms(p90), ms(v50), ms(v90), ms(nf50)
+        "| measurement | p50 (p90) | page faults p50 |\n|---|---|---|\n| ADD non-injected | {:.2} ms ({:.2}) | {} |\n| VERSION (start-up) | {:.2} ms ({:.2}) | {} |\n| iptables-nft floor | {:.2} ms | |\n",
+        ms(p50), ms(p90), median(&mut plain_faults), ms(v50), ms(v90), median(&mut ver_faults), ms(nf50)
     );
     chart.push(Bar::new(
         &format!("non-injected ADD{suffix}"),
@@ -521,17 +535,19 @@ fn measure(
         format!("non-injected ADD{suffix}: {:.2} ms > {limit} ms", ms(p50))
     });
 
-    println!("| backend | ADD injected p50 (p90) | floor p50 (p90) | ratio p50 | ratio to iptables-nft floor | CPU p50 | burst {} wall / bound / slowest / failures |", a.burst);
-    println!("|---|---|---|---|---|---|---|");
+    println!("| backend | ADD injected p50 (p90) | floor p50 (p90) | ratio p50 | ratio to iptables-nft floor | CPU p50 | page faults p50 | burst {} wall / bound / slowest / failures |", a.burst);
+    println!("|---|---|---|---|---|---|---|---|");
     for &backend in &a.backends {
         let restore = floor_restore(backend);
         warm_up(setup, backend, rules)?;
         let (mut inj, mut cpu, mut floor) = (Vec::new(), Vec::new(), Vec::new());
+        let mut faults = Vec::new();
         for i in 0..a.samples {
             let ns = BenchNetns::new(i)?;
             let t = add(setup, backend, "injected", &ns.path())?;
             inj.push(t.wall);
             cpu.push(t.cpu);
+            faults.push(t.faults);
             let ns = BenchNetns::new(i + 1000)?;
             floor.push(restore_in(&ns.path(), restore, rules)?);
         }
@@ -543,9 +559,9 @@ fn measure(
         let ratio_nft = ms(i50) / ms(nf50);
         let bound = c50.mul_f64(1.3 * a.burst as f64 / cores as f64);
         println!(
-            "| {} | {:.2} ms ({:.2}) | {:.2} ms ({:.2}) | {:.2}x | {:.2}x | {:.2} ms | {:.0} ms / {:.0} ms / {:.0} ms / {} |",
+            "| {} | {:.2} ms ({:.2}) | {:.2} ms ({:.2}) | {:.2}x | {:.2}x | {:.2} ms | {} | {:.0} ms / {:.0} ms / {:.0} ms / {} |",
             backend_name(backend), ms(i50), ms(i90), ms(f50), ms(f90), ratio, ratio_nft, ms(c50),
-            ms(burst.wall), ms(bound), ms(burst.slowest), burst.failures
+            median(&mut faults), ms(burst.wall), ms(bound), ms(burst.slowest), burst.failures
         );
         let floor_label = restore.trim_end_matches("-restore");
         chart.push(Bar::new(

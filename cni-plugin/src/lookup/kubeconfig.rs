@@ -55,22 +55,32 @@ pub fn load_config(
         &KubeConfigOptions::default(),
     ))?
     .map_err(|e| invalid(error_chain(&e)))?;
-    config.proxy_url = None;
-    config.default_retry = false;
-    config.connect_timeout = Some(request_timeout);
+    plugin_settings(&mut config, request_timeout);
     if config.cluster_url.scheme_str() != Some("https") {
         return Err(invalid(format!(
             "server {} is not https: the bearer token must not travel in clear text",
             config.cluster_url
         )));
     }
+    warn_if_unverified(&config, kubeconfig);
+    Ok(config)
+}
+
+/// What the plugin sets on every configuration, whichever reader made it: no proxy, none of kube's own retries
+/// (the lookup has its own policy), the connect timeout.
+fn plugin_settings(config: &mut Config, request_timeout: Duration) {
+    config.proxy_url = None;
+    config.default_retry = false;
+    config.connect_timeout = Some(request_timeout);
+}
+
+fn warn_if_unverified(config: &Config, kubeconfig: &Path) {
     if config.accept_invalid_certs {
         warn!(
             kubeconfig = %kubeconfig.display(),
             "insecure-skip-tls-verify is set: the API server's certificate is not verified"
         );
     }
-    Ok(config)
 }
 
 /// The kubeconfig exactly as the node agent (and Istio's install-cni) writes it: these lines, in this order, with
@@ -96,6 +106,10 @@ pub const AGENT_TEMPLATE: [&str; 17] = [
 ];
 /// The line that takes the CA line's place with `insecure-skip-tls-verify`.
 pub const SKIP_VERIFY_LINE: &str = "    insecure-skip-tls-verify: true";
+/// The template's lines that end in a value.
+const CA_LINE: &str = AGENT_TEMPLATE[3];
+const SERVER_LINE: &str = AGENT_TEMPLATE[4];
+const TOKEN_LINE: &str = AGENT_TEMPLATE[16];
 
 /// The kube `Config` of a kubeconfig file in the agent's exact layout, read without a YAML parser (which was a
 /// tenth of an ADD that GETs its pod): `None` for any other file, and for values outside the plain forms read
@@ -105,12 +119,7 @@ pub const SKIP_VERIFY_LINE: &str = "    insecure-skip-tls-verify: true";
 pub fn agent_written(kubeconfig: &Path, request_timeout: Duration) -> Option<Config> {
     let text = std::fs::read_to_string(kubeconfig).ok()?;
     let config = agent_written_text(&text, request_timeout)?;
-    if config.accept_invalid_certs {
-        warn!(
-            kubeconfig = %kubeconfig.display(),
-            "insecure-skip-tls-verify is set: the API server's certificate is not verified"
-        );
-    }
+    warn_if_unverified(&config, kubeconfig);
     Some(config)
 }
 
@@ -132,9 +141,7 @@ pub fn agent_written_text(text: &str, request_timeout: Duration) -> Option<Confi
     }
     crate::redact::register(token);
     config.auth_info.token = Some(token.to_string().into());
-    config.proxy_url = None;
-    config.default_retry = false;
-    config.connect_timeout = Some(request_timeout);
+    plugin_settings(&mut config, request_timeout);
     Some(config)
 }
 
@@ -147,18 +154,13 @@ fn parse_agent_written(text: &str) -> Option<(&str, Option<Vec<u8>>, &str)> {
         return None;
     }
     let (mut server, mut ca, mut token) = (None, None, None);
-    for (line, want) in lines.iter().zip(AGENT_TEMPLATE) {
+    for (&line, want) in lines.iter().zip(AGENT_TEMPLATE) {
         match want {
-            "    certificate-authority-data: " if *line == SKIP_VERIFY_LINE => {}
-            "    certificate-authority-data: " | "    server: " | "    token: " => {
-                let value = line.strip_prefix(want)?;
-                match want.trim() {
-                    "certificate-authority-data:" => ca = Some(value),
-                    "server:" => server = Some(value),
-                    _ => token = Some(value),
-                }
-            }
-            _ if line == &want => {}
+            CA_LINE if line == SKIP_VERIFY_LINE => {}
+            CA_LINE => ca = Some(line.strip_prefix(want)?),
+            SERVER_LINE => server = Some(line.strip_prefix(want)?),
+            TOKEN_LINE => token = Some(line.strip_prefix(want)?),
+            _ if line == want => {}
             _ => return None,
         }
     }
@@ -234,6 +236,13 @@ mod tests {
     use std::path::PathBuf;
 
     use super::*;
+
+    #[test]
+    fn the_value_lines_are_the_templates() {
+        assert_eq!(CA_LINE, "    certificate-authority-data: ");
+        assert_eq!(SERVER_LINE, "    server: ");
+        assert_eq!(TOKEN_LINE, "    token: ");
+    }
 
     fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
         let p = dir.join(name);

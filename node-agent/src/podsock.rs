@@ -487,8 +487,9 @@ mod tests {
     }
 
     /// A client that connects and then dawdles over its request goes to the runtime and is still answered, in
-    /// two writes too; meanwhile a prompt client is answered at once, by the socket's thread.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    /// two writes too; meanwhile a prompt client is answered at once, by the socket's thread. On a current-thread
+    /// runtime, as the agent's.
+    #[tokio::test]
     async fn a_slow_client_is_answered_and_holds_up_nobody() {
         use std::io::{BufRead, Write};
         let dir = std::env::temp_dir().join(format!("meshcni-podsock-slow-{}", std::process::id()));

@@ -259,6 +259,14 @@ fn run_plugin(plugin: &Path, env: &[(&str, String)], stdin: &[u8]) -> Result<Tim
 
 /// The targets missed so far, each with its numbers (printed at the end).
 static MISSED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+/// Numbers worth showing that are no target (printed at the end).
+static NOTES: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+fn note(what: String) {
+    if let Ok(mut n) = NOTES.lock() {
+        n.push(what);
+    }
+}
 
 /// Remembers `what` when a target is not `met` (the bench's verdict is whether any was missed).
 fn target(met: bool, what: impl FnOnce() -> String) {
@@ -445,7 +453,7 @@ fn run(a: &Args) -> Result<(), String> {
     agent.stop();
 
     println!(
-        "\nsamples per measurement: {}; cores: {cores}; targets: without the agent iptables ADD <= 1.3x its floor and native nftables ADD <= 1.0x the iptables-nft floor; with the socket iptables ADD <= 1.3x its floor and native <= 0.4x the iptables-nft floor (stretch 0.3x), non-injected <= 2 ms; 0 API requests per pod start with the agent; bursts 0 failures within 1.3 x burst x median CPU / cores; agent RSS <= 20 MB",
+        "\nsamples per measurement: {}; cores: {cores}; targets: without the agent native nftables ADD <= 1.0x the iptables-nft floor, non-injected <= 5 ms; with the socket iptables ADD <= 1.3x its floor and native <= 0.4x the iptables-nft floor (stretch 0.3x), non-injected <= 2 ms; 0 API requests per pod start with the agent; bursts 0 failures, with the socket within 1.3 x burst x median CPU / cores; agent RSS <= 20 MB",
         a.samples
     );
     if let Some(path) = &a.svg {
@@ -573,14 +581,37 @@ fn measure(
                 burst.failures, a.burst
             )
         });
-        let (got, limit, of) = match (backend, with_socket) {
-            (BackendChoice::Nftables, false) => (ratio_nft, 1.0, "the iptables-nft floor"),
-            (BackendChoice::Nftables, true) => (ratio_nft, 0.4, "the iptables-nft floor"),
-            _ => (ratio, 1.3, "its floor"),
-        };
-        target(got <= limit, || {
-            format!("{name}{suffix}: ADD {got:.3}x {of}, target <= {limit}x")
-        });
+        match (backend, with_socket) {
+            // Issue 2 asked ADD <= 1.3x the floor when every ADD did its own GET; issue 8 moved that target to the
+            // ADD with the agent's socket (below). Without the agent it is the fallback's cost, shown, not judged.
+            (BackendChoice::Legacy | BackendChoice::Nft | BackendChoice::Auto, false) => {
+                note(format!(
+                    "{name} with the plugin's own GET: ADD {ratio:.3}x its floor (issue 2's 1.3x, before the pod cache; the target is now with the socket)"
+                ));
+            }
+            (_, _) => {
+                let (got, limit, of) = match (backend, with_socket) {
+                    (BackendChoice::Nftables, false) => (ratio_nft, 1.0, "the iptables-nft floor"),
+                    (BackendChoice::Nftables, true) => (ratio_nft, 0.4, "the iptables-nft floor"),
+                    _ => (ratio, 1.3, "its floor"),
+                };
+                target(got <= limit, || {
+                    format!("{name}{suffix}: ADD {got:.3}x {of}, target <= {limit}x")
+                });
+                if backend == BackendChoice::Nftables && with_socket {
+                    let reached = if got <= 0.3 { "reached" } else { "not reached" };
+                    note(format!(
+                        "{name}{suffix}: ADD {got:.3}x the iptables-nft floor, the 0.3x stretch {reached}"
+                    ));
+                }
+            }
+        }
+        note(format!(
+            "{name}{suffix}: CPU per ADD in the burst of {} {:.2} ms, alone {:.2} ms",
+            a.burst,
+            ms(burst.cpu_per_add),
+            ms(c50)
+        ));
         if with_socket {
             target(burst.wall <= bound, || {
                 format!(
@@ -616,6 +647,8 @@ struct Burst {
     wall: Duration,
     slowest: Duration,
     failures: usize,
+    /// The CPU time (user + system) of the burst's plugin processes, per ADD.
+    cpu_per_add: Duration,
 }
 
 /// `n` ADDs at once, each its own pod and netns (all made before the clock starts).
@@ -632,6 +665,7 @@ fn burst(setup: &Setup, backend: BackendChoice, n: usize) -> Result<Burst, Strin
     // start and end times: the burst runs from the first ADD's start to the last one's end (a clock read by this
     // thread after the release could be late, with 50 threads running on few cores).
     let go = std::sync::Barrier::new(n);
+    let (cpu0, _) = children_usage();
     let timed: Vec<(Instant, Instant, Result<Timed, String>)> = std::thread::scope(|sc| {
         let hs: Vec<_> = calls
             .iter()
@@ -654,6 +688,8 @@ fn burst(setup: &Setup, backend: BackendChoice, n: usize) -> Result<Burst, Strin
             })
             .collect()
     });
+    let (cpu1, _) = children_usage();
+    let cpu_per_add = cpu1.saturating_sub(cpu0) / n.max(1) as u32;
     let first = timed.iter().map(|t| t.0).min();
     let last = timed.iter().map(|t| t.1).max();
     let wall = match (first, last) {
@@ -676,6 +712,7 @@ fn burst(setup: &Setup, backend: BackendChoice, n: usize) -> Result<Burst, Strin
         wall,
         slowest,
         failures,
+        cpu_per_add,
     })
 }
 
@@ -801,6 +838,9 @@ fn main() -> ExitCode {
     }
     match run(&args) {
         Ok(()) => {
+            for n in NOTES.lock().map(|n| n.clone()).unwrap_or_default() {
+                println!("not a target: {n}");
+            }
             let missed = MISSED.lock().map(|m| m.clone()).unwrap_or_default();
             if missed.is_empty() {
                 return ExitCode::SUCCESS;

@@ -243,10 +243,7 @@ impl Netns {
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         let st = nix::sys::stat::fstat(fd.as_fd())
             .map_err(|e| fail("fstat of the owning user namespace", e.into()))?;
-        let owner = NetnsId {
-            dev: st.st_dev,
-            ino: st.st_ino,
-        };
+        let owner = NetnsId::from(st);
         let own = nix::sys::stat::stat(PROCESS_USERNS_PATH)
             .map_err(|e| fail("stat /proc/self/ns/user", e.into()))?;
         if (own.st_dev, own.st_ino) == (owner.dev, owner.ino) {
@@ -342,27 +339,33 @@ impl AsFd for Netns {
     }
 }
 
-/// The identity of the namespace at `path` (a `/proc/PID/ns/net` link, followed), without opening it.
-fn id_at(path: &Path) -> Result<NetnsId, NetnsError> {
-    let st = nix::sys::stat::stat(path).map_err(|source| NetnsError::Stat {
+impl From<nix::sys::stat::FileStat> for NetnsId {
+    fn from(st: nix::sys::stat::FileStat) -> Self {
+        NetnsId {
+            dev: st.st_dev,
+            ino: st.st_ino,
+        }
+    }
+}
+
+fn stat_failed(path: &Path) -> impl FnOnce(nix::Error) -> NetnsError + '_ {
+    move |source| NetnsError::Stat {
         path: path.to_path_buf(),
         source,
-    })?;
-    Ok(NetnsId {
-        dev: st.st_dev,
-        ino: st.st_ino,
-    })
+    }
+}
+
+/// The identity of the namespace at `path` (a `/proc/PID/ns/net` link, followed), without opening it.
+fn id_at(path: &Path) -> Result<NetnsId, NetnsError> {
+    Ok(nix::sys::stat::stat(path)
+        .map_err(stat_failed(path))?
+        .into())
 }
 
 fn id_of(file: &File, path: &Path) -> Result<NetnsId, NetnsError> {
-    let st = nix::sys::stat::fstat(file.as_fd()).map_err(|source| NetnsError::Stat {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    Ok(NetnsId {
-        dev: st.st_dev,
-        ino: st.st_ino,
-    })
+    Ok(nix::sys::stat::fstat(file.as_fd())
+        .map_err(stat_failed(path))?
+        .into())
 }
 
 /// Runs `f` on a dedicated fresh thread inside a brand-new, empty network namespace (unshare), which disappears

@@ -210,6 +210,13 @@ pub fn answer(cache: &PodCache, line: &[u8]) -> Response {
     )
 }
 
+/// The answer to one request line as the line to send back (JSON and a newline), whichever side answers.
+fn answer_line(cache: &PodCache, line: &[u8]) -> Option<Vec<u8>> {
+    let mut out = serde_json::to_vec(&answer(cache, line)).ok()?;
+    out.push(b'\n');
+    Some(out)
+}
+
 /// Answers a client the socket's thread handed over, whose request so far is `line` (no newline in it yet).
 async fn handle(cache: Arc<PodCache>, stream: UnixStream, mut line: Vec<u8>) {
     let (read, mut write) = stream.into_split();
@@ -227,11 +234,9 @@ async fn handle(cache: Arc<PodCache>, stream: UnixStream, mut line: Vec<u8>) {
             return;
         }
     }
-    let response = answer(&cache, &line);
-    let Ok(mut out) = serde_json::to_vec(&response) else {
+    let Some(out) = answer_line(&cache, &line) else {
         return;
     };
-    out.push(b'\n');
     if let Err(e) = write.write_all(&out).await {
         tracing::debug!(error = %e, "cannot answer a pod-cache client");
     }
@@ -355,11 +360,9 @@ fn answer_inline(
             return;
         }
     }
-    let response = answer(cache, &line);
-    let Ok(mut out) = serde_json::to_vec(&response) else {
+    let Some(out) = answer_line(cache, &line) else {
         return;
     };
-    out.push(b'\n');
     if let Err(e) = stream.write_all(&out) {
         tracing::debug!(error = %e, "cannot answer a pod-cache client");
     }

@@ -4,31 +4,14 @@
 //! versions. Then real traffic from the pod to the node's bridge address.
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
 
 use meshcni_tests::apiserver::{sample_pod, ApiServer};
 use meshcni_tests::chain::{make_cni_bin_dir, Attachment, Runtime};
 use meshcni_tests::netns::{require_root, TestNetns};
 use meshcni_tests::netprobe;
+use meshcni_tests::tempdir::TempDir;
 use meshcni_tests::traffic::{assert_landed, As, ListenOpts};
 use serde_json::{json, Value};
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("meshcni-chain-{}-{tag}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 struct Node {
     ns: TestNetns,
@@ -46,7 +29,7 @@ fn node(tag: &str, cni_version: &str) -> Node {
         .netns(ns.path())
         .start()
         .expect("API stub in the node netns");
-    let tmp = TempDir::new(tag);
+    let tmp = TempDir::new(&format!("chain-{tag}"));
     let run_dir = tmp.0.join("run");
     std::fs::create_dir_all(&run_dir).unwrap();
     srv.write_kubeconfig(&run_dir.join("istio-cni-kubeconfig"))

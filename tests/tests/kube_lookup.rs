@@ -6,38 +6,12 @@ use std::io::{BufRead, BufReader};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use cni_plugin::lookup::{self, LookupErrorKind, LookupPolicy, PodRef};
 use cni_plugin::pod::PodInfo;
 use meshcni_tests::apiserver::{sample_pod, ApiServer, Fault};
-
-/// A fresh temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "meshcni-kube-lookup-{}-{}-{tag}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        ));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).expect("create temp dir");
-        TempDir(p)
-    }
-    fn join(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use meshcni_tests::tempdir::TempDir;
 
 /// A quick policy for tests: short backoff, bounded deadline.
 fn policy(deadline: Duration) -> LookupPolicy {
@@ -54,7 +28,7 @@ fn setup(tag: &str) -> (ApiServer, TempDir, PathBuf) {
     let srv = ApiServer::start().expect("start stub");
     srv.add_pod(sample_pod("default", "web-1"))
         .expect("add pod");
-    let dir = TempDir::new(tag);
+    let dir = TempDir::new(&format!("kube-lookup-{tag}"));
     let kc = dir.join("istio-cni-kubeconfig");
     srv.write_kubeconfig(&kc).expect("write kubeconfig");
     (srv, dir, kc)
@@ -377,7 +351,7 @@ fn a_request_timeout_never_exceeds_the_deadline() {
 fn connection_refused_is_retried_until_the_deadline() {
     let dead = DeadPort::new();
     let srv = ApiServer::start().expect("stub");
-    let dir = TempDir::new("refused");
+    let dir = TempDir::new("kube-lookup-refused");
     let mut spec = srv.kubeconfig();
     spec.server = format!("https://127.0.0.1:{}", dead.port);
     let kc = dir.join("kubeconfig");
@@ -412,7 +386,7 @@ fn connection_refused_is_retried_until_the_deadline() {
 
 #[test]
 fn missing_kubeconfig_fails_at_once_naming_it() {
-    let dir = TempDir::new("missing");
+    let dir = TempDir::new("kube-lookup-missing");
     let kc = dir.join("no-such-kubeconfig");
     let e = lookup::pod(
         &kc,
@@ -482,7 +456,7 @@ fn invalid_kubeconfigs_fail_at_once_without_a_request() {
 
 #[test]
 fn unreadable_kubeconfig_directory_fails_naming_it() {
-    let dir = TempDir::new("dir-as-kubeconfig");
+    let dir = TempDir::new("kube-lookup-dir-as-kubeconfig");
     let e = lookup::pod(
         &dir.0,
         &PodRef::new("default", "web-1"),
@@ -565,7 +539,7 @@ fn expired_server_certificate_is_a_permanent_tls_error() {
         .start()
         .expect("stub");
     srv.add_pod(sample_pod("default", "web-1")).expect("add");
-    let dir = TempDir::new("expired");
+    let dir = TempDir::new("kube-lookup-expired");
     let kc = dir.join("kubeconfig");
     srv.write_kubeconfig(&kc).expect("write");
     let e = lookup::pod(
@@ -771,7 +745,7 @@ fn stub_in_a_netns_is_reachable_there_only() {
         .start()
         .expect("stub in netns");
     srv.add_pod(sample_pod("default", "web-1")).expect("add");
-    let dir = TempDir::new("netns");
+    let dir = TempDir::new("kube-lookup-netns");
     let kc = dir.join("kubeconfig");
     srv.write_kubeconfig(&kc).expect("write");
 
@@ -816,7 +790,7 @@ impl Drop for Proc {
 
 #[test]
 fn binary_serves_a_pod_dir_until_sigterm() {
-    let dir = TempDir::new("bin");
+    let dir = TempDir::new("kube-lookup-bin");
     let pods = dir.join("pods");
     std::fs::create_dir(&pods).expect("mkdir");
     let pod_file = |name: &str| pods.join(format!("{name}.json"));
@@ -917,7 +891,7 @@ fn binary_help_and_bad_args() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("\"http\""));
 
-    let dir = TempDir::new("bin-bad");
+    let dir = TempDir::new("kube-lookup-bin-bad");
     std::fs::write(dir.join("broken.json"), "{not json").expect("write");
     let out = Command::new(bin)
         .arg("--pods-dir")

@@ -9,8 +9,8 @@
 //!   same way: what the iptables backends cannot go below, and what the native backend is compared with.
 //!
 //! The three are interleaved so that drift affects them alike. Then, per backend, a burst of concurrent ADDs
-//! (each its own pod and netns; one thread each, made before the clock starts and released together): wall time,
-//! slowest, failures, against the bound the CPU time of one ADD gives (`1.3 × burst × median CPU time / cores`). Results as a markdown table on stdout, and an SVG chart (`--svg`).
+//! (each its own pod and netns; the plugin processes made before the clock starts and released together): wall
+//! time, when half had ended, failures, against the bound the CPU time of one ADD gives (`1.3 × burst × median CPU time / cores`). Results as a markdown table on stdout, and an SVG chart (`--svg`).
 //! Run it through `scripts/bench-add.sh` (release build, root). Touches only netns it creates.
 
 use std::fmt::Write as _;
@@ -27,6 +27,7 @@ use cni_plugin::lookup::PodRef;
 use cni_plugin::redirect::Redirect;
 use cni_plugin::rules::{render_iptables, CaptureConfig};
 use meshcni_tests::apiserver::{sample_pod, ApiServer};
+use meshcni_tests::gated::{Gated, Spec};
 use serde_json::json;
 
 const HELP: &str = "\
@@ -223,6 +224,17 @@ fn children_usage() -> (Duration, u64) {
     (tv(ru.ru_utime) + tv(ru.ru_stime), ru.ru_minflt as u64)
 }
 
+/// The plugin's whole environment: the CNI variables `env` and a PATH (as a runtime passes).
+fn plugin_env(env: &[(&str, String)]) -> Vec<(String, String)> {
+    env.iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .chain([(
+            "PATH".to_string(),
+            "/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
+        )])
+        .collect()
+}
+
 /// Runs the plugin with `env` and `stdin` and waits. The CPU time and faults are right only when no other child
 /// of this process ends meanwhile (the sequential samples; not the burst).
 fn run_plugin(plugin: &Path, env: &[(&str, String)], stdin: &[u8]) -> Result<Timed, String> {
@@ -230,8 +242,7 @@ fn run_plugin(plugin: &Path, env: &[(&str, String)], stdin: &[u8]) -> Result<Tim
     let start = Instant::now();
     let mut child = Command::new(plugin)
         .env_clear()
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .envs(plugin_env(env))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -540,7 +551,7 @@ fn measure(
         format!("non-injected ADD{suffix}: {:.2} ms > {limit} ms", ms(p50))
     });
 
-    println!("| backend | ADD injected p50 (p90) | floor p50 (p90) | ratio p50 | ratio to iptables-nft floor | CPU p50 | page faults p50 | burst {} wall / bound / slowest / failures |", a.burst);
+    println!("| backend | ADD injected p50 (p90) | floor p50 (p90) | ratio p50 | ratio to iptables-nft floor | CPU p50 | page faults p50 | burst {} wall / bound / half done / failures |", a.burst);
     println!("|---|---|---|---|---|---|---|---|");
     for &backend in &a.backends {
         let restore = floor_restore(backend);
@@ -566,7 +577,7 @@ fn measure(
         println!(
             "| {} | {:.2} ms ({:.2}) | {:.2} ms ({:.2}) | {:.2}x | {:.2}x | {:.2} ms | {} | {:.0} ms / {:.0} ms / {:.0} ms / {} |",
             backend_name(backend), ms(i50), ms(i90), ms(f50), ms(f90), ratio, ratio_nft, ms(c50),
-            median(&mut faults), ms(burst.wall), ms(bound), ms(burst.slowest), burst.failures
+            median(&mut faults), ms(burst.wall), ms(bound), ms(burst.half), burst.failures
         );
         let floor_label = restore.trim_end_matches("-restore");
         chart.push(Bar::new(
@@ -645,13 +656,16 @@ fn floor_restore(backend: BackendChoice) -> &'static str {
 
 struct Burst {
     wall: Duration,
-    slowest: Duration,
+    /// When half of the ADDs had ended.
+    half: Duration,
     failures: usize,
     /// The CPU time (user + system) of the burst's plugin processes, per ADD.
     cpu_per_add: Duration,
 }
 
-/// `n` ADDs at once, each its own pod and netns (all made before the clock starts).
+/// `n` ADDs at once, each its own pod and netns (all made before the clock starts). The plugin processes are
+/// made ahead, each with its whole stdin in its pipe, and started together ([`Gated`]): the burst times the
+/// plugins and the agent, not this harness spawning them. Timed from the release to the last exit.
 fn burst(setup: &Setup, backend: BackendChoice, n: usize) -> Result<Burst, String> {
     let nss: Vec<BenchNetns> = (0..n)
         .map(|i| BenchNetns::new(3000 + i))
@@ -661,56 +675,46 @@ fn burst(setup: &Setup, backend: BackendChoice, n: usize) -> Result<Burst, Strin
         .enumerate()
         .map(|(i, ns)| add_call(setup, backend, &format!("burst-{i}"), &ns.path()))
         .collect::<Result<_, _>>()?;
-    // The threads are made and the calls prepared first, then released together. Each thread takes its own
-    // start and end times: the burst runs from the first ADD's start to the last one's end (a clock read by this
-    // thread after the release could be late, with 50 threads running on few cores).
-    let go = std::sync::Barrier::new(n);
+    let specs: Vec<Spec> = calls
+        .iter()
+        .map(|call| Spec {
+            program: &setup.plugin,
+            env: plugin_env(&call.env),
+            stdin: &call.stdin,
+        })
+        .collect();
+    let gated =
+        Gated::prepare(&specs).map_err(|e| format!("burst: making {n} plugin processes: {e}"))?;
+    ADDS.fetch_add(n, std::sync::atomic::Ordering::SeqCst);
     let (cpu0, _) = children_usage();
-    let timed: Vec<(Instant, Instant, Result<Timed, String>)> = std::thread::scope(|sc| {
-        let hs: Vec<_> = calls
-            .iter()
-            .map(|call| {
-                let go = &go;
-                sc.spawn(move || {
-                    go.wait();
-                    let start = Instant::now();
-                    let r = run_add(setup, call);
-                    (start, Instant::now(), r)
-                })
-            })
-            .collect();
-        hs.into_iter()
-            .map(|h| {
-                h.join().unwrap_or_else(|_| {
-                    let now = Instant::now();
-                    (now, now, Err("burst thread panicked".into()))
-                })
-            })
-            .collect()
-    });
+    let outcomes = gated
+        .release()
+        .map_err(|e| format!("burst: waiting for {n} plugin processes: {e}"))?;
     let (cpu1, _) = children_usage();
-    let cpu_per_add = cpu1.saturating_sub(cpu0) / n.max(1) as u32;
-    let first = timed.iter().map(|t| t.0).min();
-    let last = timed.iter().map(|t| t.1).max();
-    let wall = match (first, last) {
-        (Some(a), Some(b)) => b.saturating_duration_since(a),
-        _ => Duration::ZERO,
-    };
-    let results: Vec<Result<Timed, String>> = timed.into_iter().map(|t| t.2).collect();
     drop(nss);
+    let cpu_per_add = cpu1.saturating_sub(cpu0) / n.max(1) as u32;
+    let mut took: Vec<Duration> = outcomes.iter().map(|o| o.took).collect();
+    let wall = took.iter().max().copied().unwrap_or_default();
+    let half = if took.is_empty() {
+        Duration::ZERO
+    } else {
+        percentile(&mut took, 0.5)
+    };
     let mut failures = 0;
-    for f in results.iter().filter_map(|r| r.as_ref().err()) {
-        eprintln!("burst failure ({}): {f}", backend_name(backend));
+    for (call, o) in calls.iter().zip(&outcomes).filter(|(_, o)| !o.success()) {
+        eprintln!(
+            "burst failure ({}): ADD {}: wait status {:#x}: {} {}",
+            backend_name(backend),
+            call.pod,
+            o.status,
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
         failures += 1;
     }
-    let slowest = results
-        .iter()
-        .filter_map(|r| r.as_ref().ok().map(|t| t.wall))
-        .max()
-        .unwrap_or_default();
     Ok(Burst {
         wall,
-        slowest,
+        half,
         failures,
         cpu_per_add,
     })

@@ -140,6 +140,56 @@ impl Drop for BenchNetns {
     }
 }
 
+/// The netns of `n` samples (one for the ADD, one for the floor each), all made before any sample is timed: a
+/// netns deleted between samples is torn down by the kernel afterwards, in a worker, while the next samples run
+/// (on 2 vCPUs that made single ADDs up to a third slower, the floor less).
+fn sample_netns(n: usize) -> Result<Vec<(BenchNetns, BenchNetns)>, String> {
+    let nss = (0..n)
+        .map(|i| Ok((BenchNetns::new(i)?, BenchNetns::new(i + 1000)?)))
+        .collect::<Result<_, String>>()?;
+    settle();
+    Ok(nss)
+}
+
+/// Deletes `nss` and waits for the kernel's deferred cleanup of them ([`settle`]).
+fn remove_netns<T>(nss: Vec<T>) {
+    drop(nss);
+    settle();
+}
+
+/// Busy CPU time of the machine so far, in clock ticks (`/proc/stat`).
+fn busy_ticks() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is part of user)
+    Some([0, 1, 2, 5, 6, 7].iter().filter_map(|&i| v.get(i)).sum())
+}
+
+/// Waits (up to 3 s) until the machine is idle: at most one tick of CPU time busy in a window of 100 ms, so the
+/// kernel's deferred work after making or deleting netns (and anything else) does not run into timed samples.
+/// Returns how long it waited.
+fn settle() -> Duration {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(3) {
+        let Some(b0) = busy_ticks() else {
+            break;
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        let Some(b1) = busy_ticks() else {
+            break;
+        };
+        if b1.saturating_sub(b0) <= 1 {
+            break;
+        }
+    }
+    start.elapsed()
+}
+
 /// Spawns `bin` inside the netns with `input` on stdin and waits; returns the elapsed time.
 fn restore_in(netns: &str, bin: &str, input: &str) -> Result<Duration, String> {
     let f = std::fs::File::open(netns).map_err(|e| format!("open {netns}: {e}"))?;
@@ -520,17 +570,17 @@ fn measure(
     warm_up(setup, BackendChoice::Nft, rules)?;
     let (mut plain, mut ver, mut nft_floor) = (Vec::new(), Vec::new(), Vec::new());
     let (mut plain_faults, mut ver_faults) = (Vec::new(), Vec::new());
-    for i in 0..a.samples {
-        let ns = BenchNetns::new(i)?;
+    let nss = sample_netns(a.samples)?;
+    for (ns, ns_floor) in &nss {
         let t = add(setup, BackendChoice::Nft, "plain", &ns.path())?;
         plain.push(t.wall);
         plain_faults.push(t.faults);
         let t = version(setup)?;
         ver.push(t.wall);
         ver_faults.push(t.faults);
-        let ns = BenchNetns::new(i + 1000)?;
-        nft_floor.push(restore_in(&ns.path(), "iptables-nft-restore", rules)?);
+        nft_floor.push(restore_in(&ns_floor.path(), "iptables-nft-restore", rules)?);
     }
+    remove_netns(nss);
     let (p50, p90) = (percentile(&mut plain, 0.5), percentile(&mut plain, 0.9));
     let (v50, v90) = (percentile(&mut ver, 0.5), percentile(&mut ver, 0.9));
     let nf50 = percentile(&mut nft_floor, 0.5);
@@ -558,15 +608,15 @@ fn measure(
         warm_up(setup, backend, rules)?;
         let (mut inj, mut cpu, mut floor) = (Vec::new(), Vec::new(), Vec::new());
         let mut faults = Vec::new();
-        for i in 0..a.samples {
-            let ns = BenchNetns::new(i)?;
+        let nss = sample_netns(a.samples)?;
+        for (ns, ns_floor) in &nss {
             let t = add(setup, backend, "injected", &ns.path())?;
             inj.push(t.wall);
             cpu.push(t.cpu);
             faults.push(t.faults);
-            let ns = BenchNetns::new(i + 1000)?;
-            floor.push(restore_in(&ns.path(), restore, rules)?);
+            floor.push(restore_in(&ns_floor.path(), restore, rules)?);
         }
+        remove_netns(nss);
         let burst = burst(setup, backend, a.burst)?;
         let (i50, i90) = (percentile(&mut inj, 0.5), percentile(&mut inj, 0.9));
         let (f50, f90) = (percentile(&mut floor, 0.5), percentile(&mut floor, 0.9));
@@ -675,6 +725,7 @@ fn burst(setup: &Setup, backend: BackendChoice, n: usize) -> Result<Burst, Strin
         .enumerate()
         .map(|(i, ns)| add_call(setup, backend, &format!("burst-{i}"), &ns.path()))
         .collect::<Result<_, _>>()?;
+    settle();
     let specs: Vec<Spec> = calls
         .iter()
         .map(|call| Spec {
@@ -691,7 +742,7 @@ fn burst(setup: &Setup, backend: BackendChoice, n: usize) -> Result<Burst, Strin
         .release()
         .map_err(|e| format!("burst: waiting for {n} plugin processes: {e}"))?;
     let (cpu1, _) = children_usage();
-    drop(nss);
+    remove_netns(nss);
     let cpu_per_add = cpu1.saturating_sub(cpu0) / n.max(1) as u32;
     let mut took: Vec<Duration> = outcomes.iter().map(|o| o.took).collect();
     let wall = took.iter().max().copied().unwrap_or_default();

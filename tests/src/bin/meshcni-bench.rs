@@ -140,11 +140,14 @@ impl Drop for BenchNetns {
     }
 }
 
-/// The netns of `n` samples (one for the ADD, one for the floor each), all made before any sample is timed: a
-/// netns deleted between samples is torn down by the kernel afterwards, in a worker, while the next samples run
-/// (on 2 vCPUs that made single ADDs up to a third slower, the floor less).
+/// The netns of `n` samples (one for the ADD, one for the floor each) and of the untimed warm-up before them, all
+/// made before any sample is timed: a netns deleted between samples is torn down by the kernel afterwards, in a
+/// worker, while the next samples run (on 2 vCPUs that made single ADDs up to a third slower, the floor less).
+/// After they are made the machine is let settle ([`settle`]); the warm-up then runs in the first pair, so the
+/// samples do not start on a machine that has just been idle either.
 fn sample_netns(n: usize) -> Result<Vec<(BenchNetns, BenchNetns)>, String> {
-    let nss = (0..n)
+    let nss = std::iter::once(9000)
+        .chain(0..n)
         .map(|i| Ok((BenchNetns::new(i)?, BenchNetns::new(i + 1000)?)))
         .collect::<Result<_, String>>()?;
     settle();
@@ -567,11 +570,11 @@ fn measure(
     chart: &mut Vec<Bar>,
 ) -> Result<(), String> {
     let with_socket = !suffix.is_empty();
-    warm_up(setup, BackendChoice::Nft, rules)?;
     let (mut plain, mut ver, mut nft_floor) = (Vec::new(), Vec::new(), Vec::new());
     let (mut plain_faults, mut ver_faults) = (Vec::new(), Vec::new());
     let nss = sample_netns(a.samples)?;
-    for (ns, ns_floor) in &nss {
+    warm_up(setup, BackendChoice::Nft, rules, &nss[0])?;
+    for (ns, ns_floor) in &nss[1..] {
         let t = add(setup, BackendChoice::Nft, "plain", &ns.path())?;
         plain.push(t.wall);
         plain_faults.push(t.faults);
@@ -605,11 +608,11 @@ fn measure(
     println!("|---|---|---|---|---|---|---|---|");
     for &backend in &a.backends {
         let restore = floor_restore(backend);
-        warm_up(setup, backend, rules)?;
         let (mut inj, mut cpu, mut floor) = (Vec::new(), Vec::new(), Vec::new());
         let mut faults = Vec::new();
         let nss = sample_netns(a.samples)?;
-        for (ns, ns_floor) in &nss {
+        warm_up(setup, backend, rules, &nss[0])?;
+        for (ns, ns_floor) in &nss[1..] {
             let t = add(setup, backend, "injected", &ns.path())?;
             inj.push(t.wall);
             cpu.push(t.cpu);
@@ -687,12 +690,16 @@ fn measure(
     Ok(())
 }
 
-/// One ADD and one floor restore, not counted (page cache, kernel modules, the API stub's first TLS session).
-fn warm_up(setup: &Setup, backend: BackendChoice, rules: &str) -> Result<(), String> {
-    let ns = BenchNetns::new(9000)?;
-    add(setup, backend, "injected", &ns.path())?;
-    let ns2 = BenchNetns::new(9001)?;
-    restore_in(&ns2.path(), floor_restore(backend), rules)?;
+/// One ADD and one floor restore in `nss`, not counted (page cache, kernel modules, the API stub's first TLS
+/// session, a machine that was just idle).
+fn warm_up(
+    setup: &Setup,
+    backend: BackendChoice,
+    rules: &str,
+    nss: &(BenchNetns, BenchNetns),
+) -> Result<(), String> {
+    add(setup, backend, "injected", &nss.0.path())?;
+    restore_in(&nss.1.path(), floor_restore(backend), rules)?;
     Ok(())
 }
 
@@ -725,7 +732,10 @@ fn burst(setup: &Setup, backend: BackendChoice, n: usize) -> Result<Burst, Strin
         .enumerate()
         .map(|(i, ns)| add_call(setup, backend, &format!("burst-{i}"), &ns.path()))
         .collect::<Result<_, _>>()?;
+    let warm = BenchNetns::new(9002)?;
     settle();
+    // Untimed, as before the samples: the burst starts on a machine as warm as theirs.
+    add(setup, backend, "injected", &warm.path())?;
     let specs: Vec<Spec> = calls
         .iter()
         .map(|call| Spec {

@@ -154,12 +154,6 @@ fn sample_netns(n: usize) -> Result<Vec<(BenchNetns, BenchNetns)>, String> {
     Ok(nss)
 }
 
-/// Deletes `nss` and waits for the kernel's deferred cleanup of them ([`settle`]).
-fn remove_netns<T>(nss: Vec<T>) {
-    drop(nss);
-    settle();
-}
-
 /// Busy CPU time of the machine so far, in clock ticks (`/proc/stat`).
 fn busy_ticks() -> Option<u64> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
@@ -175,8 +169,8 @@ fn busy_ticks() -> Option<u64> {
 
 /// Waits (up to 3 s) until the machine is idle: at most one tick of CPU time busy in a window of 100 ms, so the
 /// kernel's deferred work after making or deleting netns (and anything else) does not run into timed samples.
-/// Returns how long it waited.
-fn settle() -> Duration {
+/// Called after the netns of a block or a burst are made, which is also after the last ones were deleted.
+fn settle() {
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(3) {
         let Some(b0) = busy_ticks() else {
@@ -190,7 +184,6 @@ fn settle() -> Duration {
             break;
         }
     }
-    start.elapsed()
 }
 
 /// Spawns `bin` inside the netns with `input` on stdin and waits; returns the elapsed time.
@@ -583,7 +576,7 @@ fn measure(
         ver_faults.push(t.faults);
         nft_floor.push(restore_in(&ns_floor.path(), "iptables-nft-restore", rules)?);
     }
-    remove_netns(nss);
+    drop(nss);
     let (p50, p90) = (percentile(&mut plain, 0.5), percentile(&mut plain, 0.9));
     let (v50, v90) = (percentile(&mut ver, 0.5), percentile(&mut ver, 0.9));
     let nf50 = percentile(&mut nft_floor, 0.5);
@@ -619,7 +612,7 @@ fn measure(
             faults.push(t.faults);
             floor.push(restore_in(&ns_floor.path(), restore, rules)?);
         }
-        remove_netns(nss);
+        drop(nss);
         let burst = burst(setup, backend, a.burst)?;
         let (i50, i90) = (percentile(&mut inj, 0.5), percentile(&mut inj, 0.9));
         let (f50, f90) = (percentile(&mut floor, 0.5), percentile(&mut floor, 0.9));
@@ -752,7 +745,7 @@ fn burst(setup: &Setup, backend: BackendChoice, n: usize) -> Result<Burst, Strin
         .release()
         .map_err(|e| format!("burst: waiting for {n} plugin processes: {e}"))?;
     let (cpu1, _) = children_usage();
-    remove_netns(nss);
+    drop(nss);
     let cpu_per_add = cpu1.saturating_sub(cpu0) / n.max(1) as u32;
     let mut took: Vec<Duration> = outcomes.iter().map(|o| o.took).collect();
     let wall = took.iter().max().copied().unwrap_or_default();

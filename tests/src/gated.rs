@@ -77,7 +77,8 @@ struct Prepared {
     _stdin: OwnedFd,
     stdout: File,
     stderr: File,
-    reaped: bool,
+    /// Its wait status and when it was reaped, once it was.
+    ended: Option<(i32, Instant)>,
 }
 
 /// Processes made and waiting at the gate, see the module's doc.
@@ -226,7 +227,7 @@ impl Gated {
             _stdin: stdin,
             stdout,
             stderr,
-            reaped: false,
+            ended: None,
         });
         // The first process leads the group the others join; the group is what `release` waits for.
         let pgid = if self.pgid == 0 { pid } else { self.pgid };
@@ -252,7 +253,6 @@ impl Gated {
     pub fn release(mut self) -> io::Result<Vec<Outcome>> {
         let start = Instant::now();
         drop(self.gate_write.take());
-        let mut ends: Vec<Option<(i32, Instant)>> = vec![None; self.procs.len()];
         let mut left = self.procs.len();
         while left > 0 {
             let mut status = 0;
@@ -266,15 +266,14 @@ impl Gated {
                 }
                 return Err(e);
             }
-            if let Some(i) = self.procs.iter().position(|p| p.pid == pid) {
-                self.procs[i].reaped = true;
-                ends[i] = Some((status, now));
+            if let Some(p) = self.procs.iter_mut().find(|p| p.pid == pid) {
+                p.ended = Some((status, now));
                 left -= 1;
             }
         }
         let mut out = Vec::with_capacity(self.procs.len());
-        for (p, end) in self.procs.iter_mut().zip(ends) {
-            let (status, at) = end.unwrap_or((-1, start));
+        for p in &mut self.procs {
+            let (status, at) = p.ended.unwrap_or((-1, start));
             out.push(Outcome {
                 status,
                 took: at.saturating_duration_since(start),
@@ -289,7 +288,7 @@ impl Gated {
 impl Drop for Gated {
     /// Kills and reaps every process not reaped yet, before the memory they may still use is freed.
     fn drop(&mut self) {
-        for p in self.procs.iter().filter(|p| !p.reaped) {
+        for p in self.procs.iter().filter(|p| p.ended.is_none()) {
             // SAFETY: signalling and reaping our own child by its pid.
             unsafe {
                 libc::kill(p.pid, libc::SIGKILL);

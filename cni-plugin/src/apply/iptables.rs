@@ -32,7 +32,9 @@ pub use crate::rules::iptables::Family;
 
 use super::exec::{self, ExecError};
 use super::text::{compose, Owned, Tables};
-use super::{sandbox, Applied, ApplyError, Backend, BackendKind, Capture, FamilyOutcome};
+use super::{
+    sandbox, Applied, ApplyError, Backend, BackendKind, Capture, FamilyOutcome, IptablesEnv,
+};
 use crate::rules::render_iptables;
 
 /// Upper bound for one iptables process (from the moment it is given its input).
@@ -459,25 +461,40 @@ impl IptablesRestore {
 /// split a pod between two flavours); "holds rules" means at least one rule, not "at least three lines of save
 /// output" (an empty table left by a probe is not a ruleset); no test rule is added (the restore reports a
 /// missing kernel feature itself, and a probe would leave a table behind).
-pub fn detect(families: &[Family], lockfile: Option<&Path>) -> Result<IptablesRestore, ApplyError> {
-    let legacy = legacy_with_state(families, lockfile);
-    let has_rules = families.iter().any(|f| {
-        matches!(&legacy.known.borrow()[IptablesRestore::slot(*f)], Known::Saved(t)
-            if legacy.tools.parse_save(*f, t).is_ok_and(|t| t.has_rules()))
-    });
-    if has_rules {
-        tracing::debug!("iptables-legacy already holds rules in this netns");
-        return Ok(legacy);
-    }
-    let nft = IptablesRestore::new(Flavour::Nft, lockfile);
+pub fn detect(
+    families: &[Family],
+    env: Option<&IptablesEnv>,
+) -> Result<IptablesRestore, ApplyError> {
+    // A family without any legacy table holds no legacy rule: the legacy tools (and their lock file) are only
+    // made when some family has tables to look at.
+    let no_legacy_tables = families
+        .iter()
+        .all(|&f| legacy_tables(f).is_ok_and(|t| t.is_empty()));
+    let legacy = if no_legacy_tables {
+        None
+    } else {
+        let legacy = legacy_with_state(families, env)?;
+        let has_rules = families.iter().any(|f| {
+            matches!(&legacy.known.borrow()[IptablesRestore::slot(*f)], Known::Saved(t)
+                if legacy.tools.parse_save(*f, t).is_ok_and(|t| t.has_rules()))
+        });
+        if has_rules {
+            tracing::debug!("iptables-legacy already holds rules in this netns");
+            return Ok(legacy);
+        }
+        Some(legacy)
+    };
     let nft_error = match binaries_present(Flavour::Nft, families) {
-        Ok(()) => return Ok(nft),
+        Ok(()) => return Ok(IptablesRestore::new(Flavour::Nft, None)),
         Err(e) => e,
     };
     match binaries_present(Flavour::Legacy, families) {
         Ok(()) => {
             tracing::debug!(error = %nft_error, "iptables-nft is not installed, using iptables-legacy");
-            Ok(legacy)
+            match legacy {
+                Some(legacy) => Ok(legacy),
+                None => legacy_with_state(families, env),
+            }
         }
         Err(legacy_error) => Err(ApplyError::NoUsableIptables {
             legacy: legacy_error.to_string(),
@@ -486,11 +503,16 @@ pub fn detect(families: &[Family], lockfile: Option<&Path>) -> Result<IptablesRe
     }
 }
 
-/// The legacy backend with what [`IptablesRestore::learn_state`] finds, for auto mode's fallback.
-pub fn legacy_with_state(families: &[Family], lockfile: Option<&Path>) -> IptablesRestore {
-    let legacy = IptablesRestore::new(Flavour::Legacy, lockfile);
+/// The legacy backend with what [`IptablesRestore::learn_state`] finds, for auto mode's fallback. Its tools
+/// use the pod's lock file of `env` (made now if not yet).
+pub fn legacy_with_state(
+    families: &[Family],
+    env: Option<&IptablesEnv>,
+) -> Result<IptablesRestore, ApplyError> {
+    let lock = env.map(IptablesEnv::legacy_lock).transpose()?;
+    let legacy = IptablesRestore::new(Flavour::Legacy, lock);
     legacy.learn_state(families);
-    legacy
+    Ok(legacy)
 }
 
 fn binaries_present(flavour: Flavour, families: &[Family]) -> Result<(), ExecError> {

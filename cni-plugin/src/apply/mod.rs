@@ -7,7 +7,8 @@
 //! Text is an output of a backend, never the interface between the core and the backends.
 //!
 //! Everything happens inside the pod netns: for the iptables backends on a thread that also gets a private mount
-//! namespace for their children ([`sandbox`]) and a pod-scoped xtables lock file, either a dedicated one
+//! namespace for their children ([`sandbox`]) and, when a legacy tool runs, a pod-scoped xtables lock file
+//! ([`IptablesEnv`]), either a dedicated one
 //! ([`Netns::run`], [`Worker::Thread`]) or, in a process that exits afterwards (the plugin), the calling thread
 //! ([`Worker::CallingThreadThenExit`]); for native nftables, which needs only netlink sockets, always the calling
 //! thread, which enters and leaves the netns ([`Netns::run_here`]).
@@ -21,6 +22,7 @@ pub mod routes;
 pub mod sandbox;
 pub mod text;
 
+use std::cell::{OnceCell, RefCell};
 use std::fs::OpenOptions;
 use std::net::IpAddr;
 use std::os::unix::fs::OpenOptionsExt;
@@ -209,16 +211,17 @@ pub struct Programmed {
 }
 
 /// The backend for this netns: the configured one, or Istio's iptables detection over `families`. Runs on the
-/// netns thread (inside the sandbox for the iptables backends).
+/// netns thread; the iptables backends inside its sandbox (`env`; without one their tools run in the thread's
+/// mount namespace, the legacy ones with the node's lock).
 pub fn select_backend(
     choice: BackendChoice,
     families: &[Family],
-    lockfile: Option<&Path>,
+    env: Option<&IptablesEnv>,
 ) -> Result<Box<dyn Backend>, ApplyError> {
     Ok(match choice {
-        BackendChoice::Legacy => Box::new(iptables::legacy_with_state(families, lockfile)),
-        BackendChoice::Nft => Box::new(IptablesRestore::new(Flavour::Nft, lockfile)),
-        BackendChoice::Auto => Box::new(iptables::detect(families, lockfile)?),
+        BackendChoice::Legacy => Box::new(iptables::legacy_with_state(families, env)?),
+        BackendChoice::Nft => Box::new(IptablesRestore::new(Flavour::Nft, None)),
+        BackendChoice::Auto => Box::new(iptables::detect(families, env)?),
         BackendChoice::Nftables => Box::new(nftables::NativeNftables),
     })
 }
@@ -269,6 +272,51 @@ impl Drop for LockFile {
     }
 }
 
+/// The iptables backends' environment on the netns thread: the thread's [`sandbox`], and the pod's xtables
+/// lock ([`LockFile`]) for the legacy tools, made only when the first of them is about to run. iptables-nft takes
+/// no xtables lock (its transactions are the kernel's), so a pod it programs costs no file: creating one in the
+/// node's temp dir is a directory update that waits behind everything else creating files there (0.3 ms with a
+/// build running beside, against 10 µs in an idle directory). The lock is made on the netns thread, inside the
+/// sandbox, and bind-mounted over /run/xtables.lock there as [`sandbox::enter`] would have (for iptables
+/// older than 1.8.6, which ignore `XTABLES_LOCKFILE`). Removed when dropped.
+#[derive(Debug)]
+pub struct IptablesEnv {
+    netns: NetnsId,
+    sandbox: RefCell<Sandbox>,
+    lock: OnceCell<LockFile>,
+}
+
+impl IptablesEnv {
+    /// Enters the sandbox on the calling thread (the netns thread) and notes the netns for the lock's name.
+    pub fn enter(netns: NetnsId) -> Self {
+        IptablesEnv {
+            netns,
+            sandbox: RefCell::new(sandbox::enter(None)),
+            lock: OnceCell::new(),
+        }
+    }
+
+    /// The lock file for the legacy tools, made (and redirected in the sandbox) on the first call.
+    pub fn legacy_lock(&self) -> Result<&Path, ApplyError> {
+        if let Some(lock) = self.lock.get() {
+            return Ok(lock.path());
+        }
+        let lock = LockFile::create(self.netns)?;
+        self.sandbox.borrow_mut().redirect_lock(lock.path());
+        Ok(self.lock.get_or_init(|| lock).path())
+    }
+
+    /// Whether a lock file was made (a legacy tool was about to run).
+    pub fn has_lock(&self) -> bool {
+        self.lock.get().is_some()
+    }
+
+    /// What the sandbox achieved so far.
+    pub fn sandbox(&self) -> Sandbox {
+        self.sandbox.borrow().clone()
+    }
+}
+
 /// What to program in a pod netns.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
@@ -313,21 +361,16 @@ pub fn program_with(
 ) -> Result<Programmed, ApplyError> {
     let netns = Netns::open(netns_path)?;
     netns.ensure_not_host()?;
-    let lock = match choice {
-        BackendChoice::Nftables => None,
-        _ => Some(LockFile::create(netns.id())?),
-    };
-    let lock_path = lock.as_ref().map(LockFile::path);
     if choice == BackendChoice::Nftables || worker == Worker::CallingThreadThenExit {
         // Native nftables needs nothing but netlink sockets opened in the netns: the calling thread enters it
         // and comes back, saving a thread and two hand-overs per ADD. So do the iptables backends in a process
         // that exits afterwards (their sandbox's mount namespace stays with the thread).
-        return netns.run_here(|| on_netns_thread(&netns, choice, lock_path, target))?;
+        return netns.run_here(|| on_netns_thread(&netns, choice, target))?;
     }
     let span = tracing::Span::current();
     netns.run(|| {
         let _entered = span.enter();
-        on_netns_thread(&netns, choice, lock_path, target)
+        on_netns_thread(&netns, choice, target)
     })?
 }
 
@@ -353,7 +396,6 @@ fn capture_of(netns: &Netns, target: &Target) -> Result<Capture, ApplyError> {
 fn on_netns_thread(
     netns: &Netns,
     choice: BackendChoice,
-    lock_path: Option<&Path>,
     target: &Target,
 ) -> Result<Programmed, ApplyError> {
     let capture = capture_of(netns, target)?;
@@ -365,8 +407,8 @@ fn on_netns_thread(
     };
     tracing::debug!(config = ?capture.config, routes = ?capture.routes, "capture");
     let families = capture.families();
-    let sandbox = lock_path.map(|lock| sandbox::enter(Some(lock)));
-    let backend = select_backend(choice, &families, lock_path)?;
+    let env = (choice != BackendChoice::Nftables).then(|| IptablesEnv::enter(netns.id()));
+    let backend = select_backend(choice, &families, env.as_ref())?;
     tracing::info!(backend = backend.name(), netns = %netns.path().display(), "firewall backend selected");
     let (backend, applied) = match backend.apply(&capture) {
         Ok(applied) => (backend, applied),
@@ -377,7 +419,7 @@ fn on_netns_thread(
         {
             tracing::warn!(error = %nft, "iptables-nft does not work in this netns; using iptables-legacy");
             drop(backend);
-            let legacy = iptables::legacy_with_state(&families, lock_path);
+            let legacy = iptables::legacy_with_state(&families, env.as_ref())?;
             match legacy.apply(&capture) {
                 Ok(applied) => (Box::new(legacy) as Box<dyn Backend>, applied),
                 Err(legacy) => {
@@ -414,7 +456,7 @@ fn on_netns_thread(
         v4: applied.v4,
         v6: applied.v6,
         routes,
-        sandbox,
+        sandbox: env.as_ref().map(IptablesEnv::sandbox),
         capture,
     })
 }
@@ -480,6 +522,32 @@ mod tests {
             assert!(matches!(e, ApplyError::Netns(_)), "{e}");
             assert!(e.to_string().contains("/proc/1/ns/net"), "{e}");
         }
+    }
+
+    #[test]
+    fn the_legacy_lock_is_made_once_on_first_use_and_removed() {
+        let id = NetnsId { dev: 1, ino: 43 };
+        let (made_before, first, second, mode, sandbox) = std::thread::spawn(move || {
+            use std::os::unix::fs::PermissionsExt;
+            let env = IptablesEnv::enter(id);
+            let made_before = env.has_lock();
+            let first = env.legacy_lock().unwrap().to_path_buf();
+            let second = env.legacy_lock().unwrap().to_path_buf();
+            let mode = std::fs::metadata(&first).unwrap().permissions().mode();
+            (made_before, first, second, mode, env.sandbox())
+        })
+        .join()
+        .unwrap();
+        assert!(!made_before, "no lock file before a legacy tool needs one");
+        assert_eq!(first, second, "one lock per pod");
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(sandbox.private, "{sandbox:?}");
+        assert_eq!(
+            sandbox.lock_redirected,
+            Path::new("/run/xtables.lock").is_file(),
+            "{sandbox:?}"
+        );
+        assert!(!first.exists(), "removed with its environment");
     }
 
     #[test]

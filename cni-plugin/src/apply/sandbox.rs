@@ -96,18 +96,29 @@ pub fn enter(lockfile: Option<&Path>) -> Sandbox {
         }
     }
     if let Some(lock) = lockfile {
-        if Path::new(XTABLES_LOCK).is_file() {
-            match mount(Some(lock), XTABLES_LOCK, none, MsFlags::MS_BIND, none) {
-                Ok(()) => sb.lock_redirected = true,
-                Err(e) => {
-                    tracing::warn!(error = %e, path = XTABLES_LOCK, lock = %lock.display(), "cannot redirect the xtables lock");
-                    sb.note = Some(format!("bind mount over {XTABLES_LOCK} failed: {e}"));
-                }
-            }
-        }
+        sb.redirect_lock(lock);
     }
     tracing::debug!(?sb, "iptables sandbox");
     sb
+}
+
+impl Sandbox {
+    /// Bind-mounts the pod's lock file `lock` over /run/xtables.lock for this thread's children, when the
+    /// thread's mount namespace is private (else nothing is mounted) and the node has that file. For a lock
+    /// made after [`enter`] (the legacy tools' lock is made only when one is about to run).
+    pub fn redirect_lock(&mut self, lock: &Path) {
+        if !self.private || !Path::new(XTABLES_LOCK).is_file() {
+            return;
+        }
+        let none: Option<&str> = None;
+        match mount(Some(lock), XTABLES_LOCK, none, MsFlags::MS_BIND, none) {
+            Ok(()) => self.lock_redirected = true,
+            Err(e) => {
+                tracing::warn!(error = %e, path = XTABLES_LOCK, lock = %lock.display(), "cannot redirect the xtables lock");
+                self.note = Some(format!("bind mount over {XTABLES_LOCK} failed: {e}"));
+            }
+        }
+    }
 }
 
 #[cfg(test)]

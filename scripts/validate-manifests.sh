@@ -182,7 +182,7 @@ want(sc["capabilities"].get("drop") == ["ALL"], "capabilities: drop ALL")
 want(not pod.get("hostNetwork") and not pod.get("hostPID") and not pod.get("hostIPC"), "no host namespaces")
 mounts = {m["mountPath"]: m for m in c.get("volumeMounts", [])}
 # What the agent writes: the host's CNI bin and conf dirs, its run dir (kubeconfig, sockets), and, for the in-place
-# repair only, /tmp: the image's iptables' per-pod xtables lock files, in a small memory-backed emptyDir.
+# repair only, /tmp: scratch for the image's iptables (their lock is the pod's netns file), a small memory emptyDir.
 WRITABLE = {"/host/opt/cni/bin", "/host/etc/cni/net.d", "/var/run/istio-cni"}
 volumes = {v["name"]: v for v in pod.get("volumes", [])}
 if mode == "repair":
@@ -207,7 +207,7 @@ want(caps == ({"DAC_OVERRIDE"} | (repair_only if in_place else set())), f"capabi
 want(("/host/proc" in mounts) == in_place, "the /host/proc mount")
 want(not in_place or mounts["/host/proc"].get("readOnly") is True, "/host/proc read-only")
 want(("cni-host-procfs" in volumes) == in_place, "the host /proc volume")
-want(("/tmp" in mounts) == in_place, "the /tmp mount (the in-place repair's xtables lock files)")
+want(("/tmp" in mounts) == in_place, "the /tmp mount (the in-place repair's scratch)")
 want(("tmp" in volumes) == in_place, "the tmp volume")
 expect = {
     "repair": {"create events"},

@@ -523,12 +523,59 @@ fn program_renders_and_applies_the_redirect() {
     assert_eq!(p.v4, FamilyOutcome::Unchanged);
 }
 
+/// Holds an exclusive `flock` on `path` until dropped, as a running iptables-legacy holds its xtables lock.
+struct HeldLock {
+    _file: std::fs::File,
+}
+
+impl HeldLock {
+    fn take(path: &Path) -> HeldLock {
+        use std::os::fd::AsRawFd;
+        let f = std::fs::File::open(path).unwrap();
+        // SAFETY: flock only reads the fd, open for the call.
+        assert_eq!(unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) }, 0);
+        HeldLock { _file: f }
+    }
+}
+
 #[test]
-fn the_lock_file_is_removed() {
+fn the_legacy_tools_lock_the_pod_netns_file_not_the_nodes_lock_and_make_no_file() {
+    // The node's lock held (kube-proxy in the middle of a sync) does not hold up a pod: its lock is its own. (A
+    // restore waits for a held lock; the tool timeout would end this one.)
     let ns = TestNetns::new("lock");
-    apply::program(ns.path(), BackendChoice::Legacy, &v4("basic")).unwrap();
-    let left = lock_files_of(ns.path());
-    assert!(left.is_empty(), "{left:?}");
+    let node_lock = Path::new("/run/xtables.lock");
+    let node = node_lock.is_file().then(|| HeldLock::take(node_lock));
+    let start = std::time::Instant::now();
+    let p = apply::program(ns.path(), BackendChoice::Legacy, &v4("basic")).unwrap();
+    assert_eq!(p.v4, FamilyOutcome::Applied);
+    assert!(start.elapsed() < std::time::Duration::from_secs(5));
+    drop(node);
+    assert!(lock_files_of(ns.path()).is_empty());
+
+    // The pod's netns file held (another tool programming this pod): the legacy restore waits for it, and goes
+    // through once it is released.
+    let ns = TestNetns::new("lock");
+    let held = HeldLock::take(ns.path());
+    const HOLD: std::time::Duration = std::time::Duration::from_millis(400);
+    let release = std::thread::spawn(move || {
+        std::thread::sleep(HOLD);
+        drop(held);
+    });
+    let start = std::time::Instant::now();
+    let p = apply::program(ns.path(), BackendChoice::Legacy, &v4("basic")).unwrap();
+    let took = start.elapsed();
+    release.join().unwrap();
+    assert_eq!(p.v4, FamilyOutcome::Applied);
+    assert!(
+        took >= HOLD,
+        "the restore did not wait for the pod's lock: {took:?}"
+    );
+
+    // iptables-nft takes no xtables lock: the pod's lock held changes nothing for it.
+    let ns = TestNetns::new("lock");
+    let _held = HeldLock::take(ns.path());
+    let p = apply::program(ns.path(), BackendChoice::Nft, &v4("basic")).unwrap();
+    assert_eq!(p.v4, FamilyOutcome::Applied);
 }
 
 // ---- Programming from a redirect, and auto detection without saves ----
@@ -568,7 +615,8 @@ fn processes_in(path: &Path) -> Vec<(u32, String)> {
     out
 }
 
-/// The lock files this test process created for the netns at `netns` and left in the temp dir. Named by
+/// Lock files of the naming the plugin used before it locked the netns file (it makes none now): any this test
+/// process left in the temp dir for the netns at `netns`. Named by
 /// process, too: a process killed while it held one (an agent or a plugin killed by an earlier test) leaves its
 /// file behind, and a later netns may get the same inode number.
 fn lock_files_of(netns: &Path) -> Vec<std::path::PathBuf> {
@@ -751,7 +799,7 @@ mod binary {
         Fixture { srv, run_dir }
     }
 
-    /// The plugin runs of `fx` left nothing in their temp dir (their xtables lock files went).
+    /// The plugin runs of `fx` left nothing in their temp dir (they create no file there).
     fn plugin_left_no_file(fx: &Fixture) {
         let left = files_starting_with(&fx.run_dir.join("tmp"), "");
         assert!(left.is_empty(), "{left:?}");
@@ -783,7 +831,7 @@ mod binary {
                 "CNI_ARGS",
                 format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod}"),
             )
-            // The plugin's lock files go to a temp dir of this fixture's (see `plugin_left_no_file`).
+            // A file the plugin made in its temp dir would show in this fixture's (see `plugin_left_no_file`).
             .env("TMPDIR", fx.run_dir.join("tmp").display().to_string())
             .stdin(serde_json::to_vec(&conf).unwrap());
         if let Some(p) = path_var {

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use cni_plugin::apply::exec::{self, spawn_in_userns};
 use cni_plugin::apply::iptables::XTABLES_LOCKFILE_ENV;
-use cni_plugin::apply::{sandbox, Family, Flavour, LockFile};
+use cni_plugin::apply::{sandbox, Family, Flavour, IptablesEnv};
 use cni_plugin::netns::{run_in_scratch_netns, Netns, Userns, PROCESS_USERNS_PATH};
 use cni_plugin::rules::render_iptables;
 use meshcni_tests::apiserver::sample_pod;
@@ -158,7 +158,7 @@ fn owner_of(ns: &TestNetns) -> Userns {
 enum From {
     /// The host's user namespace: how the plugin ran its tools before the fix.
     HostUserns,
-    /// The netns's own user namespace, in the plugin's sandbox with a pod lock file: how it runs them now.
+    /// The netns's own user namespace, in the plugin's sandbox with the netns file as the lock: how it runs them now.
     PodUserns,
 }
 
@@ -175,11 +175,11 @@ fn tool(
         From::HostUserns => ns.run(|| exec::run(&bin, args, &[], stdin, TOOL_TIMEOUT)),
         From::PodUserns => {
             let owner = owner_of(ns);
-            let netns = Netns::open(ns.path()).unwrap_or_else(|e| panic!("{e}"));
-            let lock = LockFile::create(netns.id()).unwrap_or_else(|e| panic!("{e}"));
+            // The plugin's lock for the legacy tools: the netns file itself, as its tools name it.
+            let lock = std::path::Path::new(IptablesEnv::LEGACY_LOCK);
             ns.run(|| {
-                sandbox::enter(Some(lock.path()));
-                let env = [(XTABLES_LOCKFILE_ENV, lock.path().as_os_str())];
+                sandbox::enter(Some(lock));
+                let env = [(XTABLES_LOCKFILE_ENV, lock.as_os_str())];
                 spawn_in_userns(&bin, args, &env, stdin.is_some(), Some(owner.as_fd()))
                     .and_then(|r| r.finish(stdin, TOOL_TIMEOUT))
             })
@@ -250,7 +250,7 @@ fn owner_rules_in_a_pod_userns(flavour: Flavour, family: Family) {
         "{empty}"
     );
 
-    // With it: from inside the pod's user namespace, with the plugin's 0600 lock file and sandbox.
+    // With it: from inside the pod's user namespace, with the plugin's lock (the netns file) and sandbox.
     tool(ns, From::PodUserns, &restore, &["--noflush"], Some(&text))
         .unwrap_or_else(|e| panic!("the ruleset from the pod userns: {e}"));
     let host_view = normalize_save(&tool(ns, From::HostUserns, &save, &[], None).unwrap());
@@ -523,7 +523,7 @@ fn add_into_a_pod_userns_captures_the_app_and_lets_the_proxy_bypass() {
 
 /// A tool run inside a pod's user namespace, as the plugin runs iptables there: unmapped host root (65534
 /// inside), only the ambient network capabilities of [`exec::TOOL_CAPS`], and host root for files: it opens a
-/// 0600 file of host root (the xtables lock) and creates files as host root.
+/// 0600 file of host root and creates files as host root.
 #[test]
 fn a_tool_in_a_pod_userns_is_host_root_for_files_with_net_caps_only() {
     let pod = UsernsNetns::new("uns-exec");

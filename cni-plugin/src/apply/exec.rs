@@ -21,12 +21,12 @@
 //!   none for a non-root uid: both flavours then fail (`iptables-nft-restore`: "Could not fetch rule set
 //!   generation id: Permission denied (you must be root)"; legacy: "unable to initialize table 'nat'").
 //! - becoming the pod's root (`setuid(0)` inside, what `nsenter` does by default and so Istio) keeps the
-//!   capabilities across exec, but the child is then host uid 200000, an "other" for our files: the pod's xtables
-//!   lock file (created by the plugin as host root, mode 0600, also bind-mounted over /run/xtables.lock by the
-//!   sandbox) cannot be opened, and iptables-legacy 1.8.9 treats that as fatal ("Fatal: can't open lock file
-//!   ...: Permission denied", exit 4). Istio avoids it by locking the netns file itself (nsfs, mode 0444).
-//! - so the child stays host root for files (the lock file, the libraries, the sandbox's mounts behave exactly
-//!   as for a host-namespace tool) and keeps just [`TOOL_CAPS`] across exec as *ambient* capabilities (raised in
+//!   capabilities across exec, but the child is then host uid 200000, an "other" for our files: a 0600 xtables
+//!   lock file created by the plugin as host root (what it used before it locked the netns file, as Istio does)
+//!   could not be opened, and iptables-legacy 1.8.9 treats that as fatal ("Fatal: can't open lock file ...:
+//!   Permission denied", exit 4); so would be any other file of ours it needs.
+//! - so the child stays host root for files (the libraries, the sandbox's mounts behave exactly as for a
+//!   host-namespace tool) and keeps just [`TOOL_CAPS`] across exec as *ambient* capabilities (raised in
 //!   the inheritable set, then `PR_CAP_AMBIENT_RAISE`); they are capabilities over the pod's user namespace
 //!   only, hence over nothing of the host. Files it creates belong to host root, as a host-namespace tool's
 //!   would (the host's filesystems map host root; the pod's namespace need not).

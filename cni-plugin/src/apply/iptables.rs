@@ -465,15 +465,15 @@ pub fn detect(
     families: &[Family],
     env: Option<&IptablesEnv>,
 ) -> Result<IptablesRestore, ApplyError> {
-    // A family without any legacy table holds no legacy rule: the legacy tools (and their lock file) are only
-    // made when some family has tables to look at.
+    // A family without any legacy table holds no legacy rule: the legacy tools (and their lock's bind mount) are
+    // only made when some family has tables to look at.
     let no_legacy_tables = families
         .iter()
         .all(|&f| legacy_tables(f).is_ok_and(|t| t.is_empty()));
     let legacy = if no_legacy_tables {
         None
     } else {
-        let legacy = legacy_with_state(families, env)?;
+        let legacy = legacy_with_state(families, env);
         let has_rules = families.iter().any(|f| {
             matches!(&legacy.known.borrow()[IptablesRestore::slot(*f)], Known::Saved(t)
                 if legacy.tools.parse_save(*f, t).is_ok_and(|t| t.has_rules()))
@@ -493,7 +493,7 @@ pub fn detect(
             tracing::debug!(error = %nft_error, "iptables-nft is not installed, using iptables-legacy");
             match legacy {
                 Some(legacy) => Ok(legacy),
-                None => legacy_with_state(families, env),
+                None => Ok(legacy_with_state(families, env)),
             }
         }
         Err(legacy_error) => Err(ApplyError::NoUsableIptables {
@@ -504,15 +504,11 @@ pub fn detect(
 }
 
 /// The legacy backend with what [`IptablesRestore::learn_state`] finds, for auto mode's fallback. Its tools
-/// use the pod's lock file of `env` (made now if not yet).
-pub fn legacy_with_state(
-    families: &[Family],
-    env: Option<&IptablesEnv>,
-) -> Result<IptablesRestore, ApplyError> {
-    let lock = env.map(IptablesEnv::legacy_lock).transpose()?;
-    let legacy = IptablesRestore::new(Flavour::Legacy, lock);
+/// lock the pod's netns file ([`IptablesEnv::legacy_lock`]).
+pub fn legacy_with_state(families: &[Family], env: Option<&IptablesEnv>) -> IptablesRestore {
+    let legacy = IptablesRestore::new(Flavour::Legacy, env.map(IptablesEnv::legacy_lock));
     legacy.learn_state(families);
-    Ok(legacy)
+    legacy
 }
 
 fn binaries_present(flavour: Flavour, families: &[Family]) -> Result<(), ExecError> {

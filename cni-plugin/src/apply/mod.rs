@@ -7,7 +7,7 @@
 //! Text is an output of a backend, never the interface between the core and the backends.
 //!
 //! Everything happens inside the pod netns: for the iptables backends on a thread that also gets a private mount
-//! namespace for their children ([`sandbox`]) and, when a legacy tool runs, a pod-scoped xtables lock file
+//! namespace for their children ([`sandbox`]), and for the legacy tools the pod's netns file as their xtables lock
 //! ([`IptablesEnv`]), either a dedicated one
 //! ([`Netns::run`], [`Worker::Thread`]) or, in a process that exits afterwards (the plugin), the calling thread
 //! ([`Worker::CallingThreadThenExit`]); for native nftables, which needs only netlink sockets, always the calling
@@ -22,10 +22,8 @@ pub mod routes;
 pub mod sandbox;
 pub mod text;
 
-use std::cell::{OnceCell, RefCell};
-use std::fs::OpenOptions;
+use std::cell::{Cell, RefCell};
 use std::net::IpAddr;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::config::BackendChoice;
@@ -58,11 +56,6 @@ pub enum ApplyError {
     SaveOutput { binary: String, error: TextError },
     #[error("no usable iptables: iptables-legacy: {legacy}; iptables-nft: {nft}")]
     NoUsableIptables { legacy: String, nft: String },
-    #[error("cannot create the pod's xtables lock file {path}: {source}")]
-    LockFile {
-        path: PathBuf,
-        source: std::io::Error,
-    },
     #[error(transparent)]
     Routes(#[from] RouteError),
     #[error("{failed}; and removing the rules already applied failed too: {rollback}")]
@@ -219,96 +212,49 @@ pub fn select_backend(
     env: Option<&IptablesEnv>,
 ) -> Result<Box<dyn Backend>, ApplyError> {
     Ok(match choice {
-        BackendChoice::Legacy => Box::new(iptables::legacy_with_state(families, env)?),
+        BackendChoice::Legacy => Box::new(iptables::legacy_with_state(families, env)),
         BackendChoice::Nft => Box::new(IptablesRestore::new(Flavour::Nft, None)),
         BackendChoice::Auto => Box::new(iptables::detect(families, env)?),
         BackendChoice::Nftables => Box::new(nftables::NativeNftables),
     })
 }
 
-/// A pod-scoped xtables lock file: legacy iptables serialises on it instead of the node's /run/xtables.lock
-/// (where kube-proxy holds the lock for seconds on big nodes). Removed when dropped.
-#[derive(Debug)]
-pub struct LockFile {
-    path: PathBuf,
-}
-
-impl LockFile {
-    pub fn create(netns: NetnsId) -> Result<Self, ApplyError> {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        let path = std::env::temp_dir().join(format!(
-            "meshcni-xtables-{}-{}-{nanos}.lock",
-            netns.ino,
-            std::process::id()
-        ));
-        // The only file the plugin creates, in the host's (shared, world-writable) temp dir: a new file or
-        // nothing. O_EXCL never opens a name that exists, a planted symlink included; O_NOFOLLOW says so too.
-        OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&path)
-            .map_err(|source| ApplyError::LockFile {
-                path: path.clone(),
-                source,
-            })?;
-        Ok(LockFile { path })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-}
-
-impl Drop for LockFile {
-    fn drop(&mut self) {
-        if let Err(e) = std::fs::remove_file(&self.path) {
-            tracing::debug!(path = %self.path.display(), error = %e, "cannot remove the xtables lock file");
-        }
-    }
-}
-
-/// The iptables backends' environment on the netns thread: the thread's [`sandbox`], and the pod's xtables
-/// lock ([`LockFile`]) for the legacy tools, made only when the first of them is about to run. iptables-nft takes
-/// no xtables lock (its transactions are the kernel's), so a pod it programs costs no file: creating one in the
-/// node's temp dir is a directory update that waits behind everything else creating files there (0.3 ms with a
-/// build running beside, against 10 µs in an idle directory). The lock is made on the netns thread, inside the
-/// sandbox, and bind-mounted over /run/xtables.lock there as [`sandbox::enter`] would have (for iptables
-/// older than 1.8.6, which ignore `XTABLES_LOCKFILE`). Removed when dropped.
+/// The iptables backends' environment on the netns thread: the thread's [`sandbox`], and the xtables lock of the
+/// legacy tools. Their lock is the pod's netns file itself (`XTABLES_LOCKFILE`, as Istio sets it): pods never queue
+/// behind kube-proxy on the node's /run/xtables.lock, two tools programming the same pod serialise (every path to
+/// a namespace is the same nsfs inode), and no file is created. It is named `/proc/thread-self/ns/net`, which each
+/// tool, started from the netns thread and so in the pod's netns, resolves to that netns (the path the netns was
+/// opened by may mean nothing to another process: the repair's `/proc/self/fd/N`). iptables opens it
+/// `O_RDONLY|O_CREAT` and `flock`s it; nsfs files are mode 0444 and /proc cannot be created in, so a tool in a
+/// pod's user namespace opens it too and nothing is ever made. For iptables older than 1.8.6, which ignore the
+/// variable, the netns file is also bind-mounted over /run/xtables.lock in the sandbox, once the first legacy
+/// tool is about to run. iptables-nft takes no xtables lock (its transactions are the kernel's) and gets neither.
 #[derive(Debug)]
 pub struct IptablesEnv {
-    netns: NetnsId,
     sandbox: RefCell<Sandbox>,
-    lock: OnceCell<LockFile>,
+    redirected: Cell<bool>,
 }
 
 impl IptablesEnv {
-    /// Enters the sandbox on the calling thread (the netns thread) and notes the netns for the lock's name.
-    pub fn enter(netns: NetnsId) -> Self {
+    /// The legacy tools' lock, as they name it.
+    pub const LEGACY_LOCK: &'static str = crate::netns::THREAD_NETNS_PATH;
+
+    /// Enters the sandbox on the calling thread (the netns thread).
+    pub fn enter() -> Self {
         IptablesEnv {
-            netns,
             sandbox: RefCell::new(sandbox::enter(None)),
-            lock: OnceCell::new(),
+            redirected: Cell::new(false),
         }
     }
 
-    /// The lock file for the legacy tools, made (and redirected in the sandbox) on the first call.
-    pub fn legacy_lock(&self) -> Result<&Path, ApplyError> {
-        if let Some(lock) = self.lock.get() {
-            return Ok(lock.path());
+    /// The legacy tools' lock ([`IptablesEnv::LEGACY_LOCK`], bind-mounted over /run/xtables.lock in the sandbox
+    /// on the first call).
+    pub fn legacy_lock(&self) -> &'static Path {
+        let lock = Path::new(Self::LEGACY_LOCK);
+        if !self.redirected.replace(true) {
+            self.sandbox.borrow_mut().redirect_lock(lock);
         }
-        let lock = LockFile::create(self.netns)?;
-        self.sandbox.borrow_mut().redirect_lock(lock.path());
-        Ok(self.lock.get_or_init(|| lock).path())
-    }
-
-    /// Whether a lock file was made (a legacy tool was about to run).
-    pub fn has_lock(&self) -> bool {
-        self.lock.get().is_some()
+        lock
     }
 
     /// What the sandbox achieved so far.
@@ -407,7 +353,7 @@ fn on_netns_thread(
     };
     tracing::debug!(config = ?capture.config, routes = ?capture.routes, "capture");
     let families = capture.families();
-    let env = (choice != BackendChoice::Nftables).then(|| IptablesEnv::enter(netns.id()));
+    let env = (choice != BackendChoice::Nftables).then(IptablesEnv::enter);
     let backend = select_backend(choice, &families, env.as_ref())?;
     tracing::info!(backend = backend.name(), netns = %netns.path().display(), "firewall backend selected");
     let (backend, applied) = match backend.apply(&capture) {
@@ -419,7 +365,7 @@ fn on_netns_thread(
         {
             tracing::warn!(error = %nft, "iptables-nft does not work in this netns; using iptables-legacy");
             drop(backend);
-            let legacy = iptables::legacy_with_state(&families, env.as_ref())?;
+            let legacy = iptables::legacy_with_state(&families, env.as_ref());
             match legacy.apply(&capture) {
                 Ok(applied) => (Box::new(legacy) as Box<dyn Backend>, applied),
                 Err(legacy) => {
@@ -525,40 +471,26 @@ mod tests {
     }
 
     #[test]
-    fn the_legacy_lock_is_made_once_on_first_use_and_removed() {
-        let id = NetnsId { dev: 1, ino: 43 };
-        let (made_before, first, second, mode, sandbox) = std::thread::spawn(move || {
-            use std::os::unix::fs::PermissionsExt;
-            let env = IptablesEnv::enter(id);
-            let made_before = env.has_lock();
-            let first = env.legacy_lock().unwrap().to_path_buf();
-            let second = env.legacy_lock().unwrap().to_path_buf();
-            let mode = std::fs::metadata(&first).unwrap().permissions().mode();
-            (made_before, first, second, mode, env.sandbox())
+    fn the_legacy_lock_is_the_netns_file_and_redirected_once() {
+        let (lock, sandbox, mounts) = std::thread::spawn(|| {
+            let env = IptablesEnv::enter();
+            let before = env.sandbox().lock_redirected;
+            let lock = env.legacy_lock().to_path_buf();
+            assert_eq!(env.legacy_lock(), lock.as_path());
+            let mounts = std::fs::read_to_string("/proc/thread-self/mountinfo")
+                .unwrap()
+                .lines()
+                .filter(|l| l.split(' ').nth(4) == Some("/run/xtables.lock"))
+                .count();
+            assert!(!before, "nothing redirected before a legacy tool needs it");
+            (lock, env.sandbox(), mounts)
         })
         .join()
         .unwrap();
-        assert!(!made_before, "no lock file before a legacy tool needs one");
-        assert_eq!(first, second, "one lock per pod");
-        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(lock, Path::new("/proc/thread-self/ns/net"));
         assert!(sandbox.private, "{sandbox:?}");
-        assert_eq!(
-            sandbox.lock_redirected,
-            Path::new("/run/xtables.lock").is_file(),
-            "{sandbox:?}"
-        );
-        assert!(!first.exists(), "removed with its environment");
-    }
-
-    #[test]
-    fn lock_files_are_private_and_removed() {
-        use std::os::unix::fs::PermissionsExt;
-        let id = NetnsId { dev: 1, ino: 42 };
-        let lock = LockFile::create(id).unwrap();
-        let path = lock.path().to_path_buf();
-        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
-        assert_eq!(mode & 0o777, 0o600);
-        drop(lock);
-        assert!(!path.exists());
+        let node_has_lock = Path::new("/run/xtables.lock").is_file();
+        assert_eq!(sandbox.lock_redirected, node_has_lock, "{sandbox:?}");
+        assert_eq!(mounts, usize::from(node_has_lock), "bound once, not twice");
     }
 }

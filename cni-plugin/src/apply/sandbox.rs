@@ -3,8 +3,8 @@
 //!   /etc/nsswitch.conf and may go to the network (LDAP, sssd...) from a half-configured pod netns. /dev/null is
 //!   bind-mounted over /etc/nsswitch.conf, as Istio does; our uids are numeric, nothing needs a lookup;
 //! - never queue behind kube-proxy on the node's /run/xtables.lock: iptables ≥ 1.8.6 honours `XTABLES_LOCKFILE`
-//!   (set by the caller to a per-pod file), and for older ones the same file is bind-mounted over
-//!   /run/xtables.lock.
+//!   (set by the caller to the pod's own lock, its netns file: [`crate::apply::IptablesEnv`]), and for older ones
+//!   the same file is bind-mounted over /run/xtables.lock.
 //!
 //! Why on the thread rather than in each child (`pre_exec`): the setup is done once per ADD instead of once per
 //! iptables process (copying a busy node's mount table is not free), and it runs as ordinary Rust code rather than
@@ -36,7 +36,7 @@ pub struct Sandbox {
     pub private: bool,
     /// /etc/nsswitch.conf is /dev/null for this thread's children.
     pub nsswitch_hidden: bool,
-    /// /run/xtables.lock is the pod's lock file for this thread's children.
+    /// /run/xtables.lock is the pod's lock for this thread's children.
     pub lock_redirected: bool,
     /// Why a step was skipped, if one was.
     pub note: Option<String>,
@@ -103,9 +103,9 @@ pub fn enter(lockfile: Option<&Path>) -> Sandbox {
 }
 
 impl Sandbox {
-    /// Bind-mounts the pod's lock file `lock` over /run/xtables.lock for this thread's children, when the
-    /// thread's mount namespace is private (else nothing is mounted) and the node has that file. For a lock
-    /// made after [`enter`] (the legacy tools' lock is made only when one is about to run).
+    /// Bind-mounts the pod's lock `lock` over /run/xtables.lock for this thread's children, when the thread's
+    /// mount namespace is private (else nothing is mounted) and the node has that file. Also after [`enter`]:
+    /// the legacy tools' lock is redirected only when one is about to run.
     pub fn redirect_lock(&mut self, lock: &Path) {
         if !self.private || !Path::new(XTABLES_LOCK).is_file() {
             return;

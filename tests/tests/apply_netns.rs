@@ -67,7 +67,7 @@ fn rules_land_in_the_pod_netns_and_not_on_the_host() {
         if Path::new("/etc/nsswitch.conf").exists() {
             assert!(sandbox.nsswitch_hidden, "{sandbox:?}");
         }
-        // Only the legacy tools take the xtables lock: only they get the pod's lock file.
+        // Only the legacy tools take the xtables lock: only for them is the pod's lock bound over the node's.
         if Path::new("/run/xtables.lock").is_file() {
             assert_eq!(
                 sandbox.lock_redirected,
@@ -539,7 +539,7 @@ impl HeldLock {
 }
 
 #[test]
-fn the_legacy_tools_lock_the_pod_netns_file_not_the_nodes_lock_and_make_no_file() {
+fn the_legacy_tools_lock_the_pod_netns_file_not_the_nodes_lock() {
     // The node's lock held (kube-proxy in the middle of a sync) does not hold up a pod: its lock is its own. (A
     // restore waits for a held lock; the tool timeout would end this one.)
     let ns = TestNetns::new("lock");
@@ -550,7 +550,6 @@ fn the_legacy_tools_lock_the_pod_netns_file_not_the_nodes_lock_and_make_no_file(
     assert_eq!(p.v4, FamilyOutcome::Applied);
     assert!(start.elapsed() < std::time::Duration::from_secs(5));
     drop(node);
-    assert!(lock_files_of(ns.path()).is_empty());
 
     // The pod's netns file held (another tool programming this pod): the legacy restore waits for it, and goes
     // through once it is released.
@@ -613,17 +612,6 @@ fn processes_in(path: &Path) -> Vec<(u32, String)> {
         }
     }
     out
-}
-
-/// Lock files of the naming the plugin used before it locked the netns file (it makes none now): any this test
-/// process left in the temp dir for the netns at `netns`. Named by
-/// process, too: a process killed while it held one (an agent or a plugin killed by an earlier test) leaves its
-/// file behind, and a later netns may get the same inode number.
-fn lock_files_of(netns: &Path) -> Vec<std::path::PathBuf> {
-    use std::os::unix::fs::MetadataExt;
-    let ino = std::fs::metadata(netns).unwrap().ino();
-    let prefix = format!("meshcni-xtables-{ino}-{}-", std::process::id());
-    files_starting_with(&std::env::temp_dir(), &prefix)
 }
 
 fn files_starting_with(dir: &Path, prefix: &str) -> Vec<std::path::PathBuf> {
@@ -696,7 +684,6 @@ fn a_second_program_into_the_same_netns_is_unchanged_with_one_copy() {
         assert_eq!(net.pod.save(flavour, Family::V4), v4, "{flavour:?}");
         assert_eq!(net.pod.save(flavour, Family::V6), v6, "{flavour:?}");
         assert!(istio_lines(&net.pod.save(other(flavour), Family::V4)).is_empty());
-        assert!(lock_files_of(net.pod.path()).is_empty());
         assert!(processes_in(net.pod.path()).is_empty());
         assert_eq!(host_snapshot(), host_before);
     }

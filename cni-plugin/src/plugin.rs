@@ -178,7 +178,10 @@ pub fn add(req: &Request, cfg: &PluginConfig) -> Result<AddOutcome, PluginError>
         Err(miss) => {
             match miss {
                 lookup::agent::Miss::NoSocket { .. } => debug!(%miss, "asking the API server"),
-                _ => info!(%miss, "not answered by the agent's cache; asking the API server"),
+                _ if miss.is_expected() => {
+                    info!(%miss, "not answered by the agent's cache; asking the API server")
+                }
+                _ => warn!(%miss, "not answered by the agent's cache; asking the API server"),
             }
             lookup::pod(&cfg.kubeconfig, &pod, uid, &policy).map_err(PluginError::Lookup)?
         }

@@ -122,6 +122,18 @@ impl Start {
     }
 
     #[track_caller]
+    /// The level the plugin logged its fallback at ("INFO", "WARN"); panics when it logged none.
+    fn fallback_level(&self) -> String {
+        let line = self
+            .out
+            .stderr
+            .lines()
+            .find(|l| l.contains("not answered by the agent's cache"))
+            .unwrap_or_else(|| panic!("no fallback logged; plugin stderr:\n{}", self.out.stderr));
+        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        v["level"].as_str().unwrap_or_default().to_string()
+    }
+
     fn assert_passed_through(&self) {
         assert!(self.out.success, "ADD failed: {:?}", self.out);
         for flavour in [Flavour::Legacy, Flavour::Nft] {
@@ -274,7 +286,13 @@ fn a_uid_mismatch_falls_back_to_the_get() {
     srv.add_pod(injected("db-0", "uid-db-new")).unwrap();
     let cached = agent.ask(NS, "db-0").expect("the old db-0 is still cached");
     assert!(!cached.containers.contains("istio-proxy"));
-    add_counted(&srv, &node, "db-0", Some("uid-db-new"), 1).assert_redirected();
+    let s = add_counted(&srv, &node, "db-0", Some("uid-db-new"), 1);
+    s.assert_redirected();
+    assert_eq!(
+        s.fallback_level(),
+        "INFO",
+        "a recreated pod is no fault of the agent"
+    );
 
     // Once the watch catches up, the new pod is served from the cache.
     srv.pause_watches(false);
@@ -296,7 +314,9 @@ fn an_unsynced_cache_falls_back_to_the_get_until_it_syncs() {
         .ask(NS, "web")
         .expect_err("nothing is answered unsynced");
     assert!(matches!(e, Miss::Unsynced), "{e}");
-    add_counted(&srv, &node, "web", Some("uid-web"), 1).assert_redirected();
+    let s = add_counted(&srv, &node, "web", Some("uid-web"), 1);
+    s.assert_redirected();
+    assert_eq!(s.fallback_level(), "INFO", "a listing cache is no fault");
     add_counted(&srv, &node, "plain", Some("uid-plain"), 1).assert_passed_through();
 
     // The API server serves lists again: the agent's next try syncs, and pods are served from the cache.
@@ -336,7 +356,9 @@ fn a_killed_agent_falls_back_to_the_get() {
     assert!(meta.file_type().is_socket());
     let e = UnixStream::connect(node.socket()).expect_err("nobody listens");
     assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
-    add_counted(&srv, &node, "web", Some("uid-web"), 1).assert_redirected();
+    let s = add_counted(&srv, &node, "web", Some("uid-web"), 1);
+    s.assert_redirected();
+    assert_eq!(s.fallback_level(), "INFO", "an agent restarting");
     add_counted(&srv, &node, "plain", Some("uid-plain"), 1).assert_passed_through();
 
     // A new agent replaces the stale socket and serves again.
@@ -387,6 +409,7 @@ fn a_hung_agent_falls_back_to_the_get_within_the_deadline() {
         "the fallback is not the deadline's: {}",
         s.out.stderr
     );
+    assert_eq!(s.fallback_level(), "WARN", "an agent up and not answering");
     assert!(
         started.elapsed() < Duration::from_secs(5),
         "{:?}",
@@ -521,8 +544,10 @@ fn untrusted_answers_fall_back_to_the_get() {
         |(what, answer, delay)| {
             let node = node_without_agent("untrusted", &srv);
             let fake = FakeAgent::start(&node.socket(), answer, delay);
-            add_counted(&srv, &node, "web", Some("uid-web"), 1).assert_redirected();
+            let s = add_counted(&srv, &node, "web", Some("uid-web"), 1);
+            s.assert_redirected();
             assert_eq!(fake.connections(), 1, "{what}: the plugin asked once");
+            assert_eq!(s.fallback_level(), "WARN", "{what}");
         },
     );
 }
@@ -548,7 +573,9 @@ fn a_socket_of_the_wrong_owner_is_not_even_asked() {
                 _ => std::os::unix::fs::lchown(node.socket(), Some(65534), Some(65534))
                     .expect("chown"),
             }
-            add_counted(&srv, &node, "web", Some("uid-web"), 1).assert_redirected();
+            let s = add_counted(&srv, &node, "web", Some("uid-web"), 1);
+            s.assert_redirected();
+            assert_eq!(s.fallback_level(), "WARN", "{case}");
             assert_eq!(
                 fake.connections(),
                 0,

@@ -311,7 +311,52 @@ fn run_plugin(plugin: &Path, env: &[(&str, String)], stdin: &[u8]) -> Result<Tim
             String::from_utf8_lossy(&out.stderr)
         ));
     }
+    warn_of_misses("ADD", &out.stderr);
     Ok(Timed { wall, cpu, faults })
+}
+
+/// Shows a plugin's warning that the agent's cache did not answer (the run then did its own GET), on stderr.
+fn warn_of_misses(what: &str, stderr: &[u8]) {
+    for l in String::from_utf8_lossy(stderr)
+        .lines()
+        .filter(|l| l.contains("not answered by the agent's cache"))
+    {
+        eprintln!("{what}: {l}");
+    }
+}
+
+/// Why ADDs with the agent up did their own GET: the pods asked for and the agent's lists and watches meanwhile (a
+/// new list means a broken watch: the cache was unsynced), and what the plugins and the agent said of it (the
+/// plugins warn of every miss a healthy agent should not cause, and the agent re-logs their warnings).
+fn explain_gets(log: &[meshcni_tests::apiserver::LoggedRequest], agent_log: &str) {
+    use meshcni_tests::apiserver::RequestKind;
+    let gets: Vec<String> = log
+        .iter()
+        .filter_map(|r| match &r.kind {
+            RequestKind::PodGet { namespace, name } => Some(format!("{namespace}/{name}")),
+            _ => None,
+        })
+        .collect();
+    let lists = log
+        .iter()
+        .filter(|r| r.kind == RequestKind::PodList)
+        .count();
+    let watches = log
+        .iter()
+        .filter(|r| r.kind == RequestKind::PodWatch)
+        .count();
+    println!(
+        "\nGETs with the agent up: {} ({}); meanwhile the agent listed the pods {lists} time(s), watched {watches} time(s)",
+        gets.len(),
+        gets.join(", ")
+    );
+    for l in agent_log
+        .lines()
+        .filter(|l| l.contains("not answered by the agent's cache") || l.contains("pod watch"))
+        .take(20)
+    {
+        println!("  agent log: {l}");
+    }
 }
 
 /// The targets missed so far, each with its numbers (printed at the end).
@@ -468,9 +513,12 @@ fn run(a: &Args) -> Result<(), String> {
         run_dir: node.run.clone(),
         plugin,
     };
-    let (before, adds_before) = (srv.pod_gets(), adds());
+    let (before, adds_before, log_before) = (srv.pod_gets(), adds(), srv.request_log().len());
     measure(&with_agent, a, cores, &rules.v4, " + socket", &mut chart)?;
     let (gets_with, starts_with) = (srv.pod_gets() - before, adds() - adds_before);
+    if gets_with > 0 {
+        explain_gets(&srv.request_log()[log_before..], &agent.log_text());
+    }
     println!(
         "\nAPI requests (GETs of a pod) per pod start: without the agent {:.2} ({gets_without} for {starts_without} ADDs), with the agent's cache {:.2} ({gets_with} for {starts_with} ADDs, bursts included)",
         gets_without as f64 / starts_without as f64,
@@ -755,6 +803,9 @@ fn burst(setup: &Setup, backend: BackendChoice, n: usize) -> Result<Burst, Strin
         percentile(&mut took, 0.5)
     };
     let mut failures = 0;
+    for (call, o) in calls.iter().zip(&outcomes).filter(|(_, o)| o.success()) {
+        warn_of_misses(&format!("burst ADD {}", call.pod), &o.stderr);
+    }
     for (call, o) in calls.iter().zip(&outcomes).filter(|(_, o)| !o.success()) {
         eprintln!(
             "burst failure ({}): ADD {}: wait status {:#x}: {} {}",

@@ -82,9 +82,8 @@ repair_remove_agent() { # the DaemonSet deleted, its pod gone, the conflist back
     local pod
     pod=$(agent_pod || true)
     KUBECTL -n kube-system delete daemonset istio-cni-node --wait=true >/dev/null 2>&1 || true
-    repair_agent_gone() { [ -z "$pod" ] || ! KUBECTL -n kube-system get pod "$pod" >/dev/null 2>&1; }
     repair_conflist_plain() { [ "$(conflist_types)" = bridge ]; }
-    wait_for 60 "the agent pod $pod to go" repair_agent_gone && wait_for 30 "the conflist without istio-cni" repair_conflist_plain
+    { [ -z "$pod" ] || wait_pod_gone "$pod"; } && wait_for 30 "the conflist without istio-cni" repair_conflist_plain
 }
 repair_deploy() { # kustomize dir: applied, the agent Ready
     KUBECTL apply -k "$1" > "$WORK/logs/apply-repair.log" 2>&1 || { cat "$WORK/logs/apply-repair.log"; return 1; }

@@ -205,8 +205,7 @@ rollout_uninstall_all() {
     sleep 0.3
     KUBECTL delete -k "$REPO/tests/e2e/overlay" --wait=true > "$WORK/logs/delete-k.log" 2>&1 \
         || { fail "kubectl delete -k failed: $(tail -3 "$WORK/logs/delete-k.log")"; return; }
-    uninstalled_agent_gone() { ! KUBECTL -n kube-system get pod "$pod" >/dev/null 2>&1; }
-    if wait_for 60 "the agent pod $pod to go" uninstalled_agent_gone; then
+    if wait_pod_gone "$pod"; then
         types=$(conflist_types)
         if [ "$types" = bridge ] && [ ! -e "$WORK/node/cni/bin/istio-cni" ] && [ ! -e "$WORK/node/istio-cni/istio-cni-kubeconfig" ]; then
             pass "after kubectl delete -k: no entry ($types), no binary, no kubeconfig; the agent saw: $(grep -o 'answer=.* attempts=[0-9]*' "$log" | head -1)"

@@ -578,24 +578,25 @@ pod_ready() { # ns name
 }
 pod_ip() { KUBECTL -n "$1" get pod "$2" -o jsonpath='{.status.podIP}'; }
 # Waits up to 150 s for the deleted agent pod kube-system/$1 to leave the API server, and says how long it took.
-# Usually ~10 s. Kubelet 1.20 can keep a deleted pod whose containers have all exited for about a minute more: its
-# killPod fails with "container not found" when the container is removed while it runs (the agent exits within
-# ms of SIGTERM), and the pod goes only at a later housekeeping (kubernetes PR 106712: before 1.22 such a pod can
-# even stay Terminating). Seen on 2 of 4 CI runs on 2026-12-02, the pod still there after 60 s. Past 30 s the
-# pod's status and the kubelet's last lines about it are shown, so the next slow one says why.
+# Usually 6-11 s: kubelet 1.20 deletes a pod only once its containers and its sandbox are removed ("is terminated,
+# but some pod sandboxes have not been cleaned up" at --v=3). Its killPod can fail with "container not found" when
+# the container is removed while it runs (the agent exits within ms of SIGTERM; kubernetes PR 106712, fixed in
+# 1.22); the sandbox then waits for the container GC, which runs once a minute. Seen on 2 of 4 CI runs on
+# 2026-12-02: the pod still there 60 s after the delete, its sandbox removed at +55 s. Past 30 s the pod's status
+# and the kubelet's last lines about it are shown, so the next slow one says why.
 wait_pod_gone() { # pod
     local pod=$1 uid t0 ms
     uid=$(KUBECTL -n kube-system get pod "$pod" -o jsonpath='{.metadata.uid}' 2>/dev/null || true)
     t0=$(date +%s%N)
     e2e_pod_gone() { ! KUBECTL -n kube-system get pod "$pod" >/dev/null 2>&1; }
-    wait_for 30 "the agent pod $pod to go" e2e_pod_gone && { say "   $pod went $(ms_since "$t0") ms after its deletion"; return 0; }
+    wait_for 30 "the agent pod $pod to go" e2e_pod_gone && { say "   $pod went $(ms_since "$t0") ms after the delete returned"; return 0; }
     say "   $pod still there after 30 s: $(KUBECTL -n kube-system get pod "$pod" -o jsonpath='deleted {.metadata.deletionTimestamp}, phase {.status.phase}, containers {.status.containerStatuses[*].state}' 2>&1 | cut -c1-400)"
     say "   the kubelet's last lines about it (uid ${uid:-?}):"
     grep -F -e "$pod" ${uid:+-e "$uid"} "$WORK/logs/kubelet.log" | grep -v -e 'VerifyControllerAttachedVolume' -e 'operation_generator' \
         | tail -12 | cut -c1-300 | sed 's/^/     /'
     wait_for 120 "the agent pod $pod to go" e2e_pod_gone || return 1
     ms=$(ms_since "$t0")
-    say "   $pod went $ms ms after its deletion (slow: see above)"
+    say "   $pod went $ms ms after the delete returned (slow: see above)"
 }
 start_pod() { # name ns kind [extra]; waits for Ready
     pod_yaml "$@" | KUBECTL apply -f - >/dev/null && wait_for 90 "pod $2/$1 Ready" pod_ready "$2" "$1"

@@ -17,7 +17,7 @@
 //!
 //! A miss is never "not injected".
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -32,9 +32,9 @@ use crate::sockets::Socket;
 pub const SOCKET_NAME: &str = "pod-cache.sock";
 /// The protocol version this plugin speaks.
 pub const VERSION: u32 = 1;
-/// How long the plugin waits for the agent, connect to answer. An answer takes microseconds; the margin is for a
-/// node busy starting many pods at once, where 10 ms proved too short on 2 cores (the agent waited for a CPU and
-/// the plugin fell back to a GET). A hung agent costs at most this per pod start, then the GET.
+/// How long the plugin waits for the agent's answer, from its request sent. An answer takes microseconds; the
+/// margin is for a node busy starting many pods at once, where 10 ms proved too short on 2 cores (the agent waited
+/// for a CPU and the plugin fell back to a GET). A hung agent costs at most this per pod start, then the GET.
 pub const DEFAULT_DEADLINE: Duration = Duration::from_millis(25);
 /// The longest line either side reads.
 pub const MAX_LINE: usize = 256 * 1024;
@@ -199,7 +199,13 @@ pub fn interpret(
     }
 }
 
-/// Asks the agent whose run dir is `run_dir` for `pod`, within `deadline`.
+/// Asks the agent whose run dir is `run_dir` for `pod`: waits at most `deadline` for its answer.
+///
+/// The deadline counts the time the agent takes, from the request sent to the end of the answer line, not the
+/// time this process waits for a CPU: in a burst of pod starts on a busy node the plugin can be preempted between
+/// connecting and reading for longer than the deadline, and an answer already waiting in the socket is still
+/// taken. The connect itself cannot block: a listener whose backlog is full (an agent that stopped accepting, and
+/// a thousand pod starts since) refuses at once instead of holding every later pod start.
 pub fn ask(
     run_dir: &Path,
     pod: &PodRef,
@@ -208,34 +214,26 @@ pub fn ask(
 ) -> Result<PodInfo, Miss> {
     let path = run_dir.join(SOCKET_NAME);
     check_socket(&path)?;
-    let start = Instant::now();
     let io_err = |source: std::io::Error| Miss::Io {
         path: path.clone(),
         deadline,
         source,
     };
-    let stream = UnixStream::connect(&path).map_err(|source| Miss::Connect {
+    let stream = connect(&path).map_err(|source| Miss::Connect {
         path: path.clone(),
         source,
     })?;
-    let left = || {
-        deadline
-            .saturating_sub(start.elapsed())
-            .max(Duration::from_micros(100))
-    };
-    stream.set_write_timeout(Some(left())).map_err(io_err)?;
     let mut line = serde_json::to_vec(&Request {
         v: VERSION,
         pod: pod.clone(),
     })
     .map_err(|e| io_err(std::io::Error::other(e)))?;
     line.push(b'\n');
+    // A line this short always fits the socket's buffer: the write does not wait for the agent.
+    stream.set_write_timeout(Some(deadline)).map_err(io_err)?;
     (&stream).write_all(&line).map_err(io_err)?;
-    stream.set_read_timeout(Some(left())).map_err(io_err)?;
-    let mut answer = Vec::new();
-    // A bound on what the agent can make us read.
-    let mut reader = BufReader::new(std::io::Read::take(&stream, MAX_LINE as u64));
-    reader.read_until(b'\n', &mut answer).map_err(io_err)?;
+    let asked = Instant::now();
+    let answer = read_line(&stream, asked, deadline).map_err(io_err)?;
     if answer.is_empty() {
         return Err(Miss::NoAnswer { path });
     }
@@ -246,6 +244,61 @@ pub fn ask(
         });
     }
     interpret(&path, &answer, pod, uid)
+}
+
+/// Connects to the socket at `path` without ever blocking (a full backlog is `WouldBlock`), then makes the
+/// stream blocking again for the exchange, which timeouts bound.
+fn connect(path: &Path) -> std::io::Result<UnixStream> {
+    use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )?;
+    let addr = UnixAddr::new(path)?;
+    nix::sys::socket::connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr)?;
+    let stream = UnixStream::from(fd);
+    stream.set_nonblocking(false)?;
+    Ok(stream)
+}
+
+/// Reads up to and including the first newline, at most [`MAX_LINE`] bytes, until `deadline` after `asked`
+/// (each read waits at most what is left of it; what has arrived is taken however late this process runs).
+fn read_line(stream: &UnixStream, asked: Instant, deadline: Duration) -> std::io::Result<Vec<u8>> {
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = deadline
+            .checked_sub(asked.elapsed())
+            .unwrap_or(Duration::ZERO)
+            .max(Duration::from_micros(100));
+        stream.set_read_timeout(Some(left))?;
+        let want = buf.len().min(MAX_LINE - answer.len());
+        let n = match std::io::Read::read(&mut &*stream, &mut buf[..want]) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if n == 0 {
+            return Ok(answer);
+        }
+        let got = &buf[..n];
+        if let Some(end) = got.iter().position(|&b| b == b'\n') {
+            answer.extend_from_slice(&got[..=end]);
+            return Ok(answer);
+        }
+        answer.extend_from_slice(got);
+        if answer.len() >= MAX_LINE {
+            return Ok(answer);
+        }
+        if asked.elapsed() >= deadline {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("{} bytes and no end of line", answer.len()),
+            ));
+        }
+    }
 }
 
 #[cfg(test)]
@@ -363,6 +416,104 @@ mod tests {
             assert!(matches!(e, Miss::Garbage { .. }), "{e}");
             assert!(!e.is_expected(), "{e}");
         }
+    }
+
+    #[test]
+    fn an_answer_waiting_is_taken_however_late_the_plugin_reads_it() {
+        // The plugin preempted for a second between its request and its read (`asked` long past): the answer the
+        // agent sent meanwhile is still taken.
+        let (mut agent, plugin) = UnixStream::pair().unwrap();
+        agent.write_all(b"{\"v\":1}\nmore").unwrap();
+        let asked = Instant::now().checked_sub(Duration::from_secs(1)).unwrap();
+        let line = read_line(&plugin, asked, Duration::from_millis(25)).unwrap();
+        assert_eq!(line, b"{\"v\":1}\n");
+        // Nothing sent, nothing closed: the read gives up after the deadline.
+        let (_agent, plugin) = UnixStream::pair().unwrap();
+        let t = Instant::now();
+        let e = read_line(&plugin, Instant::now(), Duration::from_millis(30)).unwrap_err();
+        assert!(
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+            "{e}"
+        );
+        assert!(
+            t.elapsed() >= Duration::from_millis(30),
+            "{:?}",
+            t.elapsed()
+        );
+    }
+
+    #[test]
+    fn an_agent_that_drips_its_answer_is_bounded_by_the_deadline_in_all() {
+        let (mut agent, plugin) = UnixStream::pair().unwrap();
+        let dripper = std::thread::spawn(move || {
+            // A byte every 5 ms, never a newline, for far longer than the deadline.
+            for _ in 0..100 {
+                if agent.write_all(b"x").is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        let t = Instant::now();
+        let e = read_line(&plugin, Instant::now(), Duration::from_millis(40)).unwrap_err();
+        let took = t.elapsed();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
+        assert!(
+            took < Duration::from_millis(200),
+            "{took:?}: every byte restarted the wait"
+        );
+        drop(plugin);
+        dripper.join().unwrap();
+    }
+
+    #[test]
+    fn a_full_backlog_is_a_miss_at_once_not_a_hang() {
+        use nix::sys::socket::{
+            bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr,
+        };
+        let dir = std::env::temp_dir().join(format!("meshcni-backlog-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(SOCKET_NAME);
+        let _ = std::fs::remove_file(&path);
+        // An agent that stopped accepting: its listener's backlog (0: one pending connection) is full.
+        let listener = socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .unwrap();
+        bind(
+            std::os::fd::AsRawFd::as_raw_fd(&listener),
+            &UnixAddr::new(&path).unwrap(),
+        )
+        .unwrap();
+        listen(&listener, Backlog::new(0).unwrap()).unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        let mut pending = Vec::new();
+        while let Ok(s) = connect(&path) {
+            pending.push(s);
+            assert!(pending.len() < 64, "the backlog never filled");
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let p = dir.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(ask(&p, &pod(), None, Duration::from_millis(25)));
+        });
+        let e = rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the lookup hung on a full backlog")
+            .unwrap_err();
+        assert!(
+            matches!(&e, Miss::Connect { source, .. } if source.kind() == std::io::ErrorKind::WouldBlock),
+            "{e}"
+        );
+        drop(pending);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -471,29 +471,14 @@ mod tests {
 
     #[test]
     fn a_full_backlog_is_a_miss_at_once_not_a_hang() {
-        use nix::sys::socket::{
-            bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr,
-        };
+        use std::os::unix::fs::PermissionsExt;
         let dir = std::env::temp_dir().join(format!("meshcni-backlog-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join(SOCKET_NAME);
         let _ = std::fs::remove_file(&path);
         // An agent that stopped accepting: its listener's backlog (0: one pending connection) is full.
-        let listener = socket(
-            AddressFamily::Unix,
-            SockType::Stream,
-            SockFlag::SOCK_CLOEXEC,
-            None,
-        )
-        .unwrap();
-        bind(
-            std::os::fd::AsRawFd::as_raw_fd(&listener),
-            &UnixAddr::new(&path).unwrap(),
-        )
-        .unwrap();
-        listen(&listener, Backlog::new(0).unwrap()).unwrap();
-        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-            .unwrap();
+        let _listener = crate::report::tests::listener_with_backlog(&path, 0);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         let mut pending = Vec::new();
         while let Ok(s) = connect(&path) {
             pending.push(s);

@@ -293,4 +293,4 @@ impl AddRecord {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

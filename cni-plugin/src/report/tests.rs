@@ -370,7 +370,7 @@ fn a_listener_that_never_reads_costs_at_most_the_deadline() {
 }
 
 /// A listening socket that nobody accepts on, with a backlog of `n`.
-fn listener_with_backlog(path: &std::path::Path, n: i32) -> std::os::fd::OwnedFd {
+pub(crate) fn listener_with_backlog(path: &std::path::Path, n: i32) -> std::os::fd::OwnedFd {
     use nix::sys::socket::{bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType};
     let fd = socket(
         AddressFamily::Unix,

@@ -34,7 +34,8 @@ pub const SOCKET_NAME: &str = "pod-cache.sock";
 pub const VERSION: u32 = 1;
 /// How long the plugin waits for the agent's answer, from its request sent. An answer takes microseconds; the
 /// margin is for a node busy starting many pods at once, where 10 ms proved too short on 2 cores (the agent waited
-/// for a CPU and the plugin fell back to a GET). A hung agent costs at most this per pod start, then the GET.
+/// for a CPU and the plugin fell back to a GET); on a node whose CPUs are all busy it grows
+/// ([`MAX_BUSY_DEADLINE`]). A hung agent on a node that is not overloaded costs at most this per pod start.
 pub const DEFAULT_DEADLINE: Duration = Duration::from_millis(25);
 /// The longest line either side reads.
 pub const MAX_LINE: usize = 256 * 1024;
@@ -233,7 +234,14 @@ pub fn ask(
     stream.set_write_timeout(Some(deadline)).map_err(io_err)?;
     (&stream).write_all(&line).map_err(io_err)?;
     let asked = Instant::now();
-    let answer = read_line(&stream, asked, deadline).map_err(io_err)?;
+    let answer =
+        read_line(&stream, asked, deadline, busy_node_deadline).map_err(|(source, deadline)| {
+            Miss::Io {
+                path: path.clone(),
+                deadline,
+                source,
+            }
+        })?;
     if answer.is_empty() {
         return Err(Miss::NoAnswer { path });
     }
@@ -263,22 +271,102 @@ fn connect(path: &Path) -> std::io::Result<UnixStream> {
     Ok(stream)
 }
 
-/// Reads up to and including the first newline, at most [`MAX_LINE`] bytes, until `deadline` after `asked`
-/// (each read waits at most what is left of it; what has arrived is taken however late this process runs).
-fn read_line(stream: &UnixStream, asked: Instant, deadline: Duration) -> std::io::Result<Vec<u8>> {
+/// The longest the plugin waits for the agent on a node whose CPUs are all busy ([`busy_node_deadline`]).
+pub const MAX_BUSY_DEADLINE: Duration = Duration::from_millis(250);
+
+/// How long to wait for the agent when `deadline` has passed: on a node with more runnable tasks than CPUs (a burst
+/// of pod starts) the answer is late because the agent's thread waits for a CPU behind every one of them, not
+/// because the agent hangs (50 ADDs at once on 2 CPUs: 1 in ~1,000 answers took longer than 25 ms). Then
+/// `deadline` × runnable tasks per CPU, at most [`MAX_BUSY_DEADLINE`]; else `deadline`. Read only then (the
+/// kernel's current count of runnable tasks, in /proc/loadavg), so an ADD whose answer is in time pays nothing.
+fn busy_node_deadline(deadline: Duration) -> Duration {
+    let runnable = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| runnable_tasks(&l));
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    scaled_deadline(deadline, runnable, cpus)
+}
+
+/// The runnable tasks of /proc/loadavg ("0.61 0.52 0.40 3/512 4711": 3).
+fn runnable_tasks(loadavg: &str) -> Option<usize> {
+    loadavg
+        .split_whitespace()
+        .nth(3)?
+        .split('/')
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// `deadline` × runnable tasks per CPU (rounded up) when more tasks are runnable than there are CPUs, at most
+/// [`MAX_BUSY_DEADLINE`] (never less than `deadline`); `deadline` otherwise or when the count is unknown.
+fn scaled_deadline(deadline: Duration, runnable: Option<usize>, cpus: usize) -> Duration {
+    let cpus = cpus.max(1);
+    match runnable {
+        Some(r) if r > cpus => {
+            let per_cpu = u32::try_from(r.div_ceil(cpus)).unwrap_or(u32::MAX);
+            deadline
+                .saturating_mul(per_cpu)
+                .min(MAX_BUSY_DEADLINE)
+                .max(deadline)
+        }
+        _ => deadline,
+    }
+}
+
+/// Reads up to and including the first newline, at most [`MAX_LINE`] bytes, until `deadline` after `asked`:
+/// each read waits at most what is left of it, and once it has passed, one last short read takes what has arrived,
+/// however late this process runs. When the deadline passes, `busy` may give a longer one, once (a node whose
+/// CPUs are all busy). The error carries the deadline that ended the wait.
+fn read_line(
+    stream: &UnixStream,
+    asked: Instant,
+    deadline: Duration,
+    busy: impl FnOnce(Duration) -> Duration,
+) -> Result<Vec<u8>, (std::io::Error, Duration)> {
     let mut answer = Vec::new();
     let mut buf = [0u8; 4096];
+    let mut deadline = deadline;
+    let mut busy = Some(busy);
+    let mut last_look = false;
     loop {
-        let left = deadline
-            .checked_sub(asked.elapsed())
-            .unwrap_or(Duration::ZERO)
-            .max(Duration::from_micros(100));
-        stream.set_read_timeout(Some(left))?;
+        let mut left = deadline.saturating_sub(asked.elapsed());
+        if left.is_zero() {
+            if let Some(longer) = busy.take().map(|f| f(deadline)).filter(|l| *l > deadline) {
+                deadline = longer;
+                continue;
+            }
+            if last_look {
+                let what = if answer.is_empty() {
+                    "no answer".to_string()
+                } else {
+                    format!("{} bytes and no end of line", answer.len())
+                };
+                return Err((
+                    std::io::Error::new(std::io::ErrorKind::TimedOut, what),
+                    deadline,
+                ));
+            }
+            last_look = true;
+            left = Duration::from_micros(100);
+        }
+        stream
+            .set_read_timeout(Some(left))
+            .map_err(|e| (e, deadline))?;
         let want = buf.len().min(MAX_LINE - answer.len());
         let n = match std::io::Read::read(&mut &*stream, &mut buf[..want]) {
             Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::Interrupted
+                        | std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                continue
+            }
+            Err(e) => return Err((e, deadline)),
         };
         if n == 0 {
             return Ok(answer);
@@ -291,12 +379,6 @@ fn read_line(stream: &UnixStream, asked: Instant, deadline: Duration) -> std::io
         answer.extend_from_slice(got);
         if answer.len() >= MAX_LINE {
             return Ok(answer);
-        }
-        if asked.elapsed() >= deadline {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("{} bytes and no end of line", answer.len()),
-            ));
         }
     }
 }
@@ -425,23 +507,89 @@ mod tests {
         let (mut agent, plugin) = UnixStream::pair().unwrap();
         agent.write_all(b"{\"v\":1}\nmore").unwrap();
         let asked = Instant::now().checked_sub(Duration::from_secs(1)).unwrap();
-        let line = read_line(&plugin, asked, Duration::from_millis(25)).unwrap();
+        let line = read_line(&plugin, asked, Duration::from_millis(25), |d| d).unwrap();
         assert_eq!(line, b"{\"v\":1}\n");
         // Nothing sent, nothing closed: the read gives up after the deadline.
         let (_agent, plugin) = UnixStream::pair().unwrap();
         let t = Instant::now();
-        let e = read_line(&plugin, Instant::now(), Duration::from_millis(30)).unwrap_err();
-        assert!(
-            matches!(
-                e.kind(),
-                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-            ),
-            "{e}"
-        );
+        let (e, d) =
+            read_line(&plugin, Instant::now(), Duration::from_millis(30), |d| d).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
+        assert_eq!(d, Duration::from_millis(30));
         assert!(
             t.elapsed() >= Duration::from_millis(30),
             "{:?}",
             t.elapsed()
+        );
+    }
+
+    #[test]
+    fn a_busy_node_gives_a_late_answer_more_time_once() {
+        // The answer comes after 80 ms; the deadline is 25 ms, and the node is busy: 200 ms.
+        let (mut agent, plugin) = UnixStream::pair().unwrap();
+        let late = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(80));
+            agent.write_all(b"{}\n").unwrap();
+            agent
+        });
+        let mut asked_busy = 0;
+        let line = read_line(&plugin, Instant::now(), Duration::from_millis(25), |d| {
+            asked_busy += 1;
+            assert_eq!(d, Duration::from_millis(25));
+            Duration::from_millis(200)
+        })
+        .unwrap();
+        assert_eq!((line.as_slice(), asked_busy), (&b"{}\n"[..], 1));
+        let _agent = late.join().unwrap();
+        // A quiet node (no more time): the same late answer is a timeout at 25 ms.
+        let (mut agent, plugin) = UnixStream::pair().unwrap();
+        let late = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(80));
+            let _ = agent.write_all(b"{}\n");
+        });
+        let t = Instant::now();
+        let (e, d) =
+            read_line(&plugin, Instant::now(), Duration::from_millis(25), |d| d).unwrap_err();
+        assert_eq!(
+            (e.kind(), d),
+            (std::io::ErrorKind::TimedOut, Duration::from_millis(25))
+        );
+        assert!(t.elapsed() < Duration::from_millis(75), "{:?}", t.elapsed());
+        drop(plugin);
+        late.join().unwrap();
+    }
+
+    #[test]
+    fn the_deadline_grows_with_the_runnable_tasks_per_cpu_up_to_a_bound() {
+        let d = Duration::from_millis(25);
+        assert_eq!(runnable_tasks("0.61 0.52 0.40 3/512 4711\n"), Some(3));
+        assert_eq!(runnable_tasks("garbage"), None);
+        assert_eq!(
+            scaled_deadline(d, Some(2), 2),
+            d,
+            "as many runnable as CPUs: not busy"
+        );
+        assert_eq!(scaled_deadline(d, None, 2), d);
+        assert_eq!(
+            scaled_deadline(d, Some(5), 2),
+            Duration::from_millis(75),
+            "3 per CPU"
+        );
+        assert_eq!(
+            scaled_deadline(d, Some(52), 2),
+            MAX_BUSY_DEADLINE,
+            "a burst of 50 on 2 CPUs"
+        );
+        assert_eq!(
+            scaled_deadline(d, Some(3), 0),
+            Duration::from_millis(75),
+            "0 CPUs counts as 1"
+        );
+        let long = Duration::from_secs(1);
+        assert_eq!(
+            scaled_deadline(long, Some(50), 2),
+            long,
+            "never shorter than asked"
         );
     }
 
@@ -458,7 +606,8 @@ mod tests {
             }
         });
         let t = Instant::now();
-        let e = read_line(&plugin, Instant::now(), Duration::from_millis(40)).unwrap_err();
+        let (e, _) =
+            read_line(&plugin, Instant::now(), Duration::from_millis(40), |d| d).unwrap_err();
         let took = t.elapsed();
         assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
         assert!(

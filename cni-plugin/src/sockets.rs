@@ -1,8 +1,26 @@
 //! What the plugin learns of a Unix socket of the agent's before it connects: whether it is there, is a socket,
-//! and who owns it. The callers (the pod-cache lookup, the log report) decide what they trust.
+//! and who owns it. The callers (the pod-cache lookup, the log report) decide what they trust. And the connect
+//! both use, which never waits.
 
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
+
+/// Connects to the Unix socket at `path` without ever waiting: a listener whose backlog is full (an agent that
+/// stopped accepting) is `WouldBlock` at once, where a blocking connect would hold the pod start. The stream is
+/// non-blocking; a caller that wants timeouts instead makes it blocking.
+pub fn connect_now(path: &Path) -> std::io::Result<UnixStream> {
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    let addr = UnixAddr::new(path)?;
+    connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr)?;
+    Ok(UnixStream::from(fd))
+}
 
 /// A socket path, as `lstat` sees it (a symlink is not followed: it is "not a socket").
 #[derive(Debug)]

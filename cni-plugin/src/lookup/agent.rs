@@ -254,19 +254,10 @@ pub fn ask(
     interpret(&path, &answer, pod, uid)
 }
 
-/// Connects to the socket at `path` without ever blocking (a full backlog is `WouldBlock`), then makes the
-/// stream blocking again for the exchange, which timeouts bound.
+/// Connects to the socket at `path` without ever blocking ([`crate::sockets::connect_now`]: a full backlog is
+/// `WouldBlock`), then makes the stream blocking again for the exchange, which timeouts bound.
 fn connect(path: &Path) -> std::io::Result<UnixStream> {
-    use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType, UnixAddr};
-    let fd = socket(
-        AddressFamily::Unix,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-        None,
-    )?;
-    let addr = UnixAddr::new(path)?;
-    nix::sys::socket::connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr)?;
-    let stream = UnixStream::from(fd);
+    let stream = crate::sockets::connect_now(path)?;
     stream.set_nonblocking(false)?;
     Ok(stream)
 }

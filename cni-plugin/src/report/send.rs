@@ -10,14 +10,13 @@
 //!   the agent reads them when it gets to it (ours processes a request whose client has gone).
 
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
 
 use super::{encode_body, LOG_PATH, SOCKET_NAME};
 use crate::sockets::Socket;
@@ -103,30 +102,17 @@ fn check_socket(path: &Path) -> Result<(), SendError> {
     }
 }
 
-/// A connection that is refused rather than waited for when nobody accepts.
+/// A connection that is refused rather than waited for when nobody accepts ([`crate::sockets::connect_now`]).
 fn connect_now(path: &Path) -> Result<UnixStream, SendError> {
-    let failed = |e: Errno| SendError::Connect {
-        path: path.to_path_buf(),
-        source: std::io::Error::from(e),
-    };
-    let fd = socket(
-        AddressFamily::Unix,
-        SockType::Stream,
-        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .map_err(failed)?;
-    let addr = UnixAddr::new(path).map_err(failed)?;
-    match connect(fd.as_raw_fd(), &addr) {
-        Ok(()) => {}
-        Err(Errno::EAGAIN) => {
-            return Err(SendError::Busy {
-                path: path.to_path_buf(),
-            })
-        }
-        Err(e) => return Err(failed(e)),
-    }
-    Ok(UnixStream::from(fd))
+    crate::sockets::connect_now(path).map_err(|source| match source.kind() {
+        std::io::ErrorKind::WouldBlock => SendError::Busy {
+            path: path.to_path_buf(),
+        },
+        _ => SendError::Connect {
+            path: path.to_path_buf(),
+            source,
+        },
+    })
 }
 
 /// Waits until the (non-blocking) stream is ready for `events`, at most until `deadline` from `start`; false when
